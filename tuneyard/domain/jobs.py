@@ -1,0 +1,50 @@
+"""Job statuses and the one table of allowed transitions."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from tuneyard.domain.errors import Conflict
+
+
+class JobStatus(StrEnum):
+    """The life of a job, named as the OpenAI dialect names it."""
+
+    VALIDATING_FILES = "validating_files"
+    QUEUED = "queued"
+    RUNNING = "running"
+    PAUSED = "paused"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+
+S = JobStatus
+ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
+    S.VALIDATING_FILES: frozenset({S.QUEUED, S.FAILED, S.CANCELLED}),
+    # queued -> queued: a launch that could not start is put back.
+    S.QUEUED: frozenset({S.RUNNING, S.FAILED, S.CANCELLED, S.PAUSED}),
+    # running -> queued: the trainer died and the job is retried (or the worker lost it).
+    S.RUNNING: frozenset({S.SUCCEEDED, S.FAILED, S.CANCELLED, S.PAUSED, S.QUEUED}),
+    S.PAUSED: frozenset({S.QUEUED, S.CANCELLED, S.FAILED}),
+    S.SUCCEEDED: frozenset(),
+    S.FAILED: frozenset(),
+    S.CANCELLED: frozenset(),
+}
+
+
+def sources_of(target: JobStatus) -> frozenset[JobStatus]:
+    """Statuses from which ``target`` may be reached (used in conditional UPDATE ... WHERE status IN)."""
+    return frozenset(s for s, targets in ALLOWED.items() if target in targets)
+
+
+def check_transition(current: JobStatus, target: JobStatus) -> None:
+    """Raise Conflict unless ``current -> target`` is allowed."""
+    if target not in ALLOWED[current]:
+        raise Conflict(f"cannot move a job from '{current}' to '{target}'", code="invalid_state")

@@ -1,0 +1,166 @@
+"""TrainingSpec: the one description of a fine-tuning run that every API dialect translates into.
+
+The API process builds a spec (with ``"auto"`` where the caller left a choice to us), the
+prepare step resolves ``"auto"`` from the data (``domain.hparams``), and the trainer runs exactly
+what the resolved spec says. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Auto = Literal["auto"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(_Strict):
+    """The base model: a Hugging Face hub id or a local directory (already checked against the allowed roots)."""
+
+    name: str
+    source: Literal["hf", "local", "s3"] = "hf"
+    revision: str | None = None
+    model_type: Literal["llm", "vlm"] = "llm"
+    torch_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    # 4 or 8 loads the base quantised with bitsandbytes (QLoRA); None/16 loads it in torch_dtype.
+    quant_bits: Literal[4, 8, 16] | None = None
+    trust_remote_code: bool = False
+
+
+class DataSource(_Strict):
+    """Where rows come from: a path on local disk (uploaded files are resolved to theirs by the service)."""
+
+    path: str
+    # Row format; "auto" detects it from the rows (see tuneyard.data.formats).
+    format: str = "auto"
+    container: Literal["auto", "jsonl", "json", "csv", "parquet"] = "auto"
+    # Name used in error messages / params, e.g. "training_file".
+    param: str = "training_file"
+
+
+class SplitSpec(_Strict):
+    """How to carve a validation set out of the training data when none is given."""
+
+    type: Literal["random", "sequential"] = "random"
+    validation_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class DataSpec(_Strict):
+    """Rows, how they become token sequences, and which tokens carry loss."""
+
+    train: DataSource
+    validation: DataSource | None = None
+    split: SplitSpec = Field(default_factory=SplitSpec)
+    system_prompt: str | None = None
+    # None: the tokenizer's chat template (or the documented default when it has none);
+    # else a built-in template name or a Jinja string.
+    template: str | None = None
+    max_length: int = Field(2048, ge=8)
+    truncation: Literal["truncate", "drop"] = "truncate"
+    train_on_input: bool = False
+    last_turn_only: bool = False
+    # Concatenate examples into full rows (per-example position_ids, no cross-attention).
+    packing: bool = False
+    # Padding-free batches: examples of a batch are flattened into one row, no pad tokens computed.
+    padding_free: bool = True
+    lazy_tokenize: bool = False
+    streaming: bool = False
+    min_examples: int = Field(1, ge=1)
+
+
+class AdapterSpec(_Strict):
+    """LoRA (or QLoRA when the base is quantised) or full fine-tuning."""
+
+    type: Literal["lora", "full"] = "lora"
+    r: int = Field(8, ge=1, le=1024)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    # "all-linear" or explicit module names (e.g. ["q_proj", "v_proj"]).
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    use_dora: bool = False
+    # Extra modules trained in full next to the adapter (e.g. ["lm_head"]).
+    modules_to_save: list[str] = Field(default_factory=list)
+
+
+class Hyperparameters(_Strict):
+    """Optimisation. ``batch_size`` is global: examples per optimizer step across all ranks."""
+
+    n_epochs: int | Auto = "auto"
+    batch_size: int | Auto = "auto"
+    # Multiplies the recipe's base learning rate unless ``learning_rate`` is given.
+    learning_rate_multiplier: float | Auto = "auto"
+    learning_rate: float | None = Field(None, gt=0)
+    # Micro-batch per device; None: chosen from batch_size and the world size.
+    per_device_batch_size: int | None = Field(None, ge=1)
+    per_device_eval_batch_size: int | None = Field(None, ge=1)
+    gradient_accumulation_steps: int | None = Field(None, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    max_steps_per_epoch: int | None = Field(None, ge=1)
+    warmup_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    warmup_steps: int | None = Field(None, ge=0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, ge=0.0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    gradient_checkpointing: bool = False
+    beta: float | Auto | None = None  # DPO only
+
+
+class ScheduleSpec(_Strict):
+    """When the trainer logs, evaluates and checkpoints (in optimizer steps; None: the default rule)."""
+
+    logging_steps: int | None = Field(None, ge=1)
+    eval_steps: int | None = Field(None, ge=1)
+    save_steps: int | None = Field(None, ge=1)
+    save_total_limit: int | None = Field(None, ge=1)
+    max_validation_steps: int | None = Field(None, ge=1)
+    dataloader_num_workers: int = Field(0, ge=0)
+
+
+class ResourceSpec(_Strict):
+    """Where the job runs: device kind, processes per node, nodes and the distribution strategy."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Processes per node (one per GPU; on CPU, gloo processes).
+    nproc_per_node: int = Field(1, ge=1)
+    node_count: int = Field(1, ge=1)
+    gpu_type: str | None = None
+    distributed: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+
+
+class IntegrationSpec(_Strict):
+    type: str
+    config: dict = Field(default_factory=dict)
+
+
+class TrainingSpec(_Strict):
+    """A whole fine-tuning run, independent of the dialect that asked for it."""
+
+    method: Literal["sft", "dpo"] = "sft"
+    model: ModelSpec
+    data: DataSpec
+    adapter: AdapterSpec = Field(default_factory=AdapterSpec)
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    resources: ResourceSpec = Field(default_factory=ResourceSpec)
+    seed: int = Field(42, ge=0, le=2**31 - 1)
+    integrations: list[IntegrationSpec] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainingSpec:
+        if self.model.quant_bits in (4, 8) and self.adapter.type == "full":
+            raise ValueError("a quantised base model can only be trained with an adapter (QLoRA), not full")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return self.resources.nproc_per_node * self.resources.node_count
+
+    def is_resolved(self) -> bool:
+        """True when no hyperparameter is left as "auto"."""
+        hp = self.hyperparameters
+        return "auto" not in (hp.n_epochs, hp.batch_size, hp.learning_rate_multiplier)

@@ -1,0 +1,80 @@
+"""Process configuration: the only module that reads the environment (prefix ``TUNEYARD_``)."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_home() -> Path:
+    return Path(os.path.expanduser("~")) / ".tuneyard"
+
+
+class Settings(BaseSettings):
+    """Every knob of a tuneyard process; see the configuration table in the README."""
+
+    model_config = SettingsConfigDict(env_prefix="TUNEYARD_", extra="ignore")
+
+    home: Path = Field(default_factory=_default_home)
+    database_url: str | None = None
+    local_roots: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Worker / launcher
+    run_worker: bool = True
+    cpu_slots: int = 1
+    cpu_procs_per_job: int = 1
+    gpu_count: int | None = None
+    poll_interval: float = 0.5
+    prepare_slots: int = 2
+    cancel_grace_seconds: float = 5.0
+    # Limits
+    max_upload_bytes: int = 512 * 1024 * 1024
+    min_examples: int = 1
+    max_error_report: int = 20
+    # Base models listed by GET /v1/models besides fine-tuned ones (comma-separated ids or paths).
+    base_models: str = ""
+    log_level: str = "info"
+
+    @field_validator("home", mode="before")
+    @classmethod
+    def _expand_home(cls, v: object) -> object:
+        return Path(os.path.expanduser(str(v))) if v is not None else v
+
+    @property
+    def db_url(self) -> str:
+        """The SQLAlchemy URL: the configured one, else SQLite under ``home``."""
+        return self.database_url or f"sqlite:///{self.home / 'tuneyard.db'}"
+
+    @property
+    def files_dir(self) -> Path:
+        return self.home / "files"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.home / "jobs"
+
+    @property
+    def allowed_roots(self) -> list[Path]:
+        """Directories under which local model and data paths are accepted, symlinks resolved."""
+        raw = self.local_roots if self.local_roots else str(self.home / "local")
+        return [Path(p).expanduser().resolve() for p in raw.split(":") if p.strip()]
+
+    @property
+    def base_model_list(self) -> list[str]:
+        return [m.strip() for m in self.base_models.split(",") if m.strip()]
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()
+
+
+def reset_settings() -> None:
+    """Forget cached settings (tests and the CLI change the environment before starting a server)."""
+    get_settings.cache_clear()
