@@ -32,3 +32,63 @@ def sample_jsonl(tmp_path) -> Path:
     from tuneyard.demo.tiny import write_sample_jsonl
 
     return write_sample_jsonl(tmp_path / "train.jsonl")
+
+
+class Server:
+    """A real `tuneyard serve` process on a free loopback port, with its own state directory."""
+
+    def __init__(self, home: Path, env: dict[str, str]) -> None:
+        import socket
+        import subprocess
+        import sys
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.home = home
+        self.local = home / "local"
+        self.local.mkdir(parents=True, exist_ok=True)
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "TUNEYARD_HOME": str(home), "TUNEYARD_PORT": str(self.port),
+                    "TUNEYARD_HOST": "127.0.0.1", "TUNEYARD_LOCAL_ROOTS": str(self.local),
+                    "TUNEYARD_POLL_INTERVAL": "0.2", "TUNEYARD_LOG_LEVEL": "warning", **env}
+        self.log = (home / "server.log").open("ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "tuneyard.cli", "serve"], env=self.env,
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        from tuneyard.client import wait_healthy
+
+        wait_healthy(self.base_url, timeout=60)
+
+    def key(self, org: str = "acme") -> str:
+        import subprocess
+        import sys
+
+        out = subprocess.run([sys.executable, "-m", "tuneyard.cli", "keys", "create", "--org", org], env=self.env,
+                             capture_output=True, text=True, check=True)
+        return out.stdout.strip().splitlines()[-1]
+
+    def openai(self, key: str):
+        from openai import OpenAI
+
+        return OpenAI(base_url=f"{self.base_url}/v1", api_key=key, max_retries=0, timeout=60)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except Exception:
+            self.proc.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_model_dir):
+    """A server whose local roots contain the tiny model (as <local>/tiny-llama)."""
+    import shutil
+
+    home = tmp_path_factory.mktemp("home")
+    srv = Server(home, {})
+    shutil.copytree(tiny_model_dir, srv.local / "tiny-llama")
+    srv.model_dir = str(srv.local / "tiny-llama")
+    yield srv
+    srv.stop()

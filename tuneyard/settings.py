@@ -31,7 +31,7 @@ class Settings(BaseSettings):
     gpu_count: int | None = None
     poll_interval: float = 0.5
     prepare_slots: int = 2
-    cancel_grace_seconds: float = 5.0
+    cancel_grace_seconds: float = 3.0
     # Limits
     max_upload_bytes: int = 512 * 1024 * 1024
     min_examples: int = 1
@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     # Base models listed by GET /v1/models besides fine-tuned ones (comma-separated ids or paths).
     base_models: str = ""
     log_level: str = "info"
+    # Client side (the `tuneyard jobs ...` commands)
+    base_url: str = "http://127.0.0.1:8000"
+    api_key: str | None = None
 
     @field_validator("home", mode="before")
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enum import StrEnum
+from pathlib import PurePosixPath
 
 from tuneyard.domain.errors import Conflict
 
@@ -48,3 +49,11 @@ def check_transition(current: JobStatus, target: JobStatus) -> None:
     """Raise Conflict unless ``current -> target`` is allowed."""
     if target not in ALLOWED[current]:
         raise Conflict(f"cannot move a job from '{current}' to '{target}'", code="invalid_state")
+
+
+def fine_tuned_model_name(base_model: str, org_id: str, suffix: str | None, job_id: str) -> str:
+    """OpenAI's naming, ``ft:<base>:<org>:<suffix>:<id>``; a local base model is named by its directory."""
+    base = base_model.rstrip("/")
+    if base.startswith(("/", ".", "~")):
+        base = PurePosixPath(base).name
+    return f"ft:{base}:{org_id}:{suffix or ''}:{job_id.removeprefix('ftjob-')}"

@@ -32,9 +32,10 @@ class ModelSpec(_Strict):
 
 
 class DataSource(_Strict):
-    """Where rows come from: a path on local disk (uploaded files are resolved to theirs by the service)."""
+    """Where rows come from: a local path, or an uploaded file (the service resolves ``file_id`` to its path)."""
 
-    path: str
+    path: str = ""
+    file_id: str | None = None
     # Row format; "auto" detects it from the rows (see tuneyard.data.formats).
     format: str = "auto"
     container: Literal["auto", "jsonl", "json", "csv", "parquet"] = "auto"

@@ -1,0 +1,259 @@
+"""The OpenAI dialect against a real server process, driven by the unchanged `openai` SDK.
+
+This server runs without a worker, so jobs stay where the API put them; training end to end is in
+tests/integration.
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import Server
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory, tiny_model_dir):
+    import shutil
+
+    srv = Server(tmp_path_factory.mktemp("api-home"), {"TUNEYARD_RUN_WORKER": "false",
+                                                        "TUNEYARD_MAX_UPLOAD_BYTES": str(200_000)})
+    shutil.copytree(tiny_model_dir, srv.local / "tiny-llama")
+    srv.model_dir = str(srv.local / "tiny-llama")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def acme(api):
+    return api.openai(api.key("acme"))
+
+
+@pytest.fixture(scope="module")
+def train_file(acme, tmp_path_factory):
+    from tuneyard.demo.tiny import write_sample_jsonl
+
+    p = write_sample_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl")
+    return acme.files.create(file=p.open("rb"), purpose="fine-tune")
+
+
+def _create(client, api, train_file, **kw):
+    args = {"model": api.model_dir, "training_file": train_file.id}
+    args.update(kw)
+    return client.fine_tuning.jobs.create(**args)
+
+
+# ----- files -----------------------------------------------------------------------------------------
+def test_upload_list_retrieve_content_delete(acme, tmp_path):
+    from tuneyard.demo.tiny import write_sample_jsonl
+
+    p = write_sample_jsonl(tmp_path / "mine.jsonl")
+    f = acme.files.create(file=p.open("rb"), purpose="fine-tune")
+    assert f.id.startswith("file-") and f.object == "file" and f.status == "processed"
+    assert f.bytes == p.stat().st_size and f.filename == "mine.jsonl" and f.purpose == "fine-tune"
+    assert acme.files.retrieve(f.id).id == f.id
+    assert f.id in [x.id for x in acme.files.list(purpose="fine-tune")]
+    assert acme.files.content(f.id).read() == p.read_bytes()
+    deleted = acme.files.delete(f.id)
+    assert deleted.deleted and deleted.id == f.id
+    with pytest.raises(openai.NotFoundError):
+        acme.files.retrieve(f.id)
+
+
+def test_non_jsonl_upload_is_rejected_with_the_line(acme, tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+                 "this is not json\n")
+    before = len(list(acme.files.list()))
+    with pytest.raises(openai.BadRequestError) as e:
+        acme.files.create(file=p.open("rb"), purpose="fine-tune")
+    err = e.value.body
+    assert e.value.status_code == 400 and err["param"] == "file"
+    assert "Example 2" in err["message"]
+    assert len(list(acme.files.list())) == before  # nothing was kept
+
+
+def test_unknown_role_and_missing_assistant(acme, tmp_path):
+    p = tmp_path / "roles.jsonl"
+    p.write_text(json.dumps({"messages": [{"role": "bot", "content": "x"}, {"role": "assistant", "content": "y"}]})
+                 + "\n" + json.dumps({"messages": [{"role": "user", "content": "only a question"}]}) + "\n")
+    with pytest.raises(openai.BadRequestError) as e:
+        acme.files.create(file=p.open("rb"), purpose="fine-tune")
+    msg = e.value.body["message"]
+    assert "Example 1" in msg and "bot" in msg and "Example 2" in msg
+
+
+@pytest.mark.parametrize("purpose,param", [("nonsense", "purpose")])
+def test_bad_purpose(acme, tmp_path, purpose, param):
+    p = tmp_path / "x.jsonl"
+    p.write_text("{}\n")
+    with pytest.raises(openai.BadRequestError) as e:
+        acme.files.create(file=p.open("rb"), purpose=purpose)
+    assert e.value.body["param"] == param
+
+
+def test_missing_file_field_and_empty_file(api):
+    key = api.key("acme")
+    r = httpx.post(f"{api.base_url}/v1/files", headers={"Authorization": f"Bearer {key}"},
+                   data={"purpose": "fine-tune"}, files={"other": ("a", b"x")})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "file"
+    r = httpx.post(f"{api.base_url}/v1/files", headers={"Authorization": f"Bearer {key}"},
+                   data={"purpose": "fine-tune"}, files={"file": ("a.jsonl", b"")})
+    assert r.status_code == 400 and "empty" in r.json()["error"]["message"]
+
+
+def test_oversized_upload_is_413(acme, tmp_path):
+    p = tmp_path / "big.jsonl"
+    row = json.dumps({"messages": [{"role": "user", "content": "q" * 1000}, {"role": "assistant", "content": "a"}]})
+    p.write_text((row + "\n") * 250)
+    with pytest.raises(openai.APIStatusError) as e:
+        acme.files.create(file=p.open("rb"), purpose="fine-tune")
+    assert e.value.status_code == 413
+
+
+# ----- jobs ------------------------------------------------------------------------------------------
+def test_create_and_retrieve_job(acme, api, train_file):
+    job = _create(acme, api, train_file, suffix="demo", seed=123, metadata={"team": "nlp"},
+                  method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}},
+                  integrations=[{"type": "wandb", "wandb": {"project": "p"}}])
+    assert job.id.startswith("ftjob-") and job.object == "fine_tuning.job"
+    assert job.status == "validating_files" and job.seed == 123 and job.organization_id == "acme"
+    assert job.training_file == train_file.id and job.model == api.model_dir
+    assert job.hyperparameters.n_epochs == 2 and job.hyperparameters.batch_size == "auto"
+    assert job.method.type == "supervised" and job.metadata == {"team": "nlp"}
+    assert job.integrations[0].wandb.project == "p"
+    again = acme.fine_tuning.jobs.retrieve(job.id)
+    assert again.id == job.id and again.suffix == "demo"
+    events = list(acme.fine_tuning.jobs.list_events(job.id))
+    assert any("Created fine-tuning job" in e.message for e in events)
+
+
+def test_seed_generated_when_absent_and_nulls_accepted(acme, api, train_file):
+    job = _create(acme, api, train_file, suffix=None, seed=None)
+    assert isinstance(job.seed, int) and 0 <= job.seed < 2**31
+
+
+def test_pagination_over_many_jobs(api, train_file, tmp_path):
+    client = api.openai(api.key("pager"))
+    from tuneyard.demo.tiny import write_sample_jsonl
+
+    f = client.files.create(file=write_sample_jsonl(tmp_path / "t.jsonl").open("rb"), purpose="fine-tune")
+    ids = [client.fine_tuning.jobs.create(model=api.model_dir, training_file=f.id,
+                                          metadata={"batch": "odd" if i % 2 else "even"}).id for i in range(25)]
+    first = client.fine_tuning.jobs.list(limit=10)
+    assert len(first.data) == 10 and first.has_more
+    assert [j.id for j in first.data] == ids[::-1][:10]  # newest first
+    seen = [j.id for j in client.fine_tuning.jobs.list(limit=10)]  # the SDK follows `after` pages
+    assert seen == ids[::-1]
+    odd = [j.id for j in client.fine_tuning.jobs.list(metadata={"batch": "odd"})]
+    assert sorted(odd) == sorted(ids[1::2])
+
+
+@pytest.mark.parametrize("kwargs,param", [
+    ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 0}}}},
+     "method.supervised.hyperparameters.n_epochs"),
+    ({"hyperparameters": {"n_epochs": 51}}, "hyperparameters.n_epochs"),
+    ({"hyperparameters": {"batch_size": "big"}}, "hyperparameters.batch_size"),
+    ({"hyperparameters": {"learning_rate_multiplier": -1}}, "hyperparameters.learning_rate_multiplier"),
+    ({"suffix": "x" * 65}, "suffix"),
+    ({"suffix": "bad suffix!"}, "suffix"),
+    ({"seed": -1}, "seed"),
+    ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
+    ({"model": "/etc"}, "model"),
+    ({"model": "../../etc/passwd"}, "model"),
+    ({"model": "not a model id"}, "model"),
+    ({"training_file": "file-doesnotexist"}, "training_file"),
+    ({"validation_file": "file-doesnotexist"}, "validation_file"),
+    ({"method": {"type": "reinforcement", "reinforcement": {}}}, "method.type"),
+    ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"lora": False, "lora_r": 8}}}},
+     "hyperparameters.lora"),
+    ({"extra_body": {"unknown_field": 1}}, "unknown_field"),
+])
+def test_bad_job_requests(acme, api, train_file, kwargs, param):
+    before = len(list(acme.fine_tuning.jobs.list(limit=100)))
+    with pytest.raises(openai.BadRequestError) as e:
+        _create(acme, api, train_file, **kwargs)
+    body = e.value.body
+    assert e.value.status_code == 400 and body["param"] == param, body
+    assert body["message"] and body["type"] == "invalid_request_error"
+    assert len(list(acme.fine_tuning.jobs.list(limit=100))) == before
+
+
+def test_training_file_with_wrong_purpose(acme, api, tmp_path):
+    p = tmp_path / "a.jsonl"
+    p.write_text('{"x": 1}\n')
+    f = acme.files.create(file=p.open("rb"), purpose="assistants")
+    with pytest.raises(openai.BadRequestError) as e:
+        _create(acme, api, f, training_file=f.id)
+    assert e.value.body["param"] == "training_file" and "purpose" in e.value.body["message"]
+
+
+def test_unknown_job_is_404(acme):
+    for call in (lambda: acme.fine_tuning.jobs.retrieve("ftjob-nope"),
+                 lambda: acme.fine_tuning.jobs.cancel("ftjob-nope"),
+                 lambda: acme.fine_tuning.jobs.list_events("ftjob-nope"),
+                 lambda: acme.fine_tuning.jobs.checkpoints.list("ftjob-nope")):
+        with pytest.raises(openai.NotFoundError):
+            call()
+
+
+def test_other_org_sees_nothing(api, acme, train_file):
+    job = _create(acme, api, train_file)
+    other = api.openai(api.key("globex"))
+    with pytest.raises(openai.NotFoundError):
+        other.fine_tuning.jobs.retrieve(job.id)
+    with pytest.raises(openai.NotFoundError):
+        other.files.retrieve(train_file.id)
+    assert job.id not in [j.id for j in other.fine_tuning.jobs.list()]
+    with pytest.raises(openai.BadRequestError):  # someone else's file cannot be trained on
+        other.fine_tuning.jobs.create(model=api.model_dir, training_file=train_file.id)
+
+
+def test_cancel_pause_resume_states(acme, api, train_file):
+    job = _create(acme, api, train_file)
+    with pytest.raises(openai.ConflictError):
+        acme.fine_tuning.jobs.pause(job.id)  # still validating
+    cancelled = acme.fine_tuning.jobs.cancel(job.id)
+    assert cancelled.status == "cancelled" and cancelled.finished_at
+    with pytest.raises(openai.ConflictError):
+        acme.fine_tuning.jobs.cancel(job.id)
+    with pytest.raises(openai.ConflictError):
+        acme.fine_tuning.jobs.resume(job.id)
+
+
+def test_idempotency_key_returns_the_same_job(acme, api, train_file):
+    a = _create(acme, api, train_file, extra_headers={"Idempotency-Key": "abc-123"})
+    b = _create(acme, api, train_file, extra_headers={"Idempotency-Key": "abc-123"})
+    assert a.id == b.id
+
+
+def test_auth_errors(api):
+    bad = api.openai("ty-AAAAAAAAAAAA-" + "x" * 43)
+    with pytest.raises(openai.AuthenticationError) as e:
+        bad.fine_tuning.jobs.list()
+    assert e.value.body["code"] == "invalid_api_key"
+    r = httpx.get(f"{api.base_url}/v1/fine_tuning/jobs")
+    assert r.status_code == 401 and "error" in r.json()
+
+
+def test_models_health_and_openapi(api, acme, train_file):
+    _create(acme, api, train_file)
+    assert api.model_dir in [m.id for m in acme.models.list()]
+    h = httpx.get(f"{api.base_url}/healthz").json()
+    assert h["status"] == "ok"
+    spec = httpx.get(f"{api.base_url}/openapi.json").json()
+    assert "/v1/fine_tuning/jobs" in spec["paths"] and "/v1/files" in spec["paths"]
+
+
+def test_unknown_endpoint_and_bad_json(api):
+    key = api.key("acme")
+    h = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    r = httpx.get(f"{api.base_url}/v1/nothing-here", headers=h)
+    assert r.status_code == 404 and "error" in r.json()
+    r = httpx.post(f"{api.base_url}/v1/fine_tuning/jobs", headers=h, content=b"{not json")
+    assert r.status_code == 400 and "error" in r.json()
+    r = httpx.post(f"{api.base_url}/v1/fine_tuning/jobs", headers=h, content=b'["a list"]')
+    assert r.status_code == 400

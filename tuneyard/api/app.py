@@ -1,0 +1,59 @@
+"""The FastAPI application: every dialect's router over one set of services, plus the worker loop.
+
+Importing this module must not import torch or transformers (start-up stays well under 2 s).
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from tuneyard import __version__
+from tuneyard.api import errors
+from tuneyard.api.dialects.openai.routes import router as openai_router
+from tuneyard.service import Services
+from tuneyard.settings import Settings, get_settings
+
+log = logging.getLogger("tuneyard.api")
+
+
+def create_app(settings: Settings | None = None, *, run_worker: bool | None = None) -> FastAPI:
+    """Build the app; the worker runs inside it unless ``run_worker`` (or TUNEYARD_RUN_WORKER) says no."""
+    settings = settings or get_settings()
+    start_worker = settings.run_worker if run_worker is None else run_worker
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        services = Services.build(settings)
+        app.state.services = services
+        worker = None
+        if start_worker:
+            from tuneyard.scheduler.worker import Worker
+
+            worker = Worker(services.store, settings, services.files)
+            worker.start()
+        app.state.worker = worker
+        log.info("tuneyard %s serving, state in %s", __version__, settings.home)
+        try:
+            yield
+        finally:
+            if worker is not None:
+                worker.shutdown()
+            services.store.dispose()
+
+    app = FastAPI(title="tuneyard", version=__version__, lifespan=lifespan,
+                  description="Self-hosted fine-tuning: OpenAI, Simplismart and Llama Stack dialects over one job "
+                              "model.")
+    errors.install(app)
+    app.include_router(openai_router)
+
+    @app.get("/healthz", tags=["ops"])
+    def healthz() -> dict:
+        """Liveness: the process answers and its worker loop (if any) is alive."""
+        worker = getattr(app.state, "worker", None)
+        return {"status": "ok", "version": __version__,
+                "worker": None if worker is None else {"id": worker.worker_id, "running_jobs": len(worker.procs)}}
+
+    return app

@@ -1,0 +1,23 @@
+"""Request dependencies: the process's services and the authenticated caller."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+
+from tuneyard.service import Services
+from tuneyard.service.auth import Principal, authenticate
+
+
+def get_services(request: Request) -> Services:
+    return request.app.state.services
+
+
+def get_caller(request: Request, authorization: Annotated[str | None, Header()] = None) -> Principal:
+    """The organisation behind the request's API key (401 in the dialect's format otherwise)."""
+    return authenticate(request.app.state.services.store, authorization)
+
+
+Svc = Annotated[Services, Depends(get_services)]
+Caller = Annotated[Principal, Depends(get_caller)]

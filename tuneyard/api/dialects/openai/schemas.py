@@ -1,0 +1,177 @@
+"""Wire models of the OpenAI fine-tuning and files API (with the Nebius hyperparameter extras)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator
+
+Auto = Literal["auto"]
+Number = StrictInt | StrictFloat
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class HyperparametersIn(_In):
+    """``method.<type>.hyperparameters`` (and the deprecated top-level ``hyperparameters``)."""
+
+    batch_size: Auto | Annotated[StrictInt, Field(ge=1, le=256)] | None = None
+    learning_rate_multiplier: Auto | Annotated[Number, Field(gt=0, le=100)] | None = None
+    n_epochs: Auto | Annotated[StrictInt, Field(ge=1, le=50)] | None = None
+    beta: Auto | Annotated[Number, Field(gt=0, le=2)] | None = None
+    # Nebius extras
+    learning_rate: Annotated[Number, Field(gt=0, le=1)] | None = None
+    warmup_ratio: Annotated[Number, Field(ge=0, le=1)] | None = None
+    weight_decay: Annotated[Number, Field(ge=0, le=10)] | None = None
+    max_grad_norm: Annotated[Number, Field(ge=0)] | None = None
+    context_length: Annotated[StrictInt, Field(ge=8, le=1_048_576)] | None = None
+    packing: StrictBool | None = None
+    lora: StrictBool | None = None
+    lora_r: Annotated[StrictInt, Field(ge=1, le=1024)] | None = None
+    lora_alpha: Annotated[Number, Field(gt=0, le=4096)] | None = None
+    lora_dropout: Annotated[Number, Field(ge=0, lt=1)] | None = None
+
+
+class MethodBody(_In):
+    hyperparameters: HyperparametersIn | None = None
+
+
+class MethodIn(_In):
+    type: Literal["supervised", "dpo", "reinforcement"]
+    supervised: MethodBody | None = None
+    dpo: MethodBody | None = None
+    reinforcement: dict[str, Any] | None = None
+
+
+class WandbIn(BaseModel):
+    project: str
+    name: str | None = None
+    entity: str | None = None
+    tags: list[str] | None = None
+
+
+class IntegrationIn(_In):
+    type: Literal["wandb"]
+    wandb: WandbIn
+
+
+class CreateJobIn(_In):
+    """POST /v1/fine_tuning/jobs."""
+
+    model: Annotated[str, Field(min_length=1, max_length=512)]
+    training_file: Annotated[str, Field(min_length=1, max_length=128)]
+    validation_file: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+    suffix: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    seed: Annotated[StrictInt, Field(ge=0, le=2147483647)] | None = None
+    metadata: dict[str, str] | None = None
+    integrations: list[IntegrationIn] | None = None
+    hyperparameters: HyperparametersIn | None = None
+    method: MethodIn | None = None
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_limits(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        if v is None:
+            return v
+        if len(v) > 16:
+            raise ValueError("at most 16 key-value pairs")
+        for k, val in v.items():
+            if len(k) > 64:
+                raise ValueError(f"key '{k[:20]}...' is longer than 64 characters")
+            if len(val) > 512:
+                raise ValueError(f"value of '{k}' is longer than 512 characters")
+        return v
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix_chars(cls, v: str | None) -> str | None:
+        if v is not None and not all(c.isalnum() or c in "-_." for c in v):
+            raise ValueError("may contain only letters, digits, '-', '_' and '.'")
+        return v
+
+
+# ----- responses --------------------------------------------------------------------------------
+class ErrorOut(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class JobOut(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    created_at: int
+    error: ErrorOut | None = None
+    fine_tuned_model: str | None = None
+    finished_at: int | None = None
+    hyperparameters: dict[str, Any]
+    model: str
+    organization_id: str
+    result_files: list[str]
+    seed: int
+    status: str
+    trained_tokens: int | None = None
+    training_file: str
+    validation_file: str | None = None
+    estimated_finish: int | None = None
+    integrations: list[dict[str, Any]] | None = None
+    metadata: dict[str, str] | None = None
+    method: dict[str, Any]
+    suffix: str | None = None
+    trained_steps: int | None = None
+    total_steps: int | None = None
+
+
+class EventOut(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    created_at: int
+    level: Literal["info", "warn", "error"]
+    message: str
+    type: Literal["message", "metrics"]
+    data: dict[str, Any] | None = None
+
+
+class CheckpointOut(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    created_at: int
+    fine_tuned_model_checkpoint: str
+    fine_tuning_job_id: str
+    step_number: int
+    metrics: dict[str, Any]
+
+
+class FileOut(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: Literal["uploaded", "processed", "error"]
+    status_details: str | None = None
+    expires_at: int | None = None
+
+
+class FileDeletedOut(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool
+
+
+class ModelOut(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ListOut(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Any]
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None

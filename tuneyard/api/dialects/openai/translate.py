@@ -1,0 +1,157 @@
+"""OpenAI wire <-> tuneyard: a create request becomes a Submission; a Job becomes a FineTuningJob."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from tuneyard.api.dialects.openai.schemas import (
+    CheckpointOut,
+    CreateJobIn,
+    EventOut,
+    FileOut,
+    HyperparametersIn,
+    JobOut,
+)
+from tuneyard.domain.errors import InvalidRequest
+from tuneyard.domain.jobs import fine_tuned_model_name
+from tuneyard.domain.spec import (
+    AdapterSpec,
+    DataSource,
+    DataSpec,
+    Hyperparameters,
+    IntegrationSpec,
+    ModelSpec,
+    TrainingSpec,
+)
+from tuneyard.service.jobs import Submission
+from tuneyard.store.models import Checkpoint, File, Job, JobEvent
+
+DIALECT = "openai"
+
+
+def to_submission(req: CreateJobIn, idempotency_key: str | None = None) -> Submission:
+    """Translate POST /v1/fine_tuning/jobs into the dialect-neutral submission."""
+    method_type = req.method.type if req.method else "supervised"
+    if method_type == "reinforcement":
+        raise InvalidRequest("Reinforcement fine-tuning needs graders, which tuneyard does not provide; use "
+                             "'supervised' or 'dpo'", param="method.type", code="unsupported_method")
+    hp = _method_hyperparameters(req, method_type)
+    adapter = AdapterSpec(type="full" if hp.lora is False else "lora")
+    if hp.lora is False and any(v is not None for v in (hp.lora_r, hp.lora_alpha, hp.lora_dropout)):
+        raise InvalidRequest("lora_r, lora_alpha and lora_dropout apply only when lora is true",
+                             param="hyperparameters.lora")
+    if hp.lora_r is not None:
+        adapter.r = hp.lora_r
+    if hp.lora_alpha is not None:
+        adapter.alpha = float(hp.lora_alpha)
+    if hp.lora_dropout is not None:
+        adapter.dropout = float(hp.lora_dropout)
+    data = DataSpec(
+        train=DataSource(file_id=req.training_file, param="training_file"),
+        validation=DataSource(file_id=req.validation_file, param="validation_file") if req.validation_file else None,
+        max_length=hp.context_length or 2048,
+        packing=bool(hp.packing),
+    )
+    hyper = Hyperparameters(
+        n_epochs=hp.n_epochs if hp.n_epochs is not None else "auto",
+        batch_size=hp.batch_size if hp.batch_size is not None else "auto",
+        learning_rate_multiplier=hp.learning_rate_multiplier if hp.learning_rate_multiplier is not None else "auto",
+        learning_rate=hp.learning_rate,
+        warmup_ratio=hp.warmup_ratio or 0.0,
+        weight_decay=hp.weight_decay or 0.0,
+        max_grad_norm=hp.max_grad_norm if hp.max_grad_norm is not None else 1.0,
+        beta=(hp.beta if hp.beta is not None else "auto") if method_type == "dpo" else None,
+    )
+    integrations = [IntegrationSpec(type=i.type, config=i.wandb.model_dump(exclude_none=True))
+                    for i in req.integrations or []]
+    seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
+    spec = TrainingSpec(method="dpo" if method_type == "dpo" else "sft", model=ModelSpec(name=req.model),
+                        data=data, adapter=adapter, hyperparameters=hyper, seed=seed, integrations=integrations)
+    echo = {"method": {"type": method_type}, "integrations": [i.model_dump(exclude_none=True)
+                                                              for i in req.integrations or []] or None,
+            "requested_hyperparameters": hp.model_dump(exclude_none=True)}
+    return Submission(spec=spec, dialect=DIALECT, request=echo, suffix=req.suffix, metadata=req.metadata,
+                      idempotency_key=idempotency_key)
+
+
+def _method_hyperparameters(req: CreateJobIn, method_type: str) -> HyperparametersIn:
+    legacy = req.hyperparameters
+    body = getattr(req.method, method_type, None) if req.method else None
+    from_method = body.hyperparameters if body is not None else None
+    if legacy is not None and from_method is not None:
+        raise InvalidRequest("Give hyperparameters either in 'method' or at the top level, not both",
+                             param="hyperparameters")
+    hp = from_method or legacy or HyperparametersIn()
+    if method_type != "dpo" and hp.beta is not None:
+        raise InvalidRequest("beta applies only to the dpo method", param=f"method.{method_type}.hyperparameters.beta")
+    return hp
+
+
+def hyperparameters_out(job: Job) -> dict[str, Any]:
+    """The job's hyperparameters: the resolved values once known, else what was asked ("auto" included)."""
+    spec = TrainingSpec.model_validate(job.spec)
+    hp = job.resolved_hyperparameters or spec.hyperparameters.model_dump()
+    out: dict[str, Any] = {
+        "batch_size": hp.get("batch_size"),
+        "learning_rate_multiplier": hp.get("learning_rate_multiplier"),
+        "n_epochs": hp.get("n_epochs"),
+        "learning_rate": hp.get("learning_rate"),
+        "warmup_ratio": hp.get("warmup_ratio"),
+        "weight_decay": hp.get("weight_decay"),
+        "max_grad_norm": hp.get("max_grad_norm"),
+        "context_length": spec.data.max_length,
+        "packing": spec.data.packing,
+        "lora": spec.adapter.type == "lora",
+    }
+    if spec.adapter.type == "lora":
+        out.update(lora_r=spec.adapter.r, lora_alpha=spec.adapter.alpha, lora_dropout=spec.adapter.dropout)
+    if spec.method == "dpo":
+        out["beta"] = hp.get("beta")
+    return out
+
+
+def job_out(job: Job) -> JobOut:
+    """A Job as OpenAI's FineTuningJob (with Nebius' trained_steps/total_steps)."""
+    hp = hyperparameters_out(job)
+    method_type = (job.request or {}).get("method", {}).get("type", "supervised")
+    method_hp = {k: hp[k] for k in ("batch_size", "learning_rate_multiplier", "n_epochs", "beta") if k in hp}
+    return JobOut(
+        id=job.id, created_at=int(job.created_at), error=job.error or None, fine_tuned_model=job.fine_tuned_model,
+        finished_at=int(job.finished_at) if job.finished_at else None, hyperparameters=hp, model=job.model,
+        organization_id=job.org_id, result_files=list(job.result_files or []), seed=job.seed, status=job.status,
+        trained_tokens=job.trained_tokens, training_file=job.training_file or "", validation_file=job.validation_file,
+        estimated_finish=int(job.estimated_finish) if job.estimated_finish and job.status == "running" else None,
+        integrations=(job.request or {}).get("integrations"), metadata=job.metadata_,
+        method={"type": method_type, method_type: {"hyperparameters": method_hp}}, suffix=job.suffix,
+        trained_steps=job.trained_steps, total_steps=job.total_steps,
+    )
+
+
+def event_out(ev: JobEvent) -> EventOut:
+    return EventOut(id=ev.id, created_at=int(ev.created_at), level=ev.level if ev.level in ("info", "warn", "error")
+                    else "info", message=ev.message, type="metrics" if ev.type == "metrics" else "message",
+                    data=ev.data or {})
+
+
+METRIC_KEYS = ("step", "train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy",
+               "full_valid_loss", "full_valid_mean_token_accuracy")
+
+
+def checkpoint_out(ck: Checkpoint, job: Job) -> CheckpointOut:
+    metrics = {k: ck.metrics.get(k) for k in METRIC_KEYS}
+    metrics["step"] = ck.step
+    if metrics.get("full_valid_loss") is None:
+        metrics["full_valid_loss"] = metrics.get("valid_loss")
+    if metrics.get("full_valid_mean_token_accuracy") is None:
+        metrics["full_valid_mean_token_accuracy"] = metrics.get("valid_mean_token_accuracy")
+    return CheckpointOut(id=ck.id, created_at=int(ck.created_at), fine_tuning_job_id=ck.job_id, step_number=ck.step,
+                         fine_tuned_model_checkpoint=f"{fine_tuned_model_name(job.model, job.org_id, job.suffix, job.id)}"
+                                                     f":ckpt-step-{ck.step}",
+                         metrics=metrics)
+
+
+def file_out(f: File) -> FileOut:
+    return FileOut(id=f.id, bytes=f.bytes, created_at=int(f.created_at), filename=f.filename, purpose=f.purpose,
+                   status=f.status, status_details=f.status_details,
+                   expires_at=int(f.expires_at) if f.expires_at else None)

@@ -1,0 +1,91 @@
+"""Turning errors into each dialect's error body; the dialect is chosen by the request path."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tuneyard.domain.errors import TuneyardError
+
+log = logging.getLogger("tuneyard.api")
+# (message, type, param, code, status) -> response
+Renderer = Callable[[Request, int, str, str, str | None, str | None], JSONResponse]
+
+
+def openai_error(request: Request, status: int, message: str, type_: str, param: str | None,
+                 code: str | None) -> JSONResponse:
+    """OpenAI's ``{"error": {message, type, param, code}}``."""
+    headers = {"x-should-retry": "false"} if 400 <= status < 500 and status not in (408, 429) else None
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
+                        status_code=status, headers=headers)
+
+
+# Path prefix -> renderer; the longest matching prefix wins, OpenAI's format is the default.
+RENDERERS: dict[str, Renderer] = {}
+
+
+def register_renderer(prefix: str, renderer: Renderer) -> None:
+    RENDERERS[prefix] = renderer
+
+
+def _renderer(request: Request) -> Renderer:
+    path = request.url.path
+    best = max((p for p in RENDERERS if path.startswith(p)), key=len, default=None)
+    return RENDERERS[best] if best is not None else openai_error
+
+
+def _loc_to_param(loc: tuple) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header", "form")]
+    # pydantic adds the union member tried ("int", "literal['auto']", "function-after[...]"): not a field.
+    parts = [p for p in parts if not (p.startswith(("literal[", "function-", "constrained-")) or p in
+                                      ("int", "float", "str", "bool", "dict", "list", "none"))]
+    return ".".join(parts) or None
+
+
+def install(app: FastAPI) -> None:
+    """Register the exception handlers on ``app``."""
+
+    @app.exception_handler(TuneyardError)
+    async def _tuneyard(request: Request, exc: TuneyardError):
+        return _renderer(request)(request, exc.status_code, exc.message, exc.type, exc.param, exc.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        errors = list(exc.errors())
+        # A value tried against `"auto" | int` fails both; the literal's complaint only hides the real one.
+        by_param: dict[str | None, list[dict]] = {}
+        for e in errors:
+            by_param.setdefault(_loc_to_param(tuple(e.get("loc", ()))), []).append(e)
+        errors = [e for group in by_param.values() for e in
+                  ([x for x in group if x.get("type") != "literal_error"] or group)]
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        param = _loc_to_param(tuple(first.get("loc", ())))
+        msgs = []
+        for e in errors[:5]:
+            p = _loc_to_param(tuple(e.get("loc", ())))
+            msg = e.get("msg", "invalid")
+            if e.get("type") == "missing":
+                msgs.append(f"Missing required parameter: '{p}'.")
+            elif e.get("type") == "extra_forbidden":
+                msgs.append(f"Unrecognized request argument supplied: '{p}'.")
+            else:
+                msgs.append(f"Invalid value for '{p}': {msg}.")
+        return _renderer(request)(request, 400, " ".join(dict.fromkeys(msgs)), "invalid_request_error", param,
+                                  "invalid_request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(exc.status_code)
+        message = str(exc.detail) if exc.status_code != 404 else f"Unknown endpoint: {request.method} {request.url.path}"
+        return _renderer(request)(request, exc.status_code, message, "invalid_request_error", None, code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return _renderer(request)(request, 500, "The server had an error while processing your request.",
+                                  "server_error", None, "internal_error")

@@ -1,0 +1,207 @@
+"""The ``tuneyard`` command: serve, worker, keys, jobs and the demo."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import tarfile
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from tuneyard.settings import get_settings
+
+app = typer.Typer(help="tuneyard: self-hosted fine-tuning with the OpenAI, Simplismart and Llama Stack APIs.",
+                  no_args_is_help=True)
+keys_app = typer.Typer(help="Manage API keys (acts on this installation's database).", no_args_is_help=True)
+jobs_app = typer.Typer(help="Inspect and control jobs through the HTTP API.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+app.add_typer(jobs_app, name="jobs")
+console = Console(stderr=True)
+FINAL = ("succeeded", "failed", "cancelled")
+
+
+def _logging() -> None:
+    logging.basicConfig(level=get_settings().log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+@app.command()
+def serve(host: Annotated[str | None, typer.Option(help="Bind address (default TUNEYARD_HOST or 127.0.0.1)")] = None,
+          port: Annotated[int | None, typer.Option(help="Port (default TUNEYARD_PORT or 8000)")] = None,
+          worker: Annotated[bool, typer.Option(help="Run the job worker inside the server")] = True) -> None:
+    """Serve the HTTP API (and, by default, run jobs on this machine)."""
+    import uvicorn
+
+    from tuneyard.api.app import create_app
+
+    _logging()
+    s = get_settings()
+    uvicorn.run(create_app(s, run_worker=worker), host=host or s.host, port=port or s.port,
+                log_level=s.log_level.lower(), timeout_graceful_shutdown=5)
+
+
+@app.command("worker")
+def worker_cmd() -> None:
+    """Run only the job worker (no HTTP API), e.g. on a second GPU machine sharing the database."""
+    from tuneyard.scheduler.worker import Worker
+    from tuneyard.service import Services
+
+    _logging()
+    s = get_settings()
+    services = Services.build(s)
+    w = Worker(services.store, s, services.files)
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    w.start()
+    console.print(f"worker {w.worker_id} running; Ctrl-C to stop (trainers keep running and are re-adopted)")
+    done.wait()
+    w.shutdown()
+
+
+@keys_app.command("create")
+def keys_create(org: Annotated[str, typer.Option(help="Organisation slug (created if new)")],
+                name: Annotated[str | None, typer.Option(help="A label for the key")] = None,
+                role: Annotated[str, typer.Option(help="admin or member")] = "admin") -> None:
+    """Create an API key; the key is printed once, as the last line of stdout."""
+    from tuneyard.domain.errors import TuneyardError
+    from tuneyard.service import Services
+    from tuneyard.service.auth import create_key
+
+    if role not in ("admin", "member"):
+        raise typer.BadParameter("role must be admin or member", param_hint="--role")
+    services = Services.build(get_settings())
+    try:
+        key = create_key(services.store, org, name=name, role=role)
+    except TuneyardError as e:
+        raise typer.BadParameter(e.message, param_hint="--org") from e
+    console.print(f"Created a {role} key for organisation '{org}'. It is shown only once:")
+    print(key)
+
+
+@keys_app.command("list")
+def keys_list(org: Annotated[str, typer.Option()]) -> None:
+    """List an organisation's keys (ids only; secrets are never stored)."""
+    from tuneyard.service import Services
+    from tuneyard.service.auth import list_keys
+
+    t = Table("id", "name", "role", "status")
+    for k in list_keys(Services.build(get_settings()).store, org):
+        t.add_row(k.id, k.name or "", k.role, "revoked" if k.revoked_at else "active")
+    Console().print(t)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str, org: Annotated[str, typer.Option()]) -> None:
+    """Revoke a key by its id (the part after 'ty-')."""
+    from tuneyard.service import Services
+    from tuneyard.service.auth import revoke_key
+
+    if not revoke_key(Services.build(get_settings()).store, org, key_id):
+        console.print(f"[red]no active key {key_id} in organisation {org}")
+        raise typer.Exit(1)
+    console.print(f"revoked {key_id}")
+
+
+def _client(base_url: str | None, api_key: str | None):
+    from tuneyard.client import Client
+
+    s = get_settings()
+    key = api_key or s.api_key
+    if not key:
+        raise typer.BadParameter("give --api-key or set TUNEYARD_API_KEY", param_hint="--api-key")
+    return Client(base_url or s.base_url, key)
+
+
+BaseUrl = Annotated[str | None, typer.Option("--base-url", help="Server URL (TUNEYARD_BASE_URL)")]
+ApiKey = Annotated[str | None, typer.Option("--api-key", help="API key (TUNEYARD_API_KEY)")]
+
+
+@jobs_app.command("list")
+def jobs_list(base_url: BaseUrl = None, api_key: ApiKey = None, limit: int = 20) -> None:
+    """List recent jobs."""
+    t = Table("id", "status", "model", "steps", "fine_tuned_model")
+    for j in _client(base_url, api_key).jobs(limit):
+        t.add_row(j["id"], j["status"], j["model"], f"{j.get('trained_steps') or 0}/{j.get('total_steps') or '?'}",
+                  j.get("fine_tuned_model") or "")
+    Console().print(t)
+
+
+@jobs_app.command("get")
+def jobs_get(job_id: str, base_url: BaseUrl = None, api_key: ApiKey = None) -> None:
+    """Show one job as JSON."""
+    Console().print_json(data=_client(base_url, api_key).job(job_id))
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: str, base_url: BaseUrl = None, api_key: ApiKey = None) -> None:
+    """Cancel a job."""
+    console.print(f"{job_id}: {_client(base_url, api_key).cancel(job_id)['status']}")
+
+
+@jobs_app.command("events")
+def jobs_events(job_id: str, base_url: BaseUrl = None, api_key: ApiKey = None,
+                follow: Annotated[bool, typer.Option("--follow", "-f", help="Show a progress bar until done")] = False
+                ) -> None:
+    """Print a job's events (oldest first); with --follow, until the job finishes."""
+    c = _client(base_url, api_key)
+    if not follow:
+        for e in c.all_events(job_id):
+            print(f"[{e['level']}] {e['message']}")
+        return
+    status = follow_job(c, job_id)
+    raise typer.Exit(0 if status == "succeeded" else 1)
+
+
+def follow_job(client, job_id: str, print_events: bool = True) -> str:
+    """Show a progress bar and the job's events until it ends; return the final status."""
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+                  TimeRemainingColumn(), console=console, transient=False) as bar:
+        task = bar.add_task(job_id, total=None)
+        job = {"status": "?"}
+        for job, new in client.follow(job_id):
+            if print_events:
+                for e in new:
+                    bar.console.print(f"  [{e['level']}] {e['message']}")
+            bar.update(task, total=job.get("total_steps") or None, completed=job.get("trained_steps") or 0,
+                       description=f"{job_id} {job['status']}")
+    return job["status"]
+
+
+@jobs_app.command("download")
+def jobs_download(job_id: str, base_url: BaseUrl = None, api_key: ApiKey = None,
+                  out: Annotated[Path, typer.Option(help="Directory to unpack the adapter/model into")] = Path(".")
+                  ) -> None:
+    """Download a finished job's adapter (or model) and tokenizer, unpacked under --out/<job id>/."""
+    out.mkdir(parents=True, exist_ok=True)
+    archive = _client(base_url, api_key).download_artifacts(job_id, out / f"{job_id}.tar.gz")
+    with tarfile.open(archive) as tar:
+        tar.extractall(out, filter="data")
+    archive.unlink()
+    console.print(f"saved to {out / job_id}")
+    print(out / job_id)
+
+
+@app.command()
+def demo(model: Annotated[str | None, typer.Option(help="A hub id or local model dir instead of the tiny "
+                                                         "built-in model")] = None,
+         home: Annotated[Path | None, typer.Option(help="State directory for the demo server (default: a new "
+                                                        "temporary directory)")] = None,
+         port: Annotated[int, typer.Option(help="Port for the demo server (0: any free port)")] = 0,
+         epochs: Annotated[int, typer.Option(help="Training epochs")] = 0) -> None:
+    """Run a real fine-tuning job through the HTTP API on a tiny model and sample data, with progress."""
+    from tuneyard.demo.run import run_demo
+
+    sys.exit(run_demo(model=model, home=home, port=port, epochs=epochs or None, console=console))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,51 @@
+"""What this machine can run: GPUs (counted without importing torch) and CPU job slots."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+from dataclasses import dataclass
+from functools import lru_cache
+
+from tuneyard.settings import Settings
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """Devices a local launcher may hand out."""
+
+    gpus: int
+    gpu_name: str | None
+    cpu_slots: int
+
+    @property
+    def has_cuda(self) -> bool:
+        return self.gpus > 0
+
+
+@lru_cache(maxsize=4)
+def _nvidia_smi() -> tuple[int, str | None]:
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return 0, None
+    try:
+        out = subprocess.run([exe, "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=10, check=True).stdout
+    except (subprocess.SubprocessError, OSError):
+        return 0, None
+    names = [line.strip() for line in out.splitlines() if line.strip()]
+    return len(names), (names[0] if names else None)
+
+
+def detect(settings: Settings) -> Capacity:
+    """The capacity of this machine, ``TUNEYARD_GPU_COUNT`` overriding detection."""
+    n, name = _nvidia_smi()
+    if settings.gpu_count is not None:
+        n = settings.gpu_count
+    return Capacity(gpus=n, gpu_name=name, cpu_slots=max(1, settings.cpu_slots))
+
+
+def bitsandbytes_available() -> bool:
+    """True when bitsandbytes is installed (checked without importing it)."""
+    return importlib.util.find_spec("bitsandbytes") is not None

@@ -1,0 +1,122 @@
+"""The local launcher: starts a job's processes on this machine (prepare step, torchrun trainer).
+
+Processes start in their own session (process group) so that a restart or crash of
+``tuneyard serve`` does not take them down; a restarted worker re-adopts them by pid.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tuneyard.jobdir import JobDir
+
+
+@dataclass
+class Proc:
+    """A process group started for one phase of a job (ours, or adopted after a restart)."""
+
+    job_id: str
+    phase: str  # "prepare" | "train"
+    pid: int
+    popen: subprocess.Popen | None = None
+    gpus: list[int] = field(default_factory=list)
+    cpu_slot: bool = False
+    stop_sent_at: float | None = None
+    term_sent_at: float | None = None
+
+    def poll(self) -> int | None:
+        """None while running; the exit code (or -1 when unknown, for an adopted process) once it ended."""
+        if self.popen is not None:
+            return self.popen.poll()
+        return None if pid_alive(self.pid, self.job_id) else -1
+
+    def signal_group(self, sig: int) -> None:
+        """Send ``sig`` to the whole process group (torchrun and all its ranks)."""
+        try:
+            os.killpg(self.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def pid_alive(pid: int, job_id: str) -> bool:
+    """True when ``pid`` is running and is one of this job's processes (guards against pid reuse)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read()
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state != "Z" and job_id.encode() in cmd
+
+
+class LocalLauncher:
+    """Runs the prepare step and the torchrun trainer as subprocesses on this machine."""
+
+    def __init__(self, python: str | None = None) -> None:
+        self.python = python or sys.executable
+
+    def _spawn(self, job_id: str, phase: str, cmd: list[str], jd: JobDir, attempt: int, env: dict[str, str]
+               ) -> Proc:
+        jd.logs.mkdir(parents=True, exist_ok=True)
+        log = (jd.logs / f"{phase}-{attempt}.log").open("ab")
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "TUNEYARD_JOB_ID": job_id, **env}
+        try:
+            p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 start_new_session=True, env=full_env, cwd=str(jd.root))
+        finally:
+            log.close()
+        (jd.root / f"{phase}.pid").write_text(str(p.pid))
+        return Proc(job_id=job_id, phase=phase, pid=p.pid, popen=p)
+
+    def prepare(self, job_id: str, jd: JobDir, attempt: int) -> Proc:
+        """Start the validation + tokenisation step of a job."""
+        # The prepare step never needs a GPU.
+        return self._spawn(job_id, "prepare", [self.python, "-m", "tuneyard.data.prepare", str(jd.root)], jd,
+                           attempt, {"CUDA_VISIBLE_DEVICES": ""})
+
+    def train(self, job_id: str, jd: JobDir, attempt: int, nproc: int, gpus: list[int]) -> Proc:
+        """Start ``torchrun`` with ``nproc`` ranks on the given GPUs (none: CPU ranks on gloo)."""
+        cmd = [self.python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "tuneyard.trainer", str(jd.root)]
+        env = {"CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in gpus)}
+        if not gpus:
+            # Ranks share the cores: without this each would start one thread per core.
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+        proc = self._spawn(job_id, "train", cmd, jd, attempt, env)
+        proc.gpus = list(gpus)
+        proc.cpu_slot = not gpus
+        return proc
+
+    @staticmethod
+    def adopt(job_id: str, jd: JobDir, phase: str) -> Proc | None:
+        """The still-running process of a job started before this worker restarted, if any."""
+        try:
+            pid = int((jd.root / f"{phase}.pid").read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+        return Proc(job_id=job_id, phase=phase, pid=pid) if pid_alive(pid, job_id) else None
+
+    @staticmethod
+    def stop(proc: Proc, jd: JobDir, reason: str) -> None:
+        """Ask the trainer to stop at its next step (it checkpoints first when pausing)."""
+        jd.control.mkdir(parents=True, exist_ok=True)
+        (jd.control / "stop").write_text(reason)
+
+    @staticmethod
+    def terminate(proc: Proc) -> None:
+        proc.signal_group(signal.SIGTERM)
+
+    @staticmethod
+    def kill(proc: Proc) -> None:
+        proc.signal_group(signal.SIGKILL)
+
+
+def clear_stop(jd: JobDir) -> None:
+    """Remove a stop request left by an earlier pause, before the job runs again."""
+    Path(jd.control / "stop").unlink(missing_ok=True)

@@ -1,0 +1,379 @@
+"""The worker loop: claims jobs, runs their phases through a launcher, records what they report.
+
+One tick: record new events from the event files of the jobs this worker runs; handle processes
+that ended; carry out cancel/pause for running jobs; start prepare steps for jobs in
+``validating_files``; start trainers for ``queued`` jobs while capacity lasts; renew leases.
+Every status change is a conditional update (``store.repo.transition``), so several workers can
+share one database, and the one place where a process outcome becomes a job status is
+``_finish_train`` / ``_finish_prepare``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import or_, select, update
+
+from tuneyard.domain.jobs import JobStatus, fine_tuned_model_name
+from tuneyard.domain.spec import TrainingSpec
+from tuneyard.jobdir import JobDir, iter_events, read_json
+from tuneyard.scheduler.capacity import Capacity, detect
+from tuneyard.scheduler.local import LocalLauncher, Proc, clear_stop
+from tuneyard.service.files import FileService
+from tuneyard.settings import Settings
+from tuneyard.store.db import Store
+from tuneyard.store.models import Checkpoint, Job, JobEvent
+from tuneyard.store.repo import add_event, transition
+
+log = logging.getLogger("tuneyard.worker")
+LEASE_SECONDS = 30.0
+MAX_ATTEMPTS = 3
+KILL_AFTER_TERM_SECONDS = 3.0
+
+
+def default_worker_id(settings: Settings) -> str:
+    """A worker id that stays the same across restarts on one machine and home, so jobs are re-adopted."""
+    return f"local:{socket.gethostname()}:{settings.home}"
+
+
+class Worker:
+    """Runs jobs on this machine; many workers may share one database."""
+
+    def __init__(self, store: Store, settings: Settings, files: FileService, *,
+                 launcher: LocalLauncher | None = None, worker_id: str | None = None) -> None:
+        self.store = store
+        self.settings = settings
+        self.files = files
+        self.launcher = launcher or LocalLauncher()
+        self.worker_id = worker_id or default_worker_id(settings)
+        self.capacity: Capacity = detect(settings)
+        self.procs: dict[str, Proc] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._adopted = False
+
+    # ----- lifecycle --------------------------------------------------------------------------
+    def start(self) -> None:
+        """Run the loop in a background thread."""
+        self._thread = threading.Thread(target=self.run_forever, name="tuneyard-worker", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the loop; running trainers are left running, to be re-adopted after a restart."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def run_forever(self) -> None:
+        """Tick until shut down; an error in one tick is logged and the loop goes on."""
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception:
+                log.exception("worker tick failed")
+            self._stop.wait(self.settings.poll_interval)
+
+    def tick(self) -> None:
+        """One pass over everything this worker looks after."""
+        if not self._adopted:
+            self._adopt()
+            self._adopted = True
+        for job_id in list(self.procs):
+            self._watch(job_id)
+        self._start_prepares()
+        self._start_trainers()
+        self._renew_leases()
+
+    # ----- adoption after a restart -----------------------------------------------------------
+    def _adopt(self) -> None:
+        with self.store.session() as s:
+            mine = list(s.scalars(select(Job).where(
+                Job.worker_id == self.worker_id,
+                Job.status.in_([JobStatus.VALIDATING_FILES, JobStatus.RUNNING, JobStatus.CANCELLED,
+                                JobStatus.PAUSED]),
+                Job.pid.is_not(None))))
+        for job in mine:
+            jd = JobDir(Path(job.output_dir))
+            phase = "prepare" if job.status == JobStatus.VALIDATING_FILES else "train"
+            proc = self.launcher.adopt(job.id, jd, phase)
+            if proc is not None:
+                proc.cpu_slot = phase == "train"
+                log.info("job %s: re-adopted %s process %d", job.id, phase, proc.pid)
+                self.procs[job.id] = proc
+            elif job.status in (JobStatus.VALIDATING_FILES, JobStatus.RUNNING):
+                # It ended while no worker watched it: its files say how.
+                self.procs[job.id] = Proc(job_id=job.id, phase=phase, pid=job.pid or -1)
+
+    # ----- watching running processes ---------------------------------------------------------
+    def _watch(self, job_id: str) -> None:
+        proc = self.procs[job_id]
+        with self.store.session() as s:
+            job = s.scalar(select(Job).where(Job.id == job_id))
+        if job is None:
+            self._terminate_now(proc)
+            self.procs.pop(job_id, None)
+            return
+        jd = JobDir(Path(job.output_dir))
+        self.ingest(job, jd)
+        code = proc.poll()
+        if code is None:
+            self._enforce_control(job, jd, proc)
+            return
+        self.ingest(job, jd)
+        self.procs.pop(job_id, None)
+        if proc.phase == "prepare":
+            self._finish_prepare(job, jd, code)
+        else:
+            self._finish_train(job, jd, code)
+
+    def _enforce_control(self, job: Job, jd: JobDir, proc: Proc) -> None:
+        status = JobStatus(job.status)
+        wanted = {JobStatus.CANCELLED: "cancel", JobStatus.PAUSED: "pause", JobStatus.FAILED: "cancel"}.get(status)
+        if wanted is None:
+            return
+        now = time.time()
+        if proc.stop_sent_at is None:
+            self.launcher.stop(proc, jd, wanted)
+            proc.stop_sent_at = now
+        # A prepare step has nothing to save; a cancelled trainer gets a few seconds to stop at a step
+        # boundary; a pausing one may need longer to write its checkpoint.
+        if proc.phase == "prepare":
+            grace = 0.0
+        elif wanted == "cancel":
+            grace = self.settings.cancel_grace_seconds
+        else:
+            grace = 120.0
+        if proc.term_sent_at is None and now - proc.stop_sent_at >= grace:
+            self.launcher.terminate(proc)
+            proc.term_sent_at = now
+        elif proc.term_sent_at is not None and now - proc.term_sent_at > KILL_AFTER_TERM_SECONDS:
+            self.launcher.kill(proc)
+
+    def _terminate_now(self, proc: Proc) -> None:
+        self.launcher.terminate(proc)
+        time.sleep(0.2)
+        self.launcher.kill(proc)
+
+    # ----- recording events -------------------------------------------------------------------
+    def ingest(self, job: Job, jd: JobDir) -> int:
+        """Record the job's new events (each once, by seq) and the progress they carry; returns how many."""
+        new = list(iter_events(jd.events, after_seq=job.events_seq))
+        if not new:
+            return 0
+        updates: dict[str, Any] = {}
+        with self.store.session() as s:
+            for ev in new:
+                data = ev.get("data") or {}
+                kind = ev.get("type", "message")
+                if kind == "progress":
+                    self._progress_fields(data, updates)
+                    continue
+                add_event(s, job.id, ev.get("message", ""), type=kind, level=ev.get("level", "info"),
+                          data=data, file_seq=ev["seq"], created_at=ev.get("ts"))
+                if kind == "metrics":
+                    self._progress_fields(data, updates)
+                elif kind == "checkpoint" and data.get("step") is not None:
+                    self._add_checkpoint(s, job.id, data, ev.get("ts"))
+            updates["events_seq"] = max(ev["seq"] for ev in new)
+            s.execute(update(Job).where(Job.id == job.id, Job.events_seq < updates["events_seq"]).values(**updates))
+        job.events_seq = updates["events_seq"]
+        return len(new)
+
+    @staticmethod
+    def _progress_fields(data: dict, updates: dict[str, Any]) -> None:
+        if isinstance(data.get("step"), int | float):
+            updates["trained_steps"] = int(data["step"])
+        if isinstance(data.get("total_steps"), int | float):
+            updates["total_steps"] = int(data["total_steps"])
+        if isinstance(data.get("trained_tokens"), int | float):
+            updates["trained_tokens"] = int(data["trained_tokens"])
+        if isinstance(data.get("eta_s"), int | float):
+            updates["estimated_finish"] = time.time() + float(data["eta_s"])
+
+    @staticmethod
+    def _add_checkpoint(s, job_id: str, data: dict, ts: float | None) -> None:
+        from sqlalchemy.exc import IntegrityError
+
+        from tuneyard.ids import new_id
+
+        ck = Checkpoint(id=new_id("ftckpt"), job_id=job_id, step=int(data["step"]), created_at=ts or time.time(),
+                        path=str(data.get("path", "")), metrics={"step": int(data["step"]), **(data.get("metrics") or {})})
+        try:
+            with s.begin_nested():
+                s.add(ck)
+        except IntegrityError:
+            pass
+
+    # ----- prepare phase ----------------------------------------------------------------------
+    def _start_prepares(self) -> None:
+        running = sum(1 for p in self.procs.values() if p.phase == "prepare")
+        free = self.settings.prepare_slots - running
+        if free <= 0:
+            return
+        now = time.time()
+        with self.store.session() as s:
+            candidates = list(s.scalars(select(Job.id).where(
+                Job.status == JobStatus.VALIDATING_FILES,
+                or_(Job.worker_id.is_(None), Job.lease_expires_at < now)).order_by(Job.pk).limit(free)))
+        for job_id in candidates:
+            if job_id in self.procs:
+                continue
+            with self.store.session() as s:
+                won = s.execute(update(Job).where(
+                    Job.id == job_id, Job.status == JobStatus.VALIDATING_FILES,
+                    or_(Job.worker_id.is_(None), Job.lease_expires_at < now)).values(
+                    worker_id=self.worker_id, lease_expires_at=now + LEASE_SECONDS, updated_at=now)).rowcount == 1
+                job = s.scalar(select(Job).where(Job.id == job_id)) if won else None
+            if job is None:
+                continue
+            jd = JobDir(Path(job.output_dir)).create()
+            proc = self.launcher.prepare(job.id, jd, job.attempt)
+            self.procs[job.id] = proc
+            with self.store.session() as s:
+                s.execute(update(Job).where(Job.id == job.id).values(pid=proc.pid))
+
+    def _finish_prepare(self, job: Job, jd: JobDir, code: int) -> None:
+        res = read_json(jd.prepared) or {}
+        with self.store.session() as s:
+            if res.get("ok"):
+                hp = res.get("hyperparameters") or {}
+                if transition(s, job.id, JobStatus.QUEUED, expect={JobStatus.VALIDATING_FILES}, worker_id=None,
+                              lease_expires_at=None, pid=None, resolved_hyperparameters=hp,
+                              total_steps=res.get("total_steps"), n_train_examples=res.get("n_train"),
+                              trained_steps=0, trained_tokens=0):
+                    add_event(s, job.id, "Files validated, moving job to queued state")
+                return
+            err = res.get("error") or {"code": "internal_error",
+                                       "message": f"data preparation exited with code {code} without a result; "
+                                                  f"see {jd.logs}"}
+            if transition(s, job.id, JobStatus.FAILED, expect={JobStatus.VALIDATING_FILES}, worker_id=None,
+                          lease_expires_at=None, pid=None, error=_error(err)):
+                add_event(s, job.id, f"Validation failed: {err.get('message')}", level="error")
+
+    # ----- training phase ---------------------------------------------------------------------
+    def _free_devices(self) -> tuple[list[int], int]:
+        used_gpus = {g for p in self.procs.values() for g in p.gpus}
+        free_gpus = [g for g in range(self.capacity.gpus) if g not in used_gpus]
+        used_cpu = sum(1 for p in self.procs.values() if p.phase == "train" and p.cpu_slot)
+        return free_gpus, self.capacity.cpu_slots - used_cpu
+
+    def _start_trainers(self) -> None:
+        with self.store.session() as s:
+            queued = list(s.scalars(select(Job).where(Job.status == JobStatus.QUEUED).order_by(Job.pk).limit(50)))
+        for job in queued:
+            if job.id in self.procs:
+                continue  # a paused-then-resumed job whose old trainer is still saving
+            spec = TrainingSpec.model_validate(job.spec)
+            free_gpus, free_cpu = self._free_devices()
+            use_gpu = self.capacity.has_cuda and spec.resources.device != "cpu"
+            nproc = spec.resources.nproc_per_node if use_gpu else max(spec.resources.nproc_per_node,
+                                                                       self.settings.cpu_procs_per_job)
+            if use_gpu and len(free_gpus) < nproc or not use_gpu and free_cpu < 1:
+                continue  # wait; a smaller job behind it may still fit
+            now = time.time()
+            with self.store.session() as s:
+                won = transition(s, job.id, JobStatus.RUNNING, expect={JobStatus.QUEUED}, worker_id=self.worker_id,
+                                 lease_expires_at=now + LEASE_SECONDS, attempt=job.attempt + 1,
+                                 started_at=job.started_at or now)
+                if won:
+                    add_event(s, job.id, "Fine-tuning job started" if job.attempt == 0 else
+                              f"Fine-tuning job restarted (attempt {job.attempt + 1})")
+            if not won:
+                continue
+            jd = JobDir(Path(job.output_dir)).create()
+            clear_stop(jd)
+            jd.result.unlink(missing_ok=True)
+            try:
+                proc = self.launcher.train(job.id, jd, job.attempt + 1, nproc, free_gpus[:nproc] if use_gpu else [])
+            except OSError as e:
+                with self.store.session() as s:
+                    transition(s, job.id, JobStatus.FAILED, error=_error(
+                        {"code": "launch_failed", "message": f"could not start the trainer: {e}"}))
+                continue
+            self.procs[job.id] = proc
+            with self.store.session() as s:
+                s.execute(update(Job).where(Job.id == job.id).values(pid=proc.pid))
+
+    def _finish_train(self, job: Job, jd: JobDir, code: int) -> None:
+        res = read_json(jd.result) or {}
+        outcome = res.get("status")
+        with self.store.session() as s:
+            current = s.scalar(select(Job.status).where(Job.id == job.id))
+            s.execute(update(Job).where(Job.id == job.id).values(pid=None, lease_expires_at=None))
+            if current != JobStatus.RUNNING:
+                # Cancelled or paused meanwhile: that status stands; a pause is resumed from the checkpoint.
+                s.execute(update(Job).where(Job.id == job.id).values(worker_id=None))
+                return
+            if outcome == "succeeded":
+                self._succeed(s, job, jd, res)
+                return
+            if outcome == "failed":
+                err = res.get("error") or {}
+                if transition(s, job.id, JobStatus.FAILED, expect={JobStatus.RUNNING}, worker_id=None,
+                              error=_error(err)):
+                    add_event(s, job.id, f"Fine-tuning job failed: {err.get('message', 'unknown error')}",
+                              level="error")
+                return
+            # No result: the trainer died (killed, OOM-killed, machine rebooted).
+            if job.attempt < MAX_ATTEMPTS:
+                if transition(s, job.id, JobStatus.QUEUED, expect={JobStatus.RUNNING}, worker_id=None):
+                    add_event(s, job.id, f"Trainer exited unexpectedly (exit code {code}); retrying from the "
+                              f"latest checkpoint (attempt {job.attempt + 1} of {MAX_ATTEMPTS})", level="warn")
+                return
+            if transition(s, job.id, JobStatus.FAILED, expect={JobStatus.RUNNING}, worker_id=None, error=_error({
+                    "code": "trainer_crashed",
+                    "message": f"the trainer exited unexpectedly (exit code {code}) {job.attempt} times; "
+                               f"see the logs in {jd.logs}"})):
+                add_event(s, job.id, "Fine-tuning job failed: the trainer kept crashing", level="error")
+
+    def _succeed(self, s, job: Job, jd: JobDir, res: dict) -> None:
+        csv_bytes = self._metrics_csv(s, job.id)
+        result = self.files.add_result_file(job.org_id, f"{job.id}-results.csv", csv_bytes)
+        if transition(s, job.id, JobStatus.SUCCEEDED, expect={JobStatus.RUNNING}, worker_id=None,
+                      fine_tuned_model=fine_tuned_model_name(job.model, job.org_id, job.suffix, job.id), result_files=[result.id],
+                      trained_tokens=res.get("trained_tokens"), trained_steps=res.get("trained_steps"),
+                      estimated_finish=None):
+            add_event(s, job.id, f"New fine-tuned model created: {fine_tuned_model_name(job.model, job.org_id, job.suffix, job.id)}",
+                      data={"output_dir": res.get("output_dir")})
+            add_event(s, job.id, "The job has successfully completed")
+
+    @staticmethod
+    def _metrics_csv(s, job_id: str) -> bytes:
+        rows: dict[int, dict[str, Any]] = {}
+        q = select(JobEvent.data).where(JobEvent.job_id == job_id, JobEvent.type == "metrics").order_by(JobEvent.pk)
+        for (data,) in s.execute(q):
+            if not data or "step" not in data:
+                continue
+            row = rows.setdefault(int(data["step"]), {"step": int(data["step"])})
+            for src, dst in (("train_loss", "train_loss"), ("train_mean_token_accuracy", "train_accuracy"),
+                             ("valid_loss", "valid_loss"), ("valid_mean_token_accuracy", "valid_mean_token_accuracy")):
+                if data.get(src) is not None:
+                    row[dst] = data[src]
+        buf = io.StringIO()
+        cols = ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
+        w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for step in sorted(rows):
+            w.writerow(rows[step])
+        return buf.getvalue().encode()
+
+    # ----- leases -----------------------------------------------------------------------------
+    def _renew_leases(self) -> None:
+        if not self.procs:
+            return
+        with self.store.session() as s:
+            s.execute(update(Job).where(Job.id.in_(list(self.procs)), Job.worker_id == self.worker_id)
+                      .values(lease_expires_at=time.time() + LEASE_SECONDS))
+
+
+def _error(err: dict) -> dict:
+    return {"code": str(err.get("code") or "error"), "message": str(err.get("message") or "unknown error"),
+            "param": err.get("param")}
+

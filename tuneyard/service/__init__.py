@@ -1,0 +1,28 @@
+"""The service layer: logic shared by every dialect, scoped to the caller's organisation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tuneyard.service.files import FileService
+from tuneyard.service.jobs import JobService
+from tuneyard.settings import Settings
+from tuneyard.store.db import Store
+
+
+@dataclass
+class Services:
+    """Everything a request handler or the worker needs, built once per process."""
+
+    settings: Settings
+    store: Store
+    files: FileService
+    jobs: JobService
+
+    @classmethod
+    def build(cls, settings: Settings) -> Services:
+        """Open the store (migrating it) and wire the services together."""
+        settings.home.mkdir(parents=True, exist_ok=True)
+        store = Store(settings.db_url)
+        files = FileService(store, settings)
+        return cls(settings=settings, store=store, files=files, jobs=JobService(store, settings, files))

@@ -1,0 +1,278 @@
+"""JobService: what every dialect does with jobs, scoped to the caller's organisation in one place."""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from tuneyard.domain.errors import Conflict, InvalidRequest, NotFound
+from tuneyard.domain.jobs import JobStatus
+from tuneyard.domain.spec import DataSource, TrainingSpec
+from tuneyard.ids import new_id
+from tuneyard.jobdir import JobDir, write_json_atomic
+from tuneyard.scheduler.capacity import bitsandbytes_available, detect
+from tuneyard.service.auth import Principal
+from tuneyard.service.files import FileService
+from tuneyard.service.paths import check_model_name, confine
+from tuneyard.settings import Settings
+from tuneyard.store.db import Store
+from tuneyard.store.models import Checkpoint, File, Job, JobEvent
+from tuneyard.store.repo import add_event, page, transition
+
+ACTIVE = [JobStatus.VALIDATING_FILES, JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.PAUSED]
+METADATA_KEY = re.compile(r"^metadata\[(.+)\]$")
+
+
+@dataclass
+class Submission:
+    """A dialect-neutral job request: the spec plus what the dialect wants stored and echoed."""
+
+    spec: TrainingSpec
+    dialect: str
+    request: dict[str, Any] = field(default_factory=dict)
+    suffix: str | None = None
+    metadata: dict[str, str] | None = None
+    external_id: str | None = None
+    idempotency_key: str | None = None
+
+
+class JobService:
+    """Submit, read, list, cancel, pause and resume jobs of the caller's organisation."""
+
+    def __init__(self, store: Store, settings: Settings, files: FileService) -> None:
+        self.store = store
+        self.settings = settings
+        self.files = files
+
+    # ----- submission -------------------------------------------------------------------------
+    def submit(self, who: Principal, sub: Submission) -> Job:
+        """Check a submission, store the job in ``validating_files`` and write its job directory."""
+        if sub.idempotency_key:
+            existing = self._by_idempotency_key(who, sub.idempotency_key)
+            if existing is not None:
+                return existing
+        spec = self._check_spec(who, sub.spec)
+        job_id = new_id("ftjob")
+        jd = JobDir(self.settings.jobs_dir / who.org_id / job_id).create()
+        write_json_atomic(jd.spec, spec.model_dump(mode="json"))
+        now = time.time()
+        job = Job(id=job_id, org_id=who.org_id, dialect=sub.dialect, external_id=sub.external_id,
+                  idempotency_key=sub.idempotency_key, status=JobStatus.VALIDATING_FILES.value, created_at=now,
+                  updated_at=now, model=sub.spec.model.name, training_file=spec.data.train.file_id,
+                  validation_file=spec.data.validation.file_id if spec.data.validation else None,
+                  suffix=sub.suffix, seed=spec.seed, request=sub.request, metadata_=sub.metadata,
+                  spec=spec.model_dump(mode="json"), output_dir=str(jd.root), result_files=[], attempt=0,
+                  events_seq=0)
+        try:
+            with self.store.session() as s:
+                s.add(job)
+                s.flush()
+                add_event(s, job_id, f"Created fine-tuning job: {job_id}")
+                add_event(s, job_id, f"Validating training file: {spec.data.train.file_id or spec.data.train.path}")
+        except IntegrityError as e:
+            if sub.idempotency_key:
+                existing = self._by_idempotency_key(who, sub.idempotency_key)
+                if existing is not None:
+                    return existing
+            if sub.external_id:
+                raise Conflict(f"a job with id '{sub.external_id}' already exists", param="job_uuid",
+                               code="duplicate_job") from e
+            raise
+        return job
+
+    def _by_idempotency_key(self, who: Principal, key: str) -> Job | None:
+        with self.store.session() as s:
+            return s.scalar(select(Job).where(Job.org_id == who.org_id, Job.idempotency_key == key))
+
+    def _check_spec(self, who: Principal, spec: TrainingSpec) -> TrainingSpec:
+        roots = self.settings.allowed_roots
+        name, source = check_model_name(spec.model.name, roots)
+        model = spec.model.model_copy(update={"name": name, "source": source})
+        train = self._resolve_source(who, spec.data.train)
+        valid = self._resolve_source(who, spec.data.validation) if spec.data.validation else None
+        self._check_resources(spec)
+        data = spec.data.model_copy(update={"train": train, "validation": valid})
+        return spec.model_copy(update={"model": model, "data": data})
+
+    def _resolve_source(self, who: Principal, src: DataSource) -> DataSource:
+        if src.file_id is not None:
+            try:
+                f = self.files.get(who, src.file_id)
+            except NotFound as e:
+                raise InvalidRequest(f"File {src.file_id} not found", param=src.param,
+                                     code="file_not_found") from e
+            if f.purpose != "fine-tune":
+                raise InvalidRequest(f"File {src.file_id} has purpose '{f.purpose}'; fine-tuning needs a file "
+                                     "uploaded with purpose 'fine-tune'", param=src.param, code="invalid_file_purpose")
+            if f.status != "processed":
+                raise InvalidRequest(f"File {src.file_id} is not ready ({f.status}): {f.status_details or ''}",
+                                     param=src.param, code="file_not_ready")
+            return src.model_copy(update={"path": str(self.files.path_of(f))})
+        if not src.path:
+            raise InvalidRequest("a training data source is required", param=src.param)
+        return src.model_copy(update={"path": str(confine(src.path, self.settings.allowed_roots,
+                                                          param=src.param, want_dir=None))})
+
+    def _check_resources(self, spec: TrainingSpec) -> None:
+        cap = detect(self.settings)
+        res = spec.resources
+        if res.node_count > 1:
+            raise InvalidRequest(f"node_count {res.node_count}: this installation runs jobs on one node with the "
+                                 "local launcher; a multi-node launcher is not configured", param="node_count")
+        if res.device == "cuda" and not cap.has_cuda:
+            raise InvalidRequest("a GPU was asked for, but this installation has none", param="device")
+        if cap.has_cuda and res.device != "cpu" and res.nproc_per_node > cap.gpus:
+            raise InvalidRequest(f"{res.nproc_per_node} GPUs per node asked for, but this installation has "
+                                 f"{cap.gpus}", param="gpu_count")
+        if spec.model.quant_bits in (4, 8):
+            if not cap.has_cuda:
+                raise InvalidRequest(f"{spec.model.quant_bits}-bit quantisation (QLoRA) needs a CUDA GPU with "
+                                     "bitsandbytes; this installation has no GPU", param="quant_bits")
+            if not bitsandbytes_available():
+                raise InvalidRequest(f"{spec.model.quant_bits}-bit quantisation (QLoRA) needs the bitsandbytes "
+                                     "package, which is not installed", param="quant_bits")
+        if spec.method == "dpo":
+            raise InvalidRequest("the DPO recipe is not available in this installation yet", param="method",
+                                 code="unsupported_method")
+
+    # ----- reading ----------------------------------------------------------------------------
+    def get(self, who: Principal, job_id: str) -> Job:
+        """One job of the caller's organisation, or NotFound (also for other organisations' jobs)."""
+        with self.store.session() as s:
+            job = s.scalar(select(Job).where(Job.id == job_id, Job.org_id == who.org_id))
+        if job is None:
+            raise NotFound(f"Fine-tuning job {job_id} not found", param="fine_tuning_job_id",
+                           code="fine_tuning_job_not_found")
+        return job
+
+    def get_external(self, who: Principal, dialect: str, external_id: str) -> Job:
+        """A job by the id its dialect's client gave it (e.g. a Llama Stack job_uuid)."""
+        with self.store.session() as s:
+            job = s.scalar(select(Job).where(Job.org_id == who.org_id, Job.external_id == external_id))
+        if job is None:
+            raise NotFound(f"job '{external_id}' not found", param="job_uuid", code="job_not_found")
+        return job
+
+    def list(self, who: Principal, *, after: str | None, limit: int, metadata: dict[str, str] | None = None
+             ) -> tuple[list[Job], bool]:
+        """A page of the organisation's jobs, newest first, optionally filtered by metadata values."""
+        if not 1 <= limit <= 1000:
+            raise InvalidRequest("limit must be between 1 and 1000", param="limit")
+        q = select(Job).where(Job.org_id == who.org_id)
+        for k, v in (metadata or {}).items():
+            q = q.where(Job.metadata_[k].as_string() == v)
+        with self.store.session() as s:
+            return page(s, q, Job, after=after, limit=limit)
+
+    def events(self, who: Principal, job_id: str, *, after: str | None, limit: int
+               ) -> tuple[list[JobEvent], bool]:
+        """A page of a job's events, newest first."""
+        self.get(who, job_id)
+        if not 1 <= limit <= 1000:
+            raise InvalidRequest("limit must be between 1 and 1000", param="limit")
+        with self.store.session() as s:
+            return page(s, select(JobEvent).where(JobEvent.job_id == job_id), JobEvent, after=after, limit=limit)
+
+    def checkpoints(self, who: Principal, job_id: str, *, after: str | None, limit: int
+                    ) -> tuple[list[Checkpoint], bool]:
+        """A page of a job's checkpoints, newest first."""
+        self.get(who, job_id)
+        if not 1 <= limit <= 1000:
+            raise InvalidRequest("limit must be between 1 and 1000", param="limit")
+        with self.store.session() as s:
+            return page(s, select(Checkpoint).where(Checkpoint.job_id == job_id), Checkpoint, after=after,
+                        limit=limit)
+
+    def checkpoint(self, who: Principal, job_id: str, checkpoint_id: str) -> Checkpoint:
+        """One checkpoint of one job."""
+        self.get(who, job_id)
+        with self.store.session() as s:
+            ck = s.scalar(select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.id == checkpoint_id))
+        if ck is None:
+            raise NotFound(f"Checkpoint {checkpoint_id} not found", param="checkpoint_id")
+        return ck
+
+    def output_dir(self, who: Principal, job_id: str) -> Path:
+        """The directory holding the trained adapter or model; Conflict until the job succeeded."""
+        job = self.get(who, job_id)
+        if job.status != JobStatus.SUCCEEDED:
+            raise Conflict(f"Fine-tuning job {job_id} has no artifacts: its status is '{job.status}'",
+                           code="job_not_succeeded")
+        return JobDir(Path(job.output_dir)).output
+
+    def result_file(self, who: Principal, job_id: str) -> File | None:
+        job = self.get(who, job_id)
+        return self.files.get(who, job.result_files[0]) if job.result_files else None
+
+    # ----- control ----------------------------------------------------------------------------
+    def cancel(self, who: Principal, job_id: str) -> Job:
+        """Cancel a job at any stage; a running trainer is stopped by its worker within seconds."""
+        job = self.get(who, job_id)
+        if JobStatus(job.status).terminal:
+            raise Conflict(f"Fine-tuning job {job_id} is already {job.status} and cannot be cancelled",
+                           code="invalid_state")
+        self._request_stop(job, "cancel")
+        with self.store.session() as s:
+            if not transition(s, job_id, JobStatus.CANCELLED):
+                raise Conflict(f"Fine-tuning job {job_id} finished before it could be cancelled",
+                               code="invalid_state")
+            add_event(s, job_id, "Fine-tuning job cancelled by request")
+        return self.get(who, job_id)
+
+    def pause(self, who: Principal, job_id: str) -> Job:
+        """Pause a queued or running job: a running trainer checkpoints and frees its devices."""
+        job = self.get(who, job_id)
+        if job.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
+            raise Conflict(f"Only queued or running jobs can be paused; {job_id} is {job.status}",
+                           code="invalid_state")
+        self._request_stop(job, "pause")
+        with self.store.session() as s:
+            if not transition(s, job_id, JobStatus.PAUSED, expect={JobStatus.QUEUED, JobStatus.RUNNING}):
+                raise Conflict(f"Fine-tuning job {job_id} changed state; try again", code="invalid_state")
+            add_event(s, job_id, "Fine-tuning job paused by request")
+        return self.get(who, job_id)
+
+    def resume(self, who: Principal, job_id: str) -> Job:
+        """Put a paused job back in the queue; it continues from its latest checkpoint."""
+        job = self.get(who, job_id)
+        if job.status != JobStatus.PAUSED:
+            raise Conflict(f"Only paused jobs can be resumed; {job_id} is {job.status}", code="invalid_state")
+        with self.store.session() as s:
+            if not transition(s, job_id, JobStatus.QUEUED, expect={JobStatus.PAUSED}):
+                raise Conflict(f"Fine-tuning job {job_id} changed state; try again", code="invalid_state")
+            add_event(s, job_id, "Fine-tuning job resumed")
+        return self.get(who, job_id)
+
+    @staticmethod
+    def _request_stop(job: Job, reason: str) -> None:
+        # Tell a running trainer directly: it stops at the next step even before the worker notices.
+        if job.status == JobStatus.RUNNING and job.output_dir:
+            ctl = JobDir(Path(job.output_dir)).control
+            ctl.mkdir(parents=True, exist_ok=True)
+            (ctl / "stop").write_text(reason)
+
+    # ----- models -----------------------------------------------------------------------------
+    def models(self, who: Principal) -> list[tuple[str, float, str]]:
+        """(id, created_at, owner) of the base models known here and the organisation's fine-tuned models."""
+        out: dict[str, tuple[str, float, str]] = {}
+        for m in self.settings.base_model_list:
+            out[m] = (m, 0.0, "tuneyard")
+        with self.store.session() as s:
+            for model, created in s.execute(select(Job.model, Job.created_at).where(Job.org_id == who.org_id)):
+                out.setdefault(model, (model, created, "tuneyard"))
+            for name, finished in s.execute(select(Job.fine_tuned_model, Job.finished_at).where(
+                    Job.org_id == who.org_id, Job.fine_tuned_model.is_not(None))):
+                out[name] = (name, finished or 0.0, who.org_id)
+        return list(out.values())
+
+    def model(self, who: Principal, model_id: str) -> tuple[str, float, str]:
+        for m in self.models(who):
+            if m[0] == model_id:
+                return m
+        raise NotFound(f"The model '{model_id}' does not exist", param="model", code="model_not_found")

@@ -1,0 +1,63 @@
+"""Queries shared by the service and the scheduler: conditional status changes, events, pagination."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, TypeVar
+
+from sqlalchemy import Select, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from tuneyard.domain.jobs import JobStatus, sources_of
+from tuneyard.ids import new_id
+from tuneyard.store.models import Job, JobEvent
+
+T = TypeVar("T")
+
+
+def transition(s: Session, job_id: str, target: JobStatus, *, expect: set[JobStatus] | None = None,
+               **fields: Any) -> bool:
+    """Move a job to ``target`` if its current status allows it; True when this call won.
+
+    The check and the write are one ``UPDATE ... WHERE status IN (...)``, so of two workers (or a
+    worker and a cancelling client) racing on one job exactly one succeeds.
+    """
+    allowed = sources_of(target) if expect is None else (expect & sources_of(target))
+    now = time.time()
+    values: dict[str, Any] = {"status": target.value, "updated_at": now, **fields}
+    if target.terminal and "finished_at" not in fields:
+        values["finished_at"] = now
+    res = s.execute(update(Job).where(Job.id == job_id, Job.status.in_([a.value for a in allowed]))
+                    .values(**values))
+    return res.rowcount == 1
+
+
+def add_event(s: Session, job_id: str, message: str, *, type: str = "message", level: str = "info",
+              data: dict | None = None, file_seq: int | None = None, created_at: float | None = None) -> bool:
+    """Record one event; an event from the job's event file that is already recorded is skipped."""
+    ev = JobEvent(id=new_id("ftevent"), job_id=job_id, file_seq=file_seq, created_at=created_at or time.time(),
+                  level=level, type=type, message=message, data=data or None)
+    if file_seq is None:
+        s.add(ev)
+        return True
+    try:
+        with s.begin_nested():
+            s.add(ev)
+        return True
+    except IntegrityError:
+        return False
+
+
+def page(s: Session, query: Select, model: type[T], *, after: str | None, limit: int,
+         descending: bool = True) -> tuple[list[T], bool]:
+    """One page of ``query`` ordered by ``pk``, starting after the object whose id is ``after``."""
+    if after is not None:
+        after_pk = s.scalar(select(model.pk).where(model.id == after))  # type: ignore[attr-defined]
+        if after_pk is None:
+            return [], False
+        cond = model.pk < after_pk if descending else model.pk > after_pk  # type: ignore[attr-defined]
+        query = query.where(cond)
+    order = model.pk.desc() if descending else model.pk.asc()  # type: ignore[attr-defined]
+    rows = list(s.scalars(query.order_by(order).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
