@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Code under test that reads the settings in-process (the prepare step, the CLI) must never touch the
+# user's real ~/.tuneyard: give the whole session a throwaway home. Server fixtures set their own.
+os.environ.setdefault("TUNEYARD_HOME", tempfile.mkdtemp(prefix="tuneyard-test-home-"))
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -17,12 +17,15 @@ from rich.table import Table
 
 from tuneyard.settings import get_settings
 
+# Tracebacks never print local variables: `secrets create` holds a secret in them (older typers showed them).
 app = typer.Typer(help="tuneyard: self-hosted fine-tuning with the OpenAI, Simplismart and Llama Stack APIs.",
-                  no_args_is_help=True)
+                  no_args_is_help=True, pretty_exceptions_show_locals=False)
 keys_app = typer.Typer(help="Manage API keys (acts on this installation's database).", no_args_is_help=True)
 jobs_app = typer.Typer(help="Inspect and control jobs through the HTTP API.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(jobs_app, name="jobs")
+secrets_app = typer.Typer(help="Manage stored secrets (acts on this installation's database).", no_args_is_help=True)
+app.add_typer(secrets_app, name="secrets")
 console = Console(stderr=True)
 FINAL = ("succeeded", "failed", "cancelled")
 
@@ -85,6 +88,68 @@ def keys_create(org: Annotated[str, typer.Option(help="Organisation slug (create
         raise typer.BadParameter(e.message, param_hint="--org") from e
     console.print(f"Created a {role} key for organisation '{org}'. It is shown only once:")
     print(key)
+
+
+@secrets_app.command("create")
+def secrets_create(org: Annotated[str, typer.Option(help="Organisation slug")],
+                   name: Annotated[str, typer.Option(help="The name jobs refer to it by (secret_id)")],
+                   type_: Annotated[str, typer.Option("--type", help="aws, hf or wandb")],
+                   value: Annotated[str | None, typer.Option(help="The secret as a JSON object")] = None,
+                   value_file: Annotated[Path | None, typer.Option(help="Read the JSON from this file ('-': stdin)")]
+                   = None) -> None:
+    """Store a secret, encrypted; e.g. --type aws --value '{"access_key_id": ..., "secret_access_key": ...}'."""
+    import json
+    import sys
+
+    from tuneyard.domain.errors import TuneyardError
+    from tuneyard.service import Services
+    from tuneyard.service.auth import Principal, ensure_org
+
+    if (value is None) == (value_file is None):
+        raise typer.BadParameter("give exactly one of --value and --value-file", param_hint="--value")
+    try:
+        raw = value if value is not None else (sys.stdin.read() if str(value_file) == "-" else value_file.read_text())
+    except OSError as e:
+        raise typer.BadParameter(f"cannot read {value_file}: {e.strerror}", param_hint="--value-file") from None
+    try:
+        parsed = json.loads(raw)
+    except json.JSONDecodeError as e:
+        # The message names the position only: the text may be the secret itself.
+        raise typer.BadParameter(f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno})",
+                                 param_hint="--value") from None
+    services = Services.build(get_settings())
+    try:
+        ensure_org(services.store, org)
+        row = services.secrets.create(Principal(org_id=org, key_id="cli", role="admin"), name, type_, parsed)
+    except TuneyardError as e:
+        raise typer.BadParameter(e.message, param_hint=f"--{e.param or 'value'}") from e
+    console.print(f"Stored {row.type} secret '{row.name}' ({row.id}) for organisation '{org}'.")
+
+
+@secrets_app.command("list")
+def secrets_list(org: Annotated[str, typer.Option()]) -> None:
+    """List an organisation's secrets (names and types; values are never shown)."""
+    from tuneyard.service import Services
+    from tuneyard.service.auth import Principal
+
+    services = Services.build(get_settings())
+    for row in services.secrets.list(Principal(org_id=org, key_id="cli", role="admin")):
+        print(f"{row.name}\t{row.type}\t{row.id}")
+
+
+@secrets_app.command("delete")
+def secrets_delete(org: Annotated[str, typer.Option()], name: Annotated[str, typer.Option()]) -> None:
+    """Delete a secret."""
+    from tuneyard.domain.errors import TuneyardError
+    from tuneyard.service import Services
+    from tuneyard.service.auth import Principal
+
+    services = Services.build(get_settings())
+    try:
+        services.secrets.delete(Principal(org_id=org, key_id="cli", role="admin"), name)
+    except TuneyardError as e:
+        raise typer.BadParameter(e.message, param_hint="--name") from e
+    console.print(f"Deleted secret '{name}'.")
 
 
 @keys_app.command("list")

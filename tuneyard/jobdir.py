@@ -9,15 +9,16 @@ at the last recorded ``seq``.
 
 Layout::
 
-    <jobs_dir>/<job_id>/
+    <jobs_dir>/<org_id>/<job_id>/
         spec.json            the TrainingSpec as submitted ("auto" left in)
         resolved_spec.json   the TrainingSpec with every "auto" resolved (written by prepare)
         prepared.json        outcome of the prepare step (counts, tokens, steps, or errors)
         data/train, data/validation   tokenised datasets (datasets.save_to_disk)
         events.jsonl         append-only event log of every process of the job
-        checkpoints/checkpoint-<step>/   complete checkpoints only (written then renamed)
-        output/              the final adapter or model + tokenizer
-        result.json          trainer outcome: {"status": "succeeded"|"failed", ...}
+        checkpoints/checkpoint-<step>/   adapter/model + optimizer + trainer state; complete only once it
+                             holds tuneyard_checkpoint.json (written last), so a half-written one is ignored
+        output/              the final adapter or model + tokenizer (written to .output.partial, then renamed)
+        result.json          trainer outcome: {"status": "succeeded"|"stopped"|"failed", ...}
         logs/<phase>-<attempt>.log  stdout/stderr of each process
         control/             files the scheduler drops to ask the trainer something (e.g. "stop")
 """

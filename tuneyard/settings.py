@@ -32,10 +32,37 @@ class Settings(BaseSettings):
     poll_interval: float = 0.5
     prepare_slots: int = 2
     cancel_grace_seconds: float = 3.0
+    # A worker renews its jobs' leases every tick; a job whose lease lapsed this long ago has lost its worker.
+    lease_seconds: float = 30.0
     # Limits
     max_upload_bytes: int = 512 * 1024 * 1024
+    # Any other request body (JSON, forms without files); larger bodies get a 413 before they are read.
+    max_request_bytes: int = 32 * 1024 * 1024
+    # Per API key (or JWT subject) token bucket: sustained requests/s and burst; 0 switches it off.
+    rate_limit_per_second: float = 50.0
+    rate_limit_burst: int = 200
+    # Unfinished (validating, queued, running, paused) jobs an organisation may have at once; 0: no limit.
+    max_active_jobs_per_org: int = 100
+    # JWT bearer tokens (Simplismart-style clients): HS* shared secret or an RS*/ES* public key (PEM or a path).
+    jwt_secret: str | None = None
+    jwt_public_key: str | None = None
+    jwt_algorithms: str = "HS256"
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    jwt_org_claim: str = "org"
+    jwt_role_claim: str = "role"
     min_examples: int = 1
     max_error_report: int = 20
+    # Stored secrets: a Fernet key (urlsafe base64, 32 bytes); unset: a key file under home, made on first use.
+    secret_key: str | None = None
+    # Remote datasets: an S3-compatible endpoint (MinIO, moto...) instead of AWS, and the largest download.
+    s3_endpoint_url: str | None = None
+    max_download_bytes: int = 50 * 1024**3
+    # s3:// sources without a secret_id: anonymous requests (False), or the server's own AWS credentials
+    # (environment, ~/.aws, instance role) for installations where every caller may read what the server can.
+    s3_ambient_credentials: bool = False
+    # Tokenised datasets kept for reuse by later jobs on the same data (LRU beyond this size); 0 turns it off.
+    tokenised_cache_bytes: int = 20 * 1024**3
     # Base models listed by GET /v1/models besides fine-tuned ones (comma-separated ids or paths).
     base_models: str = ""
     log_level: str = "info"

@@ -257,3 +257,18 @@ def test_unknown_endpoint_and_bad_json(api):
     assert r.status_code == 400 and "error" in r.json()
     r = httpx.post(f"{api.base_url}/v1/fine_tuning/jobs", headers=h, content=b'["a list"]')
     assert r.status_code == 400
+
+
+def test_truefoundry_prefix_serves_the_same_api(api, acme, train_file):
+    """TrueFoundry serves this API at /api/llm: the SDK pointed there sees the same jobs and files."""
+    from openai import OpenAI
+
+    tf = OpenAI(base_url=f"{api.base_url}/api/llm", api_key=acme.api_key, max_retries=0)
+    job = _create(tf, api, train_file, suffix="tf")
+    assert acme.fine_tuning.jobs.retrieve(job.id).suffix == "tf"
+    assert tf.fine_tuning.jobs.retrieve(job.id).status == "validating_files"
+    assert train_file.id in [f.id for f in tf.files.list()]
+    with pytest.raises(openai.NotFoundError):
+        tf.fine_tuning.jobs.retrieve("ftjob-nope")
+    spec = httpx.get(f"{api.base_url}/openapi.json").json()
+    assert not any(p.startswith("/api/llm") for p in spec["paths"])  # one schema entry per operation

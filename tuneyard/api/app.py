@@ -12,7 +12,11 @@ from fastapi import FastAPI
 
 from tuneyard import __version__
 from tuneyard.api import errors
+from tuneyard.api.dialects.llamastack import routes as llamastack
+from tuneyard.api.dialects.openai.routes import PREFIXES as OPENAI_PREFIXES
 from tuneyard.api.dialects.openai.routes import router as openai_router
+from tuneyard.api.dialects.simplismart import routes as simplismart
+from tuneyard.api.limits import BodyLimitMiddleware, RateLimiter
 from tuneyard.service import Services
 from tuneyard.settings import Settings, get_settings
 
@@ -47,7 +51,19 @@ def create_app(settings: Settings | None = None, *, run_worker: bool | None = No
                   description="Self-hosted fine-tuning: OpenAI, Simplismart and Llama Stack dialects over one job "
                               "model.")
     errors.install(app)
-    app.include_router(openai_router)
+    app.add_middleware(BodyLimitMiddleware, settings=settings)
+    app.state.limiter = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
+    for i, prefix in enumerate(OPENAI_PREFIXES):
+        # One schema entry per operation: the other prefixes serve the very same handlers.
+        app.include_router(openai_router, prefix=prefix, include_in_schema=i == 0)
+    app.include_router(simplismart.router)
+    errors.register_renderer(simplismart.PREFIX, simplismart.render_error)
+    for prefix in llamastack.POST_TRAINING_PREFIXES:
+        app.include_router(llamastack.post_training, prefix=prefix, include_in_schema=prefix.startswith("/v1/"))
+        errors.register_renderer(prefix, llamastack.render_error)
+    for prefix in llamastack.DATASET_PREFIXES:
+        app.include_router(llamastack.datasets, prefix=prefix, include_in_schema=prefix.startswith("/v1/"))
+        errors.register_renderer(prefix, llamastack.render_error)
 
     @app.get("/healthz", tags=["ops"])
     def healthz() -> dict:

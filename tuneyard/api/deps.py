@@ -15,8 +15,11 @@ def get_services(request: Request) -> Services:
 
 
 def get_caller(request: Request, authorization: Annotated[str | None, Header()] = None) -> Principal:
-    """The organisation behind the request's API key (401 in the dialect's format otherwise)."""
-    return authenticate(request.app.state.services.store, authorization)
+    """The organisation behind the request's API key or JWT (401 in the dialect's format), rate-limited."""
+    services: Services = request.app.state.services
+    who = authenticate(services.store, authorization, services.settings)
+    request.app.state.limiter.check(who.key_id)
+    return who
 
 
 Svc = Annotated[Services, Depends(get_services)]

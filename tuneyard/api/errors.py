@@ -33,6 +33,11 @@ def register_renderer(prefix: str, renderer: Renderer) -> None:
     RENDERERS[prefix] = renderer
 
 
+def renderer_for(request: Request) -> Renderer:
+    """The error renderer of the dialect that serves ``request``'s path."""
+    return _renderer(request)
+
+
 def _renderer(request: Request) -> Renderer:
     path = request.url.path
     best = max((p for p in RENDERERS if path.startswith(p)), key=len, default=None)
@@ -52,7 +57,9 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(TuneyardError)
     async def _tuneyard(request: Request, exc: TuneyardError):
-        return _renderer(request)(request, exc.status_code, exc.message, exc.type, exc.param, exc.code)
+        response = _renderer(request)(request, exc.status_code, exc.message, exc.type, exc.param, exc.code)
+        response.headers.update(exc.headers)
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
@@ -81,7 +88,9 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(exc.status_code)
-        message = str(exc.detail) if exc.status_code != 404 else f"Unknown endpoint: {request.method} {request.url.path}"
+        message = str(exc.detail)
+        if exc.status_code == 404:
+            message = f"Unknown endpoint: {request.method} {request.url.path}"
         return _renderer(request)(request, exc.status_code, message, "invalid_request_error", None, code)
 
     @app.exception_handler(Exception)

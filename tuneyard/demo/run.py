@@ -24,7 +24,7 @@ from tuneyard.demo.tiny import CAPITALS, build_tiny_model, write_sample_jsonl
 QUESTIONS = [CAPITALS[0][0], CAPITALS[3][0], CAPITALS[9][0]]
 SYSTEM = "You answer in one word."
 # Settings that let the tiny random model learn the sample task in about a minute on 2 CPU cores.
-TINY_HYPERPARAMETERS = {"n_epochs": 40, "batch_size": 4, "learning_rate": 5e-3, "lora_r": 16, "lora_alpha": 32}
+TINY_HYPERPARAMETERS = {"n_epochs": 30, "batch_size": 4, "learning_rate": 5e-3, "lora_r": 16, "lora_alpha": 32}
 
 
 def _free_port() -> int:
@@ -46,7 +46,8 @@ def _answers(model_dir: str, adapter_dir: Path | None, questions: list[str]) -> 
     model.eval()
     out = []
     for country in questions:
-        msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"What is the capital of {country}?"}]
+        msgs = [{"role": "system", "content": SYSTEM},
+                {"role": "user", "content": f"What is the capital of {country}?"}]
         enc = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
         with torch.no_grad():
             gen = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
@@ -54,14 +55,26 @@ def _answers(model_dir: str, adapter_dir: Path | None, questions: list[str]) -> 
     return out
 
 
+def _quiet_libraries() -> None:
+    """Keep the demo's output to what it reports: no per-file progress bars or library deprecation notes."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
 def run_demo(*, model: str | None, home: Path | None, port: int, epochs: int | None, console: Console) -> int:
     """Run the demo; returns the process exit code."""
-    from tuneyard.client import Client, wait_healthy
     from tuneyard.cli import follow_job
+    from tuneyard.client import Client, wait_healthy
     from tuneyard.service import Services
     from tuneyard.service.auth import create_key
     from tuneyard.settings import Settings
 
+    _quiet_libraries()
     t0 = time.time()
     home = Path(home or tempfile.mkdtemp(prefix="tuneyard-demo-")).resolve()
     local = home / "local"

@@ -11,13 +11,15 @@ class TuneyardError(Exception):
     default_type = "invalid_request_error"
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
-                 status_code: int | None = None) -> None:
+                 status_code: int | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code or self.default_code
         if status_code is not None:
             self.status_code = status_code
+        # Response headers every dialect must send with this error (e.g. retry-after on a 429).
+        self.headers = headers or {}
 
     @property
     def type(self) -> str:
@@ -56,3 +58,11 @@ class PayloadTooLarge(TuneyardError):
 
     status_code = 413
     default_code = "payload_too_large"
+
+
+class RateLimited(TuneyardError):
+    """429: the caller's request rate is over its limit; ``retry-after`` says when to come back."""
+
+    status_code = 429
+    default_code = "rate_limit_exceeded"
+    default_type = "requests"

@@ -29,6 +29,8 @@ class ModelSpec(_Strict):
     # 4 or 8 loads the base quantised with bitsandbytes (QLoRA); None/16 loads it in torch_dtype.
     quant_bits: Literal[4, 8, 16] | None = None
     trust_remote_code: bool = False
+    # A stored 'hf' secret whose token reads a private or gated hub model.
+    secret_id: str | None = None
 
 
 class DataSource(_Strict):
@@ -41,6 +43,13 @@ class DataSource(_Strict):
     container: Literal["auto", "jsonl", "json", "csv", "parquet"] = "auto"
     # Name used in error messages / params, e.g. "training_file".
     param: str = "training_file"
+    # For remote paths (s3://, hf://, https://): a stored secret of the organisation, the S3 region, and
+    # for hub datasets the split, configuration (subset) and revision.
+    secret_id: str | None = None
+    region: str | None = None
+    split: str | None = None
+    subset: str | None = None
+    revision: str | None = None
 
 
 class SplitSpec(_Strict):
@@ -70,6 +79,8 @@ class DataSpec(_Strict):
     padding_free: bool = True
     lazy_tokenize: bool = False
     streaming: bool = False
+    # False: examples in file order every epoch (Llama Stack's data_config.shuffle), else a seeded shuffle.
+    shuffle: bool = True
     min_examples: int = Field(1, ge=1)
 
 
@@ -150,6 +161,9 @@ class TrainingSpec(_Strict):
     resources: ResourceSpec = Field(default_factory=ResourceSpec)
     seed: int = Field(42, ge=0, le=2**31 - 1)
     integrations: list[IntegrationSpec] = Field(default_factory=list)
+    # A directory (already confined to the allowed roots) that also receives a copy of the final output,
+    # as <export_dir>/<job id>/ (Llama Stack's checkpoint_dir).
+    export_dir: str | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainingSpec:

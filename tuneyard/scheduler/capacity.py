@@ -18,6 +18,7 @@ class Capacity:
     gpus: int
     gpu_name: str | None
     cpu_slots: int
+    gpu_memory_mib: int | None = None
 
     @property
     def has_cuda(self) -> bool:
@@ -25,25 +26,28 @@ class Capacity:
 
 
 @lru_cache(maxsize=4)
-def _nvidia_smi() -> tuple[int, str | None]:
+def _nvidia_smi() -> tuple[int, str | None, int | None]:
     exe = shutil.which("nvidia-smi")
     if exe is None:
-        return 0, None
+        return 0, None, None
     try:
-        out = subprocess.run([exe, "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=10, check=True).stdout
+        out = subprocess.run([exe, "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
     except (subprocess.SubprocessError, OSError):
-        return 0, None
-    names = [line.strip() for line in out.splitlines() if line.strip()]
-    return len(names), (names[0] if names else None)
+        return 0, None, None
+    rows = [[c.strip() for c in line.split(",")] for line in out.splitlines() if line.strip()]
+    if not rows:
+        return 0, None, None
+    memory = int(rows[0][1]) if len(rows[0]) > 1 and rows[0][1].isdigit() else None
+    return len(rows), rows[0][0], memory
 
 
 def detect(settings: Settings) -> Capacity:
     """The capacity of this machine, ``TUNEYARD_GPU_COUNT`` overriding detection."""
-    n, name = _nvidia_smi()
+    n, name, memory = _nvidia_smi()
     if settings.gpu_count is not None:
         n = settings.gpu_count
-    return Capacity(gpus=n, gpu_name=name, cpu_slots=max(1, settings.cpu_slots))
+    return Capacity(gpus=n, gpu_name=name, cpu_slots=max(1, settings.cpu_slots), gpu_memory_mib=memory)
 
 
 def bitsandbytes_available() -> bool:

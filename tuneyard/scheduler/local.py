@@ -6,6 +6,7 @@ Processes start in their own session (process group) so that a restart or crash 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -14,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tuneyard.jobdir import JobDir
+
+PRIVATE_ENV = frozenset({"TUNEYARD_SECRET_KEY", "TUNEYARD_SOURCE_CREDENTIALS"})
 
 
 @dataclass
@@ -28,6 +31,10 @@ class Proc:
     cpu_slot: bool = False
     stop_sent_at: float | None = None
     term_sent_at: float | None = None
+    # The job directory: every process of the job has it on its command line (see job_processes).
+    root: Path | None = None
+    # The job's attempt number this process was started for (unknown for an adopted process).
+    attempt: int | None = None
 
     def poll(self) -> int | None:
         """None while running; the exit code (or -1 when unknown, for an adopted process) once it ended."""
@@ -36,11 +43,37 @@ class Proc:
         return None if pid_alive(self.pid, self.job_id) else -1
 
     def signal_group(self, sig: int) -> None:
-        """Send ``sig`` to the whole process group (torchrun and all its ranks)."""
-        try:
+        """Send ``sig`` to the process group and to every other process of the job (torchrun's ranks)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
+        # torchrun starts each rank in a session of its own, so the group signal does not reach them.
+        for pid in job_processes(self.root) if self.root is not None else ():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+
+    def leftovers(self) -> list[int]:
+        """Processes of the job still alive, e.g. ranks orphaned when torchrun itself was killed."""
+        return job_processes(self.root) if self.root is not None else []
+
+
+def job_processes(root: Path) -> list[int]:
+    """Live processes whose command line names the job directory ``root`` (prepare, torchrun, ranks)."""
+    needle = str(root).encode()
+    me = os.getpid()
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+            with open(f"/proc/{name}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if needle in args and state != "Z":
+            found.append(int(name))
+    return found
 
 
 def pid_alive(pid: int, job_id: str) -> bool:
@@ -65,26 +98,30 @@ class LocalLauncher:
                ) -> Proc:
         jd.logs.mkdir(parents=True, exist_ok=True)
         log = (jd.logs / f"{phase}-{attempt}.log").open("ab")
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "TUNEYARD_JOB_ID": job_id, **env}
+        # The job's processes get the credentials the worker passes in ``env`` and nothing else secret: not the
+        # key that decrypts every organisation's secrets, nor source credentials this process may have inherited.
+        inherited = {k: v for k, v in os.environ.items() if k not in PRIVATE_ENV}
+        full_env = {**inherited, "PYTHONUNBUFFERED": "1", "TUNEYARD_JOB_ID": job_id, **env}
         try:
             p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                  start_new_session=True, env=full_env, cwd=str(jd.root))
         finally:
             log.close()
         (jd.root / f"{phase}.pid").write_text(str(p.pid))
-        return Proc(job_id=job_id, phase=phase, pid=p.pid, popen=p)
+        return Proc(job_id=job_id, phase=phase, pid=p.pid, popen=p, root=jd.root, attempt=attempt)
 
-    def prepare(self, job_id: str, jd: JobDir, attempt: int) -> Proc:
-        """Start the validation + tokenisation step of a job."""
+    def prepare(self, job_id: str, jd: JobDir, attempt: int, env: dict[str, str] | None = None) -> Proc:
+        """Start the validation + tokenisation step of a job (``env``: e.g. the credentials of its sources)."""
         # The prepare step never needs a GPU.
         return self._spawn(job_id, "prepare", [self.python, "-m", "tuneyard.data.prepare", str(jd.root)], jd,
-                           attempt, {"CUDA_VISIBLE_DEVICES": ""})
+                           attempt, {**(env or {}), "CUDA_VISIBLE_DEVICES": ""})
 
-    def train(self, job_id: str, jd: JobDir, attempt: int, nproc: int, gpus: list[int]) -> Proc:
+    def train(self, job_id: str, jd: JobDir, attempt: int, nproc: int, gpus: list[int],
+              env: dict[str, str] | None = None) -> Proc:
         """Start ``torchrun`` with ``nproc`` ranks on the given GPUs (none: CPU ranks on gloo)."""
         cmd = [self.python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "tuneyard.trainer", str(jd.root)]
-        env = {"CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in gpus)}
+        env = {**(env or {}), "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in gpus)}
         if not gpus:
             # Ranks share the cores: without this each would start one thread per core.
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
@@ -100,7 +137,7 @@ class LocalLauncher:
             pid = int((jd.root / f"{phase}.pid").read_text().strip())
         except (FileNotFoundError, ValueError):
             return None
-        return Proc(job_id=job_id, phase=phase, pid=pid) if pid_alive(pid, job_id) else None
+        return Proc(job_id=job_id, phase=phase, pid=pid, root=jd.root) if pid_alive(pid, job_id) else None
 
     @staticmethod
     def stop(proc: Proc, jd: JobDir, reason: str) -> None:

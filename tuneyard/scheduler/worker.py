@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
+import shutil
+import signal
 import socket
 import threading
 import time
@@ -21,19 +24,20 @@ from typing import Any
 
 from sqlalchemy import or_, select, update
 
+from tuneyard.data.sources import CREDENTIALS_ENV
 from tuneyard.domain.jobs import JobStatus, fine_tuned_model_name
 from tuneyard.domain.spec import TrainingSpec
 from tuneyard.jobdir import JobDir, iter_events, read_json
 from tuneyard.scheduler.capacity import Capacity, detect
-from tuneyard.scheduler.local import LocalLauncher, Proc, clear_stop
+from tuneyard.scheduler.local import LocalLauncher, Proc, clear_stop, job_processes
 from tuneyard.service.files import FileService
+from tuneyard.service.secrets import SecretService, SecretUnavailable
 from tuneyard.settings import Settings
 from tuneyard.store.db import Store
 from tuneyard.store.models import Checkpoint, Job, JobEvent
 from tuneyard.store.repo import add_event, transition
 
 log = logging.getLogger("tuneyard.worker")
-LEASE_SECONDS = 30.0
 MAX_ATTEMPTS = 3
 KILL_AFTER_TERM_SECONDS = 3.0
 
@@ -54,6 +58,7 @@ class Worker:
         self.launcher = launcher or LocalLauncher()
         self.worker_id = worker_id or default_worker_id(settings)
         self.capacity: Capacity = detect(settings)
+        self.secrets = SecretService(store, settings)
         self.procs: dict[str, Proc] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -87,6 +92,7 @@ class Worker:
             self._adopted = True
         for job_id in list(self.procs):
             self._watch(job_id)
+        self._recover_lost()
         self._start_prepares()
         self._start_trainers()
         self._renew_leases()
@@ -109,7 +115,50 @@ class Worker:
                 self.procs[job.id] = proc
             elif job.status in (JobStatus.VALIDATING_FILES, JobStatus.RUNNING):
                 # It ended while no worker watched it: its files say how.
-                self.procs[job.id] = Proc(job_id=job.id, phase=phase, pid=job.pid or -1)
+                self.procs[job.id] = Proc(job_id=job.id, phase=phase, pid=job.pid or -1, root=jd.root)
+
+    def _recover_lost(self) -> None:
+        """Take over running jobs whose worker stopped renewing their lease (crashed, or its machine died).
+
+        A trainer still alive on this machine is adopted where it is; otherwise the job goes back to the
+        queue and resumes from its latest complete checkpoint (counted as an attempt).
+        """
+        now = time.time()
+        with self.store.session() as s:
+            lost = list(s.scalars(select(Job).where(
+                Job.status == JobStatus.RUNNING, Job.lease_expires_at.is_not(None), Job.lease_expires_at < now,
+                or_(Job.worker_id.is_(None), Job.worker_id != self.worker_id)).limit(20)))
+        for job in lost:
+            if job.id in self.procs:
+                continue
+            jd = JobDir(Path(job.output_dir))
+            with self.store.session() as s:
+                # Whoever moves the lease first owns the job; the others see rowcount 0 and leave it.
+                # The lapsed lease value is the token: a renewal or another taker changes it.
+                won = s.execute(update(Job).where(
+                    Job.id == job.id, Job.status == JobStatus.RUNNING, Job.lease_expires_at == job.lease_expires_at
+                ).values(worker_id=self.worker_id, lease_expires_at=now + self.settings.lease_seconds)).rowcount == 1
+            if not won:
+                continue
+            proc = self.launcher.adopt(job.id, jd, "train")
+            if proc is not None:
+                proc.cpu_slot = True
+                self.procs[job.id] = proc
+                with self.store.session() as s:
+                    add_event(s, job.id, f"Worker {job.worker_id} stopped answering; {self.worker_id} took over "
+                              "the running trainer", level="warn")
+                continue
+            with self.store.session() as s:
+                if job.attempt < MAX_ATTEMPTS:
+                    if transition(s, job.id, JobStatus.QUEUED, expect={JobStatus.RUNNING}, worker_id=None,
+                                  lease_expires_at=None, pid=None):
+                        add_event(s, job.id, f"Worker {job.worker_id} was lost with the trainer; retrying from the "
+                                  f"latest checkpoint (attempt {job.attempt + 1} of {MAX_ATTEMPTS})", level="warn")
+                elif transition(s, job.id, JobStatus.FAILED, expect={JobStatus.RUNNING}, worker_id=None,
+                                lease_expires_at=None, pid=None, error=_error({
+                                    "code": "worker_lost",
+                                    "message": f"the job's worker was lost {job.attempt} times"})):
+                    add_event(s, job.id, "Fine-tuning job failed: its worker kept being lost", level="error")
 
     # ----- watching running processes ---------------------------------------------------------
     def _watch(self, job_id: str) -> None:
@@ -120,18 +169,35 @@ class Worker:
             self._terminate_now(proc)
             self.procs.pop(job_id, None)
             return
+        if proc.phase == "train" and job.worker_id not in (None, self.worker_id):
+            # Our lease lapsed and another worker took the job. If it adopted this very trainer (same
+            # machine) the job is still running: let go. If it requeued the job, it could not see this
+            # trainer and will start another: this one must stop.
+            if job.status != JobStatus.RUNNING or proc.attempt is not None and job.attempt != proc.attempt:
+                self._terminate_now(proc)
+            log.warning("job %s: now owned by worker %s; letting go of it", job_id, job.worker_id)
+            self.procs.pop(job_id, None)
+            return
         jd = JobDir(Path(job.output_dir))
         self.ingest(job, jd)
         code = proc.poll()
         if code is None:
             self._enforce_control(job, jd, proc)
             return
+        stray = proc.leftovers()
+        if stray:
+            # The launcher is gone but ranks of it live on (torchrun was killed): they must not go on
+            # training beside a retry. Kill them and decide the outcome once they are gone.
+            log.warning("job %s: %s exited (%s) leaving processes %s: killing them", job_id, proc.phase, code, stray)
+            proc.signal_group(signal.SIGKILL)
+            return
         self.ingest(job, jd)
-        self.procs.pop(job_id, None)
+        # Forget the process only once its outcome is recorded: a failed write is retried next tick.
         if proc.phase == "prepare":
             self._finish_prepare(job, jd, code)
         else:
             self._finish_train(job, jd, code)
+        self.procs.pop(job_id, None)
 
     def _enforce_control(self, job: Job, jd: JobDir, proc: Proc) -> None:
         status = JobStatus(job.status)
@@ -204,7 +270,8 @@ class Worker:
         from tuneyard.ids import new_id
 
         ck = Checkpoint(id=new_id("ftckpt"), job_id=job_id, step=int(data["step"]), created_at=ts or time.time(),
-                        path=str(data.get("path", "")), metrics={"step": int(data["step"]), **(data.get("metrics") or {})})
+                        path=str(data.get("path", "")),
+                        metrics={"step": int(data["step"]), **(data.get("metrics") or {})})
         try:
             with s.begin_nested():
                 s.add(ck)
@@ -229,15 +296,44 @@ class Worker:
                 won = s.execute(update(Job).where(
                     Job.id == job_id, Job.status == JobStatus.VALIDATING_FILES,
                     or_(Job.worker_id.is_(None), Job.lease_expires_at < now)).values(
-                    worker_id=self.worker_id, lease_expires_at=now + LEASE_SECONDS, updated_at=now)).rowcount == 1
+                    worker_id=self.worker_id, lease_expires_at=now + self.settings.lease_seconds,
+                    updated_at=now)).rowcount == 1
                 job = s.scalar(select(Job).where(Job.id == job_id)) if won else None
             if job is None:
                 continue
             jd = JobDir(Path(job.output_dir)).create()
-            proc = self.launcher.prepare(job.id, jd, job.attempt)
+            try:
+                env = {**self._source_credentials(job), **self._model_credentials(job)}
+            except SecretUnavailable as e:
+                with self.store.session() as s:
+                    if transition(s, job.id, JobStatus.FAILED, expect={JobStatus.VALIDATING_FILES}, worker_id=None,
+                                  lease_expires_at=None, error=_error({"code": e.code, "message": e.message,
+                                                                       "param": e.param})):
+                        add_event(s, job.id, f"Validation failed: {e.message}", level="error")
+                continue
+            proc = self.launcher.prepare(job.id, jd, job.attempt, env=env)
             self.procs[job.id] = proc
             with self.store.session() as s:
                 s.execute(update(Job).where(Job.id == job.id).values(pid=proc.pid))
+
+    def _model_credentials(self, job: Job) -> dict[str, str]:
+        """HF_TOKEN for a private hub model, from the stored secret the spec names (environment only)."""
+        secret_id = ((job.spec or {}).get("model") or {}).get("secret_id")
+        if not secret_id:
+            return {}
+        _, value = self.secrets.resolve(job.org_id, secret_id, param="model_secret_id")
+        return {"HF_TOKEN": value["token"]}
+
+    def _source_credentials(self, job: Job) -> dict[str, str]:
+        """The environment that hands each remote source its secret (decrypted here, never written to disk)."""
+        creds: dict[str, dict] = {}
+        data = (job.spec or {}).get("data") or {}
+        for src in (data.get("train"), data.get("validation")):
+            if src and src.get("secret_id"):
+                type_, value = self.secrets.resolve(job.org_id, src["secret_id"])
+                # Keyed by the source's param: the two sources of a job may use different secrets.
+                creds[src.get("param") or "training_file"] = {**value, "type": type_}
+        return {CREDENTIALS_ENV: json.dumps(creds)} if creds else {}
 
     def _finish_prepare(self, job: Job, jd: JobDir, code: int) -> None:
         res = read_json(jd.prepared) or {}
@@ -277,10 +373,12 @@ class Worker:
                                                                        self.settings.cpu_procs_per_job)
             if use_gpu and len(free_gpus) < nproc or not use_gpu and free_cpu < 1:
                 continue  # wait; a smaller job behind it may still fit
+            if job_processes(Path(job.output_dir)):
+                continue  # an earlier run of this job is still winding down: never two trainers on one job
             now = time.time()
             with self.store.session() as s:
                 won = transition(s, job.id, JobStatus.RUNNING, expect={JobStatus.QUEUED}, worker_id=self.worker_id,
-                                 lease_expires_at=now + LEASE_SECONDS, attempt=job.attempt + 1,
+                                 lease_expires_at=now + self.settings.lease_seconds, attempt=job.attempt + 1,
                                  started_at=job.started_at or now)
                 if won:
                     add_event(s, job.id, "Fine-tuning job started" if job.attempt == 0 else
@@ -291,10 +389,11 @@ class Worker:
             clear_stop(jd)
             jd.result.unlink(missing_ok=True)
             try:
-                proc = self.launcher.train(job.id, jd, job.attempt + 1, nproc, free_gpus[:nproc] if use_gpu else [])
-            except OSError as e:
+                proc = self.launcher.train(job.id, jd, job.attempt + 1, nproc, free_gpus[:nproc] if use_gpu else [],
+                                           env=self._model_credentials(job))
+            except (OSError, SecretUnavailable) as e:
                 with self.store.session() as s:
-                    transition(s, job.id, JobStatus.FAILED, error=_error(
+                    transition(s, job.id, JobStatus.FAILED, worker_id=None, lease_expires_at=None, error=_error(
                         {"code": "launch_failed", "message": f"could not start the trainer: {e}"}))
                 continue
             self.procs[job.id] = proc
@@ -334,15 +433,35 @@ class Worker:
                 add_event(s, job.id, "Fine-tuning job failed: the trainer kept crashing", level="error")
 
     def _succeed(self, s, job: Job, jd: JobDir, res: dict) -> None:
+        export = (job.spec or {}).get("export_dir")
+        if export:
+            self._export(s, job, jd, Path(export))
         csv_bytes = self._metrics_csv(s, job.id)
-        result = self.files.add_result_file(job.org_id, f"{job.id}-results.csv", csv_bytes)
+        result = self.files.add_result_file(s, job.org_id, f"{job.id}-results.csv", csv_bytes)
+        model_name = fine_tuned_model_name(job.model, job.org_id, job.suffix, job.id)
         if transition(s, job.id, JobStatus.SUCCEEDED, expect={JobStatus.RUNNING}, worker_id=None,
-                      fine_tuned_model=fine_tuned_model_name(job.model, job.org_id, job.suffix, job.id), result_files=[result.id],
+                      fine_tuned_model=model_name, result_files=[result.id],
                       trained_tokens=res.get("trained_tokens"), trained_steps=res.get("trained_steps"),
                       estimated_finish=None):
-            add_event(s, job.id, f"New fine-tuned model created: {fine_tuned_model_name(job.model, job.org_id, job.suffix, job.id)}",
+            add_event(s, job.id, f"New fine-tuned model created: {model_name}",
                       data={"output_dir": res.get("output_dir")})
             add_event(s, job.id, "The job has successfully completed")
+
+    @staticmethod
+    def _export(s, job: Job, jd: JobDir, export_dir: Path) -> None:
+        """Copy the final output to <export_dir>/<external id or job id>/; a failure is reported, not fatal."""
+        dest = export_dir / (job.external_id or job.id)
+        tmp = dest.with_name(f".{dest.name}.partial")
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(jd.output, tmp)
+            shutil.rmtree(dest, ignore_errors=True)
+            tmp.rename(dest)
+            add_event(s, job.id, f"Output copied to {dest}", data={"export_dir": str(dest)})
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            add_event(s, job.id, f"Could not copy the output to {dest}: {e.strerror or e}; it stays in "
+                      f"{jd.output}", level="warn")
 
     @staticmethod
     def _metrics_csv(s, job_id: str) -> bytes:
@@ -370,7 +489,7 @@ class Worker:
             return
         with self.store.session() as s:
             s.execute(update(Job).where(Job.id.in_(list(self.procs)), Job.worker_id == self.worker_id)
-                      .values(lease_expires_at=time.time() + LEASE_SECONDS))
+                      .values(lease_expires_at=time.time() + self.settings.lease_seconds))
 
 
 def _error(err: dict) -> dict:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tuneyard.service.datasets import DatasetService
 from tuneyard.service.files import FileService
 from tuneyard.service.jobs import JobService
+from tuneyard.service.secrets import SecretService
 from tuneyard.settings import Settings
 from tuneyard.store.db import Store
 
@@ -18,6 +20,8 @@ class Services:
     store: Store
     files: FileService
     jobs: JobService
+    datasets: DatasetService
+    secrets: SecretService
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -25,4 +29,6 @@ class Services:
         settings.home.mkdir(parents=True, exist_ok=True)
         store = Store(settings.db_url)
         files = FileService(store, settings)
-        return cls(settings=settings, store=store, files=files, jobs=JobService(store, settings, files))
+        secrets = SecretService(store, settings)
+        return cls(settings=settings, store=store, files=files, jobs=JobService(store, settings, files, secrets),
+                   datasets=DatasetService(store, settings, files), secrets=secrets)

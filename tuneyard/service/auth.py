@@ -8,10 +8,12 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy import select
 
 from tuneyard.domain.errors import InvalidRequest, Unauthorized
+from tuneyard.settings import Settings
 from tuneyard.store.db import Store
 from tuneyard.store.models import ApiKey, Organization
 
@@ -73,15 +75,18 @@ def revoke_key(store: Store, org_id: str, key_id: str) -> bool:
         return True
 
 
-def authenticate(store: Store, authorization: str | None) -> Principal:
-    """The principal for an ``Authorization: Bearer <key>`` header, or Unauthorized."""
+def authenticate(store: Store, authorization: str | None, settings: Settings | None = None) -> Principal:
+    """The principal for an ``Authorization: Bearer <key or JWT>`` header, or Unauthorized."""
     if not authorization:
         raise Unauthorized("You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.")
     scheme, _, token = authorization.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
         raise Unauthorized("Malformed Authorization header: expected 'Bearer <key>'.")
-    m = KEY_PATTERN.match(token.strip())
+    m = KEY_PATTERN.match(token)
     if m is None:
+        if settings is not None and jwt_configured(settings) and token.count(".") == 2:
+            return _from_jwt(store, token, settings)
         raise Unauthorized("Incorrect API key provided.")
     key_id, secret = m.groups()
     with store.session() as s:
@@ -90,3 +95,41 @@ def authenticate(store: Store, authorization: str | None) -> Principal:
                 key.secret_hash, _hash(key.salt, secret)):
             raise Unauthorized("Incorrect API key provided.")
         return Principal(org_id=key.org_id, key_id=key.id, role=key.role)
+
+
+ROLES = ("admin", "member")
+
+
+def jwt_configured(settings: Settings) -> bool:
+    """True when the server accepts JWT bearer tokens (a secret or a public key is set)."""
+    return bool(settings.jwt_secret or settings.jwt_public_key)
+
+
+def _jwt_key(settings: Settings) -> str:
+    if settings.jwt_secret:
+        return settings.jwt_secret
+    key = settings.jwt_public_key or ""
+    # A path to a PEM file, or the PEM text itself.
+    return key if key.lstrip().startswith("-----BEGIN") else Path(key).expanduser().read_text()
+
+
+def _from_jwt(store: Store, token: str, settings: Settings) -> Principal:
+    """Verify a JWT (signature, expiry, audience, issuer) and map its claims to an organisation and role."""
+    import jwt
+
+    algorithms = [a.strip() for a in settings.jwt_algorithms.split(",") if a.strip()]
+    try:
+        claims = jwt.decode(token, _jwt_key(settings), algorithms=algorithms, audience=settings.jwt_audience,
+                            issuer=settings.jwt_issuer, options={"require": ["exp"]})
+    except jwt.ExpiredSignatureError:
+        raise Unauthorized("The bearer token has expired.") from None
+    except jwt.PyJWTError as e:
+        # The library's reason (bad signature, wrong audience, missing claim) helps the caller and leaks nothing.
+        raise Unauthorized(f"Invalid bearer token: {e}.") from None
+    org = claims.get(settings.jwt_org_claim)
+    if not isinstance(org, str) or not ORG_SLUG.match(org):
+        raise Unauthorized(f"The bearer token has no usable '{settings.jwt_org_claim}' claim (an organisation slug).")
+    role = claims.get(settings.jwt_role_claim)
+    ensure_org(store, org)
+    subject = str(claims.get("sub") or "anonymous")[:96]
+    return Principal(org_id=org, key_id=f"jwt:{subject}", role=role if role in ROLES else "member")

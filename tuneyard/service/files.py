@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from tuneyard.domain.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
 from tuneyard.ids import new_id
@@ -47,7 +48,10 @@ class FileService:
                                  param="expires_after[seconds]")
         name = os.path.basename((filename or "upload").replace("\\", "/"))[:255] or "upload"
         file_id = new_id("file")
-        rel = Path(who.org_id) / file_id
+        from tuneyard.data.validate import upload_suffix
+
+        # Kept with its container suffix: the bytes of a CSV do not say it is one, and prepare reads it later.
+        rel = Path(who.org_id) / (file_id + upload_suffix(name))
         dest = self.settings.files_dir / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         size, digest = self._copy_limited(stream, dest)
@@ -85,9 +89,10 @@ class FileService:
         return size, h.hexdigest()
 
     def _validate_training_file(self, path: Path, name: str) -> tuple[int, str]:
-        from tuneyard.data.validate import validate_jsonl
+        from tuneyard.data.validate import validate_file
 
-        report = validate_jsonl(path, max_errors=self.settings.max_error_report, min_examples=1)
+        # JSONL, a JSON array, CSV or Parquet; supervised or preference rows (the job's method is not known yet).
+        report = validate_file(path, max_errors=self.settings.max_error_report, min_examples=1, method=None)
         if not report.ok:
             raise InvalidRequest(f"Invalid file format for fine-tuning ('{name}'): {report.summary()}",
                                  param="file", code="invalid_file_format")
@@ -129,8 +134,8 @@ class FileService:
                 s.delete(row)
         self.path_of(f).unlink(missing_ok=True)
 
-    def add_result_file(self, org_id: str, filename: str, content: bytes) -> File:
-        """Store a file tuneyard made for a job (purpose ``fine-tune-results``)."""
+    def add_result_file(self, s: Session, org_id: str, filename: str, content: bytes) -> File:
+        """Store a file tuneyard made for a job (purpose ``fine-tune-results``), in the caller's transaction."""
         file_id = new_id("file")
         rel = Path(org_id) / file_id
         dest = self.settings.files_dir / rel
@@ -139,6 +144,5 @@ class FileService:
         f = File(id=file_id, org_id=org_id, filename=filename, purpose="fine-tune-results", bytes=len(content),
                  created_at=time.time(), expires_at=None, status="processed", status_details=None,
                  storage_path=str(rel), sha256=hashlib.sha256(content).hexdigest())
-        with self.store.session() as s:
-            s.add(f)
+        s.add(f)
         return f

@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
-from tuneyard.domain.errors import Conflict, InvalidRequest, NotFound
+from tuneyard.data.sources import SECRET_TYPES, check_uri, hub_local_dir, is_uri, kind_of, parse_hub
+from tuneyard.domain.errors import Conflict, InvalidRequest, NotFound, RateLimited
 from tuneyard.domain.jobs import JobStatus
 from tuneyard.domain.spec import DataSource, TrainingSpec
 from tuneyard.ids import new_id
@@ -20,6 +21,7 @@ from tuneyard.scheduler.capacity import bitsandbytes_available, detect
 from tuneyard.service.auth import Principal
 from tuneyard.service.files import FileService
 from tuneyard.service.paths import check_model_name, confine
+from tuneyard.service.secrets import SecretService
 from tuneyard.settings import Settings
 from tuneyard.store.db import Store
 from tuneyard.store.models import Checkpoint, File, Job, JobEvent
@@ -45,10 +47,11 @@ class Submission:
 class JobService:
     """Submit, read, list, cancel, pause and resume jobs of the caller's organisation."""
 
-    def __init__(self, store: Store, settings: Settings, files: FileService) -> None:
+    def __init__(self, store: Store, settings: Settings, files: FileService, secrets: SecretService) -> None:
         self.store = store
         self.settings = settings
         self.files = files
+        self.secrets = secrets
 
     # ----- submission -------------------------------------------------------------------------
     def submit(self, who: Principal, sub: Submission) -> Job:
@@ -58,6 +61,7 @@ class JobService:
             if existing is not None:
                 return existing
         spec = self._check_spec(who, sub.spec)
+        self._check_quota(who)
         job_id = new_id("ftjob")
         jd = JobDir(self.settings.jobs_dir / who.org_id / job_id).create()
         write_json_atomic(jd.spec, spec.model_dump(mode="json"))
@@ -86,6 +90,18 @@ class JobService:
             raise
         return job
 
+    def _check_quota(self, who: Principal) -> None:
+        limit = self.settings.max_active_jobs_per_org
+        if limit <= 0:
+            return
+        with self.store.session() as s:
+            active = s.scalar(select(func.count()).select_from(Job).where(
+                Job.org_id == who.org_id, Job.status.in_([st.value for st in ACTIVE]))) or 0
+        if active >= limit:
+            raise RateLimited(f"Your organisation has {active} unfinished jobs, the most it may have at once "
+                              f"({limit}); wait for some to finish or cancel some.", code="quota_exceeded",
+                              headers={"retry-after": "60"})
+
     def _by_idempotency_key(self, who: Principal, key: str) -> Job | None:
         with self.store.session() as s:
             return s.scalar(select(Job).where(Job.org_id == who.org_id, Job.idempotency_key == key))
@@ -93,6 +109,11 @@ class JobService:
     def _check_spec(self, who: Principal, spec: TrainingSpec) -> TrainingSpec:
         roots = self.settings.allowed_roots
         name, source = check_model_name(spec.model.name, roots)
+        if spec.model.secret_id is not None:
+            row = self.secrets.check(who, spec.model.secret_id, param="model_secret_id")
+            if row.type != "hf":
+                raise InvalidRequest(f"secret '{spec.model.secret_id}' is a '{row.type}' secret; reading a hub model "
+                                     "needs an 'hf' secret (a token)", param="model_secret_id")
         model = spec.model.model_copy(update={"name": name, "source": source})
         train = self._resolve_source(who, spec.data.train)
         valid = self._resolve_source(who, spec.data.validation) if spec.data.validation else None
@@ -116,8 +137,38 @@ class JobService:
             return src.model_copy(update={"path": str(self.files.path_of(f))})
         if not src.path:
             raise InvalidRequest("a training data source is required", param=src.param)
-        return src.model_copy(update={"path": str(confine(src.path, self.settings.allowed_roots,
-                                                          param=src.param, want_dir=None))})
+        kind = kind_of(src.path)
+        if is_uri(src.path):
+            check_uri(src)
+        local_dir = hub_local_dir(src.path)
+        if local_dir is not None:
+            # hf:///abs/dir is a hub-style directory on this machine: confined like any local path.
+            split = parse_hub(src.path, src).split
+            src = src.model_copy(update={"path": local_dir, "split": split})
+            kind = None
+        for name, applies, what in (("region", kind == "s3", "s3:// sources"),
+                                     ("subset", kind == "hf", "hub datasets (hf://owner/name)"),
+                                     ("revision", kind == "hf", "hub datasets (hf://owner/name)"),
+                                     ("split", kind in ("hf", None), "hub datasets and local dataset directories")):
+            if getattr(src, name) is not None and not applies:
+                raise InvalidRequest(f"{src.param}: {name} applies to {what} only", param=name)
+        if src.secret_id is not None:
+            # The same answer whether or not another organisation has a secret of that name.
+            row = self.secrets.check(who, src.secret_id, param="secret_id")
+            want = SECRET_TYPES.get(kind or "")
+            if want is None:
+                raise InvalidRequest(f"{src.param}: secret_id applies to s3:// sources and hub datasets only",
+                                     param="secret_id")
+            if row.type != want:
+                raise InvalidRequest(f"secret '{src.secret_id}' has type '{row.type}'; {kind}:// sources need a secret "
+                                     f"of type '{want}'", param="secret_id")
+        if kind is not None:
+            return src
+        path = confine(src.path, self.settings.allowed_roots, param=src.param, want_dir=None)
+        if src.split is not None and not path.is_dir():
+            raise InvalidRequest(f"{src.param}: split applies to hub datasets and dataset directories, not to one "
+                                 "file", param="split")
+        return src.model_copy(update={"path": str(path)})
 
     def _check_resources(self, spec: TrainingSpec) -> None:
         cap = detect(self.settings)
@@ -130,6 +181,10 @@ class JobService:
         if cap.has_cuda and res.device != "cpu" and res.nproc_per_node > cap.gpus:
             raise InvalidRequest(f"{res.nproc_per_node} GPUs per node asked for, but this installation has "
                                  f"{cap.gpus}", param="gpu_count")
+        if res.gpu_type and res.device != "cpu" and cap.gpu_name and \
+                res.gpu_type.lower() not in cap.gpu_name.lower().replace(" ", ""):
+            raise InvalidRequest(f"gpu_type '{res.gpu_type}' asked for, but this installation has "
+                                 f"{cap.gpus} x {cap.gpu_name}", param="gpu_type")
         if spec.model.quant_bits in (4, 8):
             if not cap.has_cuda:
                 raise InvalidRequest(f"{spec.model.quant_bits}-bit quantisation (QLoRA) needs a CUDA GPU with "
@@ -137,6 +192,24 @@ class JobService:
             if not bitsandbytes_available():
                 raise InvalidRequest(f"{spec.model.quant_bits}-bit quantisation (QLoRA) needs the bitsandbytes "
                                      "package, which is not installed", param="quant_bits")
+        if spec.model.model_type != "llm":
+            raise InvalidRequest("vision-language models are not supported by the trainer in this installation "
+                                 "yet", param="model_type", code="unsupported_model_type")
+        if res.distributed != "ddp":
+            raise InvalidRequest(f"distributed strategy '{res.distributed}' is not available in this installation; "
+                                 "use 'ddp'", param="distributed", code="unsupported_strategy")
+        if spec.model.torch_dtype == "float16" and (res.device == "cpu" or not cap.has_cuda):
+            raise InvalidRequest("torch_dtype 'float16' needs a CUDA GPU; use 'float32' or 'bfloat16' on CPU",
+                                 param="torch_dtype")
+        if spec.data.streaming:
+            raise InvalidRequest("streaming is not available in this installation yet; use lazy_tokenize to skip "
+                                 "tokenising up front", param="streaming")
+        if spec.data.lazy_tokenize and spec.data.packing:
+            raise InvalidRequest("packing needs every row's length before training; it cannot be combined with "
+                                 "lazy_tokenize", param="lazy_tokenize")
+        if spec.data.lazy_tokenize and spec.data.truncation == "drop":
+            raise InvalidRequest("lazy_tokenize keeps every row (too-long rows are truncated); truncation 'drop' "
+                                 "needs the up-front tokenisation", param="lazy_tokenize")
         if spec.method == "dpo":
             raise InvalidRequest("the DPO recipe is not available in this installation yet", param="method",
                                  code="unsupported_method")
@@ -169,6 +242,18 @@ class JobService:
             q = q.where(Job.metadata_[k].as_string() == v)
         with self.store.session() as s:
             return page(s, q, Job, after=after, limit=limit)
+
+    def count(self, who: Principal) -> int:
+        """How many jobs the organisation has."""
+        with self.store.session() as s:
+            return s.scalar(select(func.count()).select_from(Job).where(Job.org_id == who.org_id)) or 0
+
+    def metric_events(self, who: Principal, job_id: str) -> list[JobEvent]:
+        """Every metrics event of a job, oldest first."""
+        self.get(who, job_id)
+        with self.store.session() as s:
+            return list(s.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.type == "metrics")
+                                  .order_by(JobEvent.pk)))
 
     def events(self, who: Principal, job_id: str, *, after: str | None, limit: int
                ) -> tuple[list[JobEvent], bool]:

@@ -146,3 +146,42 @@ class Checkpoint(Base):
     created_at: Mapped[float] = mapped_column(Float)
     path: Mapped[str] = mapped_column(String(1024))
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class Dataset(Base):
+    """A registered dataset (Llama Stack ``/datasets``): stored rows (as a file) or a URI to fetch."""
+
+    __tablename__ = "datasets"
+    __table_args__ = (
+        Index("ix_datasets_org_pk", "org_id", "pk"),
+        UniqueConstraint("org_id", "dataset_id", name="uq_datasets_org_dataset"),
+    )
+
+    pk: Mapped[int] = mapped_column(PK, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"))
+    # The identifier the client registered it under (or one tuneyard chose).
+    dataset_id: Mapped[str] = mapped_column(String(256))
+    purpose: Mapped[str] = mapped_column(String(64))
+    # {"type": "uri", "uri": ...} or {"type": "rows"} (the rows live in file_id).
+    source: Mapped[dict[str, Any]] = mapped_column(JSON)
+    file_id: Mapped[str | None] = mapped_column(String(64))
+    n_rows: Mapped[int | None] = mapped_column(Integer)
+    metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class Secret(Base):
+    """Credentials an organisation stores for its jobs (S3, hub tokens...), encrypted at rest."""
+
+    __tablename__ = "secrets"
+    __table_args__ = (UniqueConstraint("org_id", "name", name="uq_secrets_org_name"),)
+
+    pk: Mapped[int] = mapped_column(PK, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"), index=True)
+    name: Mapped[str] = mapped_column(String(128))
+    type: Mapped[str] = mapped_column(String(16))
+    # Fernet token of the JSON value; the plaintext is never stored, logged or returned.
+    ciphertext: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float)

@@ -1,0 +1,16 @@
+"""The trainer process: ``[torchrun ...] -m tuneyard.trainer JOBDIR`` (see ``sft`` for the exact commands).
+
+- ``__main__``: parses the command line, loads ``resolved_spec.json``, dispatches on ``spec.method`` and
+  turns the outcome or any exception into ``result.json`` (the one place that does).
+- ``sft``: the SFT recipe (transformers + PEFT + TRL ``SFTTrainer``); the only module that knows their
+  argument names.
+- ``progress``: Trainer callbacks: events for the scheduler, complete-checkpoint marks, cooperative stop.
+- ``runtime``: ranks, structured logging, the rank-0 ``Reporter``, error codes.
+
+result.json is one of::
+
+    {"status": "succeeded", "output_dir", "trained_tokens", "trained_steps", "final_metrics": {...},
+     "adapter": true|false}
+    {"status": "stopped", "reason": "pause"|"cancel", "step": N, "checkpoint": "/abs/path"|null}
+    {"status": "failed", "error": {"code": one of runtime.ERROR_CODES, "message": "..."}}
+"""

@@ -25,7 +25,9 @@ from tuneyard.api.dialects.openai.schemas import (
 )
 from tuneyard.domain.errors import InvalidRequest
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(tags=["openai"])
+# Served at /v1 (OpenAI, Nebius) and at /api/llm (TrueFoundry's path for the same API).
+PREFIXES = ("/v1", "/api/llm")
 
 
 def _list(items: list, has_more: bool) -> ListOut:

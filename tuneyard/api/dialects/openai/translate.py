@@ -145,9 +145,9 @@ def checkpoint_out(ck: Checkpoint, job: Job) -> CheckpointOut:
         metrics["full_valid_loss"] = metrics.get("valid_loss")
     if metrics.get("full_valid_mean_token_accuracy") is None:
         metrics["full_valid_mean_token_accuracy"] = metrics.get("valid_mean_token_accuracy")
+    model_name = fine_tuned_model_name(job.model, job.org_id, job.suffix, job.id)
     return CheckpointOut(id=ck.id, created_at=int(ck.created_at), fine_tuning_job_id=ck.job_id, step_number=ck.step,
-                         fine_tuned_model_checkpoint=f"{fine_tuned_model_name(job.model, job.org_id, job.suffix, job.id)}"
-                                                     f":ckpt-step-{ck.step}",
+                         fine_tuned_model_checkpoint=f"{model_name}:ckpt-step-{ck.step}",
                          metrics=metrics)
 
 

@@ -1,0 +1,30 @@
+"""``python -m bench [NAME [ARGS...]]``: run every benchmark, or one with its own arguments."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# Each module exposes ``bench(argv) -> {"figures": {...}, "targets": {...}}`` and writes bench/results/NAME.json.
+BENCHMARKS = ["train_throughput", "data_prep"]
+
+
+def main(argv: list[str]) -> int:
+    """Run the named benchmark (with its arguments) or all of them in order."""
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__.strip() + "\n\nbenchmarks: " + ", ".join(BENCHMARKS))
+        return 0
+    if argv:
+        name, rest = argv[0], argv[1:]
+        if name not in BENCHMARKS:
+            print(f"unknown benchmark '{name}'; known: {', '.join(BENCHMARKS)}", file=sys.stderr)
+            return 2
+        importlib.import_module(f"bench.{name}").bench(rest)
+        return 0
+    for name in BENCHMARKS:
+        importlib.import_module(f"bench.{name}").bench([])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Install the test dependencies into .venv (CPU torch first) and run the whole suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+python -m pip install -q torch==2.13.0
+python -m pip install -q -e ".[test]"
+ruff check tuneyard tests
+python -m pytest -q -p no:cacheprovider "$@"

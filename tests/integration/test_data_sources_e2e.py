@@ -1,0 +1,145 @@
+"""Jobs that train from remote data on a real server: an s3:// dataset on moto's server (signatures and IAM
+checked) read with a secret stored by the CLI, and a hub-style dataset directory named by an hf:// URI; wrong
+credentials fail naming the field; no secret value is written anywhere in clear."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.api.test_simplismart_api import configs
+from tests.conftest import Server
+from tests.unit.test_data_sources import moto_s3
+from tuneyard.demo.tiny import sample_rows, write_sample_jsonl
+
+pytestmark = pytest.mark.slow
+BUCKET = "training-dev-datasets"
+WRONG = "Wr0ng-secret-value-Hq2xYz"
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory):
+    data = write_sample_jsonl(tmp_path_factory.mktemp("s3data") / "chat.jsonl", repeat=2).read_bytes()
+    with moto_s3({"ds/chat.jsonl": data}, bucket=BUCKET) as m:
+        yield {**m, "data": data}
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory, tiny_model_dir, moto):
+    s = Server(tmp_path_factory.mktemp("src-home"), {"TUNEYARD_S3_ENDPOINT_URL": moto["url"]})
+    shutil.copytree(tiny_model_dir, s.local / "tiny-llama")
+    s.model_dir = str(s.local / "tiny-llama")
+    s.data = ""
+    s.token = s.key("acme")
+    yield s
+    s.stop()
+
+
+def _secret(srv, name: str, value: dict) -> None:
+    """Store a secret with the CLI, the value on stdin (not on a command line other users can read)."""
+    r = subprocess.run([sys.executable, "-m", "tuneyard.cli", "secrets", "create", "--org", "acme", "--name", name,
+                        "--type", "aws", "--value-file", "-"], input=json.dumps(value), env=srv.env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert all(v not in r.stdout + r.stderr for v in value.values() if v != "us-west-2")
+
+
+def _submit_simplismart(srv, dataset_details: dict) -> str:
+    cfg = configs(srv)
+    cfg["dataset_details"] = {"dataset_name": "ds", "dataset_type": None, "dataset_format": None,
+                              "ownership": "private", **dataset_details}
+    cfg["dataset_config"]["split"]["ratios"] = [1.0, 0.0]
+    cfg["train_config"]["hyperparameters"].update(num_epochs=2, per_device_train_batch_size=4, save_steps=None,
+                                                  eval_steps=None, gradient_checkpointing=False,
+                                                  dataloader_num_workers=0)
+    form = {"org": "acme", "experiment_name": "remote", **{k: json.dumps(v) for k, v in cfg.items()}}
+    r = httpx.post(f"{srv.base_url}/job/", data=form, headers={"Authorization": f"Bearer {srv.token}"}, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()["request_id"]
+
+
+def _wait(srv, rid: str) -> dict:
+    deadline = time.time() + 300
+    while True:
+        rec = httpx.get(f"{srv.base_url}/job/get/", params={"org_id": "acme", "request_id": rid},
+                        headers={"Authorization": f"Bearer {srv.token}"}, timeout=30).json()
+        if rec["status"] in ("COMPLETED", "FAILED", "CANCELED"):
+            return rec
+        assert time.time() < deadline, rec
+        time.sleep(0.5)
+
+
+def _nowhere_in_clear(srv, *values: str) -> None:
+    """None of ``values`` in any file under the server's home: job directories, logs, database, server log."""
+    for path in srv.home.rglob("*"):
+        if path.is_file() and path.stat().st_size < 50_000_000:
+            body = path.read_bytes()
+            for v in values:
+                assert v.encode() not in body, f"a secret value is in {path}"
+
+
+def test_s3_dataset_with_a_stored_secret_trains(srv, moto):
+    _secret(srv, "aws-dev", moto["reader"])
+    rid = _submit_simplismart(srv, {"dataset_path": f"s3://{BUCKET}/ds/chat.jsonl", "source_type": "s3",
+                                    "secret_id": "aws-dev", "region": "us-west-2"})
+    rec = _wait(srv, rid)
+    assert rec["status"] == "COMPLETED", rec["error_message"]
+    assert rec["dataset_details"]["source_type"] == "s3" and rec["dataset_details"]["secret_id"] == "aws-dev"
+    raw = srv.home / "jobs" / "acme" / rid / "data" / "raw" / "dataset_details_dataset_path.jsonl"
+    assert raw.read_bytes() == moto["data"]
+    _nowhere_in_clear(srv, moto["reader"]["secret_access_key"], moto["reader"]["access_key_id"])
+
+
+def test_hf_uri_of_a_local_dataset_directory_trains(srv):
+    """Submitted through the service layer, as a dialect would: TrainingSpec + JobService.submit."""
+    import datasets
+
+    from tuneyard.domain.spec import TrainingSpec
+    from tuneyard.service import Services
+    from tuneyard.service.auth import Principal
+    from tuneyard.service.jobs import Submission
+    from tuneyard.settings import Settings
+
+    saved = srv.local / "hub-style"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(sample_rows() * 2),
+                          "test": datasets.Dataset.from_list(sample_rows()[:4])}).save_to_disk(str(saved))
+    services = Services.build(Settings(home=srv.home, local_roots=str(srv.local)))
+    who = Principal(org_id="acme", key_id="test", role="admin")
+    try:
+        spec = TrainingSpec.model_validate({
+            "model": {"name": srv.model_dir, "torch_dtype": "float32"},
+            "data": {"train": {"path": f"hf://{saved}"},
+                     "validation": {"path": f"hf://{saved}?split=test", "param": "validation_file"}},
+            "hyperparameters": {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 1.0},
+            "resources": {"device": "cpu"}})
+        job = services.jobs.submit(who, Submission(spec=spec, dialect="test"))
+        deadline = time.time() + 300
+        while (job := services.jobs.get(who, job.id)).status not in ("succeeded", "failed", "cancelled"):
+            assert time.time() < deadline, job.status
+            time.sleep(0.5)
+        assert job.status == "succeeded", job.error
+        prepared = json.loads((Path(job.output_dir) / "prepared.json").read_text())
+        assert (prepared["n_train"], prepared["n_validation"]) == (24, 4)
+        assert (Path(job.output_dir) / "data" / "raw" / "validation_file.parquet").exists()
+    finally:
+        services.store.dispose()
+
+
+def test_wrong_credentials_fail_naming_the_field(srv, moto):
+    _secret(srv, "aws-wrong", {**moto["reader"], "secret_access_key": WRONG})
+    rid = _submit_simplismart(srv, {"dataset_path": f"s3://{BUCKET}/ds/chat.jsonl", "source_type": "s3",
+                                    "secret_id": "aws-wrong", "region": "us-west-2"})
+    rec = _wait(srv, rid)
+    assert rec["status"] == "FAILED"
+    assert f"s3://{BUCKET}/ds/chat.jsonl" in rec["error_message"]
+    assert "secret access key does not match" in rec["error_message"]
+    oa = srv.openai(srv.token).fine_tuning.jobs.retrieve(rid)
+    assert oa.error.param == "dataset_details.dataset_path"
+    _nowhere_in_clear(srv, WRONG, moto["reader"]["secret_access_key"])

@@ -1,0 +1,134 @@
+"""The store on SQLite and on PostgreSQL (127.0.0.1:5432): migrations, scoping, races, idempotent events."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import pytest
+from sqlalchemy import func, select
+
+from tuneyard.domain.jobs import JobStatus
+from tuneyard.service.auth import authenticate, create_key
+from tuneyard.store.db import Store
+from tuneyard.store.models import Job, JobEvent
+from tuneyard.store.repo import add_event, page, transition
+
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def _pg_available() -> bool:
+    try:
+        import psycopg
+
+        with psycopg.connect(PG_ADMIN, connect_timeout=3):
+            return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store(request, tmp_path):
+    if request.param == "sqlite":
+        st = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+        yield st
+        st.dispose()
+        return
+    if not _pg_available():
+        pytest.skip("PostgreSQL is not running at 127.0.0.1:5432")
+    import psycopg
+
+    name = f"tuneyard_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as c:
+        c.execute(f'CREATE DATABASE "{name}"')
+    st = Store(f"postgresql://postgres@127.0.0.1:5432/{name}")
+    yield st
+    st.dispose()
+    with psycopg.connect(PG_ADMIN, autocommit=True) as c:
+        c.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+def _job(store: Store, org: str, i: int = 0, status: JobStatus = JobStatus.QUEUED) -> str:
+    jid = f"ftjob-{uuid.uuid4().hex[:12]}"
+    now = time.time()
+    with store.session() as s:
+        s.add(Job(id=jid, org_id=org, dialect="openai", status=status.value, created_at=now, updated_at=now,
+                  model="m", seed=i, request={}, spec={}, result_files=[], attempt=0, events_seq=0,
+                  metadata_={"i": str(i)}))
+    return jid
+
+
+def test_keys_authenticate_and_revoke(store):
+    key = create_key(store, "acme")
+    who = authenticate(store, f"Bearer {key}")
+    assert who.org_id == "acme"
+    from tuneyard.domain.errors import Unauthorized
+    from tuneyard.service.auth import revoke_key
+
+    assert revoke_key(store, "acme", who.key_id)
+    with pytest.raises(Unauthorized):
+        authenticate(store, f"Bearer {key}")
+
+
+def test_only_one_of_many_racers_claims_a_job(store):
+    create_key(store, "acme")
+    jid = _job(store, "acme")
+    wins: list[int] = []
+    barrier = threading.Barrier(8)
+
+    def race(n: int) -> None:
+        barrier.wait()
+        with store.session() as s:
+            if transition(s, jid, JobStatus.RUNNING, expect={JobStatus.QUEUED}, worker_id=f"w{n}"):
+                wins.append(n)
+
+    threads = [threading.Thread(target=race, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1
+    with store.session() as s:
+        job = s.scalar(select(Job).where(Job.id == jid))
+    assert job.status == "running" and job.worker_id == f"w{wins[0]}"
+
+
+def test_transitions_follow_the_table(store):
+    create_key(store, "acme")
+    jid = _job(store, "acme", status=JobStatus.SUCCEEDED)
+    with store.session() as s:
+        assert not transition(s, jid, JobStatus.RUNNING)
+        assert not transition(s, jid, JobStatus.CANCELLED)
+
+
+def test_file_events_are_recorded_once(store):
+    create_key(store, "acme")
+    jid = _job(store, "acme")
+    for _ in range(3):
+        with store.session() as s:
+            add_event(s, jid, "step 1", type="metrics", file_seq=1, data={"step": 1})
+            add_event(s, jid, "step 2", type="metrics", file_seq=2, data={"step": 2})
+    with store.session() as s:
+        n = s.scalar(select(func.count()).select_from(JobEvent).where(JobEvent.job_id == jid))
+    assert n == 2
+
+
+def test_pages_are_scoped_and_ordered(store):
+    create_key(store, "acme")
+    create_key(store, "globex")
+    mine = [_job(store, "acme", i) for i in range(7)]
+    _job(store, "globex")
+    got: list[str] = []
+    after = None
+    while True:
+        with store.session() as s:
+            rows, more = page(s, select(Job).where(Job.org_id == "acme"), Job, after=after, limit=3)
+        got += [r.id for r in rows]
+        if not more:
+            break
+        after = rows[-1].id
+    assert got == mine[::-1]
+    with store.session() as s:
+        q = select(Job).where(Job.org_id == "acme", Job.metadata_["i"].as_string() == "3")
+        assert [j.id for j in s.scalars(q)] == [mine[3]]

@@ -1,0 +1,180 @@
+"""The prepare step end to end on the tiny model: prepared.json, datasets, resolved spec, failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tuneyard.data.prepare import run, split_positions
+from tuneyard.demo.tiny import sample_rows, write_sample_jsonl
+from tuneyard.domain.spec import DataSource, DataSpec, ModelSpec, SplitSpec, TrainingSpec
+from tuneyard.jobdir import JobDir, iter_events, read_json
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def make_job(tmp_path: Path, model: str | Path, train: Path, **data) -> JobDir:
+    """A job directory holding spec.json for an SFT run on ``train``."""
+    validation = data.pop("validation", None)
+    val_source = DataSource(path=str(validation), param="validation_file") if validation else None
+    spec = TrainingSpec(model=ModelSpec(name=str(model), source="local"),
+                        data=DataSpec(train=DataSource(path=str(train)), validation=val_source,
+                                      **{"max_length": 256, **data}))
+    job = JobDir(tmp_path / "job").create()
+    job.spec.write_text(spec.model_dump_json())
+    return job
+
+
+def test_prepare_writes_prepared_json_and_datasets(tmp_path, tiny_model_dir, tiny_tokenizer):
+    import datasets
+
+    train = write_sample_jsonl(tmp_path / "train.jsonl", repeat=2)
+    job = make_job(tmp_path, tiny_model_dir, train, split=SplitSpec(type="sequential", validation_ratio=0.25))
+    assert run(job.root) == 0
+    prepared = read_json(job.prepared)
+    assert prepared["ok"] is True
+    assert set(prepared) == {"ok", "n_train", "n_validation", "train_tokens", "trainable_tokens",
+                             "validation_tokens", "truncated", "dropped", "total_steps", "format", "template",
+                             "hyperparameters"}
+    assert (prepared["n_train"], prepared["n_validation"]) == (18, 6)
+    assert (prepared["truncated"], prepared["dropped"], prepared["format"]) == (0, 0, "openai")
+
+    train_ds = datasets.load_from_disk(str(job.data / "train"))
+    val_ds = datasets.load_from_disk(str(job.data / "validation"))
+    assert train_ds.column_names == ["input_ids", "labels"] and len(train_ds) == 18 and len(val_ds) == 6
+    assert prepared["train_tokens"] == sum(len(x) for x in train_ds["input_ids"])
+    assert prepared["trainable_tokens"] == sum(sum(y != -100 for y in x) for x in train_ds["labels"])
+    # Sequential split: the last quarter of the file (rows 19-24 = demo rows 7-12) is held out.
+    first_val = tiny_tokenizer.decode([t for t in val_ds[0]["labels"] if t != -100])
+    assert first_val == sample_rows()[6]["messages"][2]["content"] + "<|im_end|>"
+
+    resolved = TrainingSpec.model_validate(read_json(job.resolved_spec))
+    assert resolved.is_resolved()
+    hp = prepared["hyperparameters"]
+    assert hp["n_epochs"] == resolved.hyperparameters.n_epochs == 6  # ceil(100 / 18)
+    assert hp["batch_size"] == 1 and prepared["total_steps"] == 6 * 18
+    messages = [e["message"] for e in iter_events(job.events)]
+    assert "Training file: 24 examples (openai format)" in messages
+    assert any(m.startswith("Tokenised 18 training examples: ") for m in messages)
+    assert all(e["source"] == "prepare" for e in iter_events(job.events))
+    assert not list(job.data.glob(".*")), "scratch files are removed"
+
+
+def test_random_split_is_seeded():
+    assert split_positions(100, 0.1, "random", 42) == split_positions(100, 0.1, "random", 42)
+    assert split_positions(100, 0.1, "random", 42) != split_positions(100, 0.1, "random", 43)
+    assert len(split_positions(100, 0.1, "random", 1)) == 10
+    assert split_positions(10, 0.2, "sequential", 0) == {8, 9}
+    assert split_positions(1, 0.5, "random", 0) == set()
+    assert split_positions(3, 0.01, "random", 0) and len(split_positions(3, 0.99, "random", 0)) == 2
+
+
+def test_prepare_with_validation_file_text_rows_and_truncation(tmp_path, tiny_model_dir):
+    import datasets
+
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"text": f"The capital of {c} is {k}. " * n}) + "\n"
+                             for n, (c, k) in enumerate([("Peru", "Lima"), ("Cuba", "Havana")] * 3, 1)))
+    val = write_sample_jsonl(tmp_path / "val.jsonl")
+    job = make_job(tmp_path, tiny_model_dir, train, validation=val, template="llama3", max_length=24)
+    assert run(job.root) == 0
+    prepared = read_json(job.prepared)
+    assert prepared["ok"] and prepared["format"] == "text" and prepared["template"] == "llama3"
+    # The validation rows' answers all lie past 24 tokens with the llama3 headers: cut, nothing is left.
+    assert prepared["n_train"] == 6 and prepared["n_validation"] == 0
+    assert not (job.data / "validation").exists()
+    assert prepared["truncated"] == 4 and prepared["dropped"] == 12
+    messages = [e["message"] for e in iter_events(job.events)]
+    assert ("12 example(s) longer than max_length 24 were dropped (truncating them left nothing to train on)"
+            in messages)
+    train_ds = datasets.load_from_disk(str(job.data / "train"))
+    assert max(len(x) for x in train_ds["input_ids"]) == 24
+    assert prepared["trainable_tokens"] == prepared["train_tokens"]
+
+
+def failure(job: JobDir) -> dict:
+    prepared = read_json(job.prepared)
+    assert prepared["ok"] is False
+    return prepared["error"]
+
+
+def test_missing_model(tmp_path, sample_jsonl):
+    job = make_job(tmp_path, tmp_path / "no-such-model", sample_jsonl)
+    assert run(job.root) == 0
+    err = failure(job)
+    assert err["code"] == "model_not_found" and err["param"] == "model"
+    assert err["message"].startswith(f"model '{tmp_path / 'no-such-model'}' could not be loaded: ")
+    assert not job.resolved_spec.exists()
+
+
+def test_too_few_examples(tmp_path, tiny_model_dir):
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in sample_rows()[:7]))
+    job = make_job(tmp_path, tiny_model_dir, train, min_examples=10)
+    assert run(job.root) == 0
+    assert failure(job) == {"code": "invalid_n_examples", "param": "training_file",
+                            "message": "Training file has 7 example(s), but must have at least 10 examples"}
+
+
+def test_invalid_training_and_validation_files(tmp_path, tiny_model_dir, sample_jsonl):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(sample_rows()[0]) + "\n" + '{"messages": [{"role": "bot", "content": "x"}]}\n')
+    job = make_job(tmp_path, tiny_model_dir, bad)
+    assert run(job.root) == 0
+    assert failure(job) == {"code": "invalid_training_file", "param": "training_file",
+                            "message": "Example 2, message 1: unknown role 'bot'"}
+    job = make_job(tmp_path, tiny_model_dir, sample_jsonl, validation=bad)
+    assert run(job.root) == 0
+    err = failure(job)
+    assert (err["code"], err["param"]) == ("invalid_validation_file", "validation_file")
+    assert err["message"] == "Example 2, message 1: unknown role 'bot'"
+    # The scheduler reports the failure from prepared.json; the events only tell the progress.
+    assert [e["message"] for e in iter_events(job.events)][-1] == "Validating validation file"
+
+
+def test_every_row_dropped(tmp_path, tiny_model_dir, sample_jsonl):
+    job = make_job(tmp_path, tiny_model_dir, sample_jsonl, truncation="drop", max_length=8)
+    assert run(job.root) == 0
+    err = failure(job)
+    assert err["code"] == "invalid_training_file"
+    assert err["message"] == ("no training example is left: 12 longer than max_length 8 tokens, "
+                              "0 with no token to train on")
+
+
+def test_row_the_template_cannot_render(tmp_path, tiny_model_dir):
+    train = tmp_path / "train.jsonl"
+    call = {"type": "function", "function": {"name": "f", "arguments": "{}"}}
+    rows = [*sample_rows()[:2], {"messages": [{"role": "user", "content": "Q"},
+                                              {"role": "assistant", "content": "", "tool_calls": [call]}]}]
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    job = make_job(tmp_path, tiny_model_dir, train, template="mistral")
+    assert run(job.root) == 0
+    err = failure(job)
+    assert err["code"] == "invalid_training_file"
+    assert err["message"].startswith("Example 3: chat template failed: the mistral template supports")
+
+
+def test_unexpected_error_is_internal_error(tmp_path):
+    job = JobDir(tmp_path / "job").create()
+    job.spec.write_text("{not json")
+    assert run(job.root) == 1
+    err = failure(job)
+    assert err["code"] == "internal_error" and err["message"].startswith("data preparation failed: ")
+
+
+@pytest.mark.timeout(120)
+def test_module_entry_point(tmp_path, tiny_model_dir, sample_jsonl):
+    job = make_job(tmp_path, tiny_model_dir, sample_jsonl, template="chatml")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "tuneyard.data.prepare", str(job.root)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    prepared = read_json(job.prepared)
+    assert prepared["ok"] and prepared["n_train"] == 12 and prepared["template"] == "chatml"
+    assert subprocess.run([sys.executable, "-m", "tuneyard.data.prepare"], env=env,
+                          capture_output=True).returncode == 2

@@ -1,0 +1,106 @@
+"""JobService refuses what this installation cannot honour at submit time, naming the field, and stores nothing."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+
+import pytest
+from sqlalchemy import func, select
+
+from tuneyard.demo.tiny import sample_rows
+from tuneyard.domain.errors import InvalidRequest
+from tuneyard.domain.spec import TrainingSpec
+from tuneyard.service import Services
+from tuneyard.service.auth import Principal, ensure_org
+from tuneyard.service.jobs import Submission
+from tuneyard.settings import Settings
+from tuneyard.store.models import Job
+
+WHO = Principal(org_id="acme", key_id="key-test", role="admin")
+
+
+@pytest.fixture()
+def svc(tmp_path):
+    settings = Settings(home=tmp_path / "home", local_roots=str(tmp_path / "local"), gpu_count=0)
+    (tmp_path / "local" / "model").mkdir(parents=True)
+    services = Services.build(settings)
+    ensure_org(services.store, "acme")
+    yield services
+    services.store.engine.dispose()
+
+
+@pytest.fixture()
+def file_id(svc):
+    import json
+
+    body = "".join(json.dumps(r) + "\n" for r in sample_rows()).encode()
+    return svc.files.create(WHO, io.BytesIO(body), "train.jsonl", "fine-tune").id
+
+
+def submit(svc, file_id, **over):
+    raw = {"model": {"name": "org/base"}, "data": {"train": {"file_id": file_id}}}
+    for section, values in over.items():
+        raw[section] = {**raw.get(section, {}), **values} if isinstance(values, dict) else values
+    return svc.jobs.submit(WHO, Submission(spec=TrainingSpec.model_validate(raw), dialect="test"))
+
+
+@pytest.mark.parametrize("over,param,fragment", [
+    ({"model": {"name": "/etc"}}, "model", "outside the allowed local roots"),
+    ({"model": {"name": "not a model id"}}, "model", "neither a Hugging Face hub id"),
+    ({"model": {"name": "org/base", "model_type": "vlm"}}, "model_type", "vision-language"),
+    ({"resources": {"distributed": "fsdp"}}, "distributed", "'fsdp' is not available"),
+    ({"resources": {"distributed": "deepspeed"}}, "distributed", "'deepspeed' is not available"),
+    ({"resources": {"node_count": 2}}, "node_count", "one node"),
+    ({"resources": {"device": "cuda"}}, "device", "has none"),
+    ({"model": {"name": "org/base", "quant_bits": 4}}, "quant_bits", "needs a CUDA GPU"),
+    ({"model": {"name": "org/base", "torch_dtype": "float16"}}, "torch_dtype", "needs a CUDA GPU"),
+    ({"data": {"streaming": True}}, "streaming", "not available"),
+    ({"data": {"lazy_tokenize": True, "packing": True}}, "lazy_tokenize", "cannot be combined"),
+    ({"data": {"lazy_tokenize": True, "truncation": "drop"}}, "lazy_tokenize", "keeps every row"),
+    ({"method": "dpo"}, "method", "DPO"),
+])
+def test_unsupported_requests_are_refused_and_nothing_is_stored(svc, file_id, over, param, fragment):
+    with pytest.raises(InvalidRequest, match=fragment) as e:
+        submit(svc, file_id, **over)
+    assert e.value.param == param
+    with svc.store.session() as s:
+        assert s.scalar(select(func.count()).select_from(Job)) == 0
+    assert not (svc.settings.jobs_dir / "acme").exists() or not any((svc.settings.jobs_dir / "acme").iterdir())
+
+
+def test_unknown_or_foreign_file_is_refused(svc, file_id):
+    with pytest.raises(InvalidRequest, match="not found") as e:
+        submit(svc, "file-doesnotexist")
+    assert e.value.param == "training_file"
+    other = Principal(org_id="globex", key_id="k2", role="admin")
+    ensure_org(svc.store, "globex")
+    spec = TrainingSpec.model_validate({"model": {"name": "org/base"}, "data": {"train": {"file_id": file_id}}})
+    with pytest.raises(InvalidRequest, match="not found"):
+        svc.jobs.submit(other, Submission(spec=spec, dialect="test"))
+
+
+def test_a_good_submission_writes_the_spec_with_resolved_paths(svc, file_id, tmp_path):
+    job = submit(svc, file_id, model={"name": str(tmp_path / "local" / "model")})
+    assert job.status == "validating_files"
+    stored = TrainingSpec.model_validate(job.spec)
+    assert stored.model.source == "local" and stored.data.train.path.startswith(str(svc.settings.files_dir))
+
+
+def test_the_api_process_does_not_import_torch():
+    code = "import sys, tuneyard.api.app, tuneyard.scheduler.worker; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_unfinished_jobs_per_org_are_capped(svc, file_id):
+    from tuneyard.domain.errors import RateLimited
+
+    svc.settings.max_active_jobs_per_org = 2
+    first = submit(svc, file_id)
+    submit(svc, file_id)
+    with pytest.raises(RateLimited, match="2 unfinished jobs") as e:
+        submit(svc, file_id)
+    assert e.value.status_code == 429 and e.value.code == "quota_exceeded" and e.value.headers["retry-after"]
+    svc.jobs.cancel(WHO, first.id)  # a finished job frees its place
+    submit(svc, file_id)

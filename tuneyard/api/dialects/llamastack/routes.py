@@ -1,0 +1,170 @@
+"""Llama Stack routes: post-training on ``/v1`` and ``/v1alpha`` in the query style (``job/status?job_uuid=``) and
+the path style (``jobs/{job_uuid}/status``), datasets on ``/v1`` and ``/v1beta``.
+
+Errors use the RFC 7807-like body of the Llama Stack spec, ``{status, title, detail, instance}``.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import JSONResponse
+
+from tuneyard.api.deps import Caller, Svc
+from tuneyard.api.dialects.llamastack import translate as tr
+from tuneyard.api.dialects.llamastack.schemas import (
+    DatasetList,
+    DatasetOut,
+    JobArtifactsOut,
+    JobList,
+    JobStatusOut,
+    JobUuid,
+    JobUuidIn,
+    PreferenceOptimizeIn,
+    RegisterDatasetIn,
+    SupervisedFineTuneIn,
+)
+from tuneyard.domain.errors import InvalidRequest, NotFound, TuneyardError
+from tuneyard.service.auth import Principal
+
+POST_TRAINING_PREFIXES = ("/v1/post-training", "/v1alpha/post-training")
+DATASET_PREFIXES = ("/v1/datasets", "/v1beta/datasets")
+post_training = APIRouter(tags=["llama-stack"])
+datasets = APIRouter(tags=["llama-stack"])
+
+
+def render_error(request: Request, status: int, message: str, type_: str, param: str | None,
+                 code: str | None) -> JSONResponse:
+    """``{status, title, detail, instance}``; the detail names the offending field when there is one."""
+    detail = message if not param or param in message else f"{message} (field: {param})"
+    try:
+        title = HTTPStatus(status).phrase
+    except ValueError:
+        title = "Error"
+    return JSONResponse({"status": status, "title": title, "detail": detail, "instance": request.url.path},
+                        status_code=status)
+
+
+def _job(svc: Svc, who: Principal, job_uuid: str):
+    try:
+        return svc.jobs.get_external(who, tr.DIALECT, job_uuid)
+    except NotFound:
+        pass
+    try:
+        return svc.jobs.get(who, job_uuid)
+    except NotFound:
+        raise NotFound(f"training job '{job_uuid}' not found", param="job_uuid", code="job_not_found") from None
+
+
+# ----- post-training -----------------------------------------------------------------------------
+@post_training.post("/supervised-fine-tune", response_model=JobUuid)
+def supervised_fine_tune(svc: Svc, who: Caller, body: SupervisedFineTuneIn) -> JobUuid:
+    """Start a supervised fine-tuning job under the client's job_uuid (a duplicate is a 409)."""
+    try:
+        sub = tr.to_submission(body, who, svc.datasets, svc.settings)
+        svc.jobs.submit(who, sub)
+    except TuneyardError as e:
+        raise tr.dialect_error(e) from None
+    return JobUuid(job_uuid=body.job_uuid)
+
+
+@post_training.post("/preference-optimize", response_model=JobUuid)
+def preference_optimize(who: Caller, body: PreferenceOptimizeIn) -> JobUuid:
+    """Refused until the DPO recipe exists: a 400 that says so (nothing is queued)."""
+    raise InvalidRequest("preference optimisation (DPO) is not available in this installation yet; use "
+                         "supervised-fine-tune", param="algorithm_config", code="unsupported_method")
+
+
+@post_training.get("/jobs", response_model=JobList)
+def list_jobs(svc: Svc, who: Caller) -> JobList:
+    """Every job of the organisation, whichever dialect created it, newest first."""
+    jobs, _ = svc.jobs.list(who, after=None, limit=1000)
+    return JobList(data=[JobUuid(job_uuid=tr.job_uuid(j)) for j in jobs])
+
+
+def _status(svc: Svc, who: Principal, job_uuid: str) -> JobStatusOut:
+    job = _job(svc, who, job_uuid)
+    cks, _ = svc.jobs.checkpoints(who, job.id, after=None, limit=1000)
+    return JobStatusOut(job_uuid=tr.job_uuid(job), status=tr.STATUS[job.status], scheduled_at=tr.iso(job.created_at),
+                        started_at=tr.iso(job.started_at), completed_at=tr.iso(job.finished_at),
+                        resources_allocated=tr.resources(job, svc.settings),
+                        checkpoints=[tr.checkpoint_out(job, c) for c in reversed(cks)])
+
+
+def _artifacts(svc: Svc, who: Principal, job_uuid: str) -> JobArtifactsOut:
+    job = _job(svc, who, job_uuid)
+    cks, _ = svc.jobs.checkpoints(who, job.id, after=None, limit=1000)
+    out = [tr.checkpoint_out(job, c) for c in reversed(cks)]
+    final = tr.final_output(job, cks[0] if cks else None)
+    return JobArtifactsOut(job_uuid=tr.job_uuid(job), checkpoints=out + ([final] if final else []))
+
+
+def _cancel(svc: Svc, who: Principal, job_uuid: str) -> Response:
+    svc.jobs.cancel(who, _job(svc, who, job_uuid).id)
+    return Response(status_code=200)
+
+
+@post_training.get("/job/status", response_model=JobStatusOut)
+def job_status(svc: Svc, who: Caller, job_uuid: Annotated[str, Query()]) -> JobStatusOut:
+    """Status, timestamps, resources and every checkpoint with its metrics (also while running)."""
+    return _status(svc, who, job_uuid)
+
+
+@post_training.get("/jobs/{job_uuid}/status", response_model=JobStatusOut)
+def job_status_path(svc: Svc, who: Caller, job_uuid: str) -> JobStatusOut:
+    """Path-style form of ``job/status``."""
+    return _status(svc, who, job_uuid)
+
+
+@post_training.get("/job/artifacts", response_model=JobArtifactsOut)
+def job_artifacts(svc: Svc, who: Caller, job_uuid: Annotated[str, Query()]) -> JobArtifactsOut:
+    """Checkpoints, and the final adapter or model once the job completed."""
+    return _artifacts(svc, who, job_uuid)
+
+
+@post_training.get("/jobs/{job_uuid}/artifacts", response_model=JobArtifactsOut)
+def job_artifacts_path(svc: Svc, who: Caller, job_uuid: str) -> JobArtifactsOut:
+    """Path-style form of ``job/artifacts``."""
+    return _artifacts(svc, who, job_uuid)
+
+
+@post_training.post("/job/cancel")
+def job_cancel(svc: Svc, who: Caller, body: JobUuidIn) -> Response:
+    """Cancel a job (body ``{job_uuid}``); a finished job is a 409."""
+    return _cancel(svc, who, body.job_uuid)
+
+
+@post_training.post("/jobs/{job_uuid}/cancel")
+def job_cancel_path(svc: Svc, who: Caller, job_uuid: str) -> Response:
+    """Path-style form of ``job/cancel``."""
+    return _cancel(svc, who, job_uuid)
+
+
+# ----- datasets ------------------------------------------------------------------------------------
+@datasets.post("", response_model=DatasetOut)
+def register_dataset(svc: Svc, who: Caller, body: RegisterDatasetIn) -> DatasetOut:
+    """Register rows (validated now, like an upload) or a URI under ``dataset_id``."""
+    ds = svc.datasets.register(who, purpose=body.purpose, source=body.source.model_dump(),
+                               dataset_id=body.dataset_id, metadata=body.metadata)
+    return tr.dataset_out(ds)
+
+
+@datasets.get("", response_model=DatasetList)
+def list_datasets(svc: Svc, who: Caller) -> DatasetList:
+    """The organisation's datasets."""
+    return DatasetList(data=[tr.dataset_out(d) for d in svc.datasets.list(who)])
+
+
+@datasets.get("/{dataset_id:path}", response_model=DatasetOut)
+def get_dataset(svc: Svc, who: Caller, dataset_id: str) -> DatasetOut:
+    """One dataset."""
+    return tr.dataset_out(svc.datasets.get(who, dataset_id))
+
+
+@datasets.delete("/{dataset_id:path}", status_code=204)
+def unregister_dataset(svc: Svc, who: Caller, dataset_id: str) -> Response:
+    """Forget a dataset and its stored rows."""
+    svc.datasets.unregister(who, dataset_id)
+    return Response(status_code=204)

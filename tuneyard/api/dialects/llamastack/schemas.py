@@ -1,0 +1,161 @@
+"""Llama Stack post-training and datasets wire models (as ``llama-stack-client`` 0.2.12 sends and reads them).
+
+Request models are closed where the client's schema is: an unknown field is a 400 naming it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Closed(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Closed):
+    dataset_id: str = Field(min_length=1)
+    batch_size: int = Field(ge=1, le=4096)
+    shuffle: bool = True
+    data_format: Literal["instruct", "dialog"]
+    validation_dataset_id: str | None = None
+    packed: bool = False
+    train_on_input: bool = False
+
+
+class OptimizerConfig(_Closed):
+    optimizer_type: Literal["adam", "adamw", "sgd"] = "adamw"
+    lr: float = Field(gt=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    num_warmup_steps: int = Field(0, ge=0)
+
+
+class EfficiencyConfig(_Closed):
+    enable_activation_checkpointing: bool = False
+    enable_activation_offloading: bool = False
+    memory_efficient_fsdp_wrap: bool = False
+    fsdp_cpu_offload: bool = False
+
+
+class TrainingConfig(_Closed):
+    n_epochs: int = Field(ge=1, le=1000)
+    max_steps_per_epoch: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
+    max_validation_steps: int | None = Field(None, ge=1)
+    data_config: DataConfig | None = None
+    optimizer_config: OptimizerConfig | None = None
+    efficiency_config: EfficiencyConfig | None = None
+    dtype: str | None = "bf16"
+
+
+class LoraConfig(_Closed):
+    type: Literal["LoRA"]
+    lora_attn_modules: list[str]
+    apply_lora_to_mlp: bool = False
+    apply_lora_to_output: bool = False
+    rank: int = Field(ge=1, le=1024)
+    alpha: float = Field(gt=0)
+    use_dora: bool = False
+    quantize_base: bool = False
+
+
+class QatConfig(_Closed):
+    type: Literal["QAT"]
+    quantizer_name: str
+    group_size: int
+
+
+AlgorithmConfig = Annotated[LoraConfig | QatConfig, Field(discriminator="type")]
+
+
+class SupervisedFineTuneIn(_Closed):
+    job_uuid: str = Field(min_length=1, max_length=128)
+    model: str | None = None
+    checkpoint_dir: str | None = None
+    algorithm_config: AlgorithmConfig | None = None
+    training_config: TrainingConfig
+    hyperparam_search_config: dict[str, Any] = Field(default_factory=dict)
+    logger_config: dict[str, Any] = Field(default_factory=dict)
+
+
+class PreferenceOptimizeIn(BaseModel):
+    # Checked only far enough to answer precisely; the DPO recipe that would run it does not exist yet.
+    job_uuid: str = Field(min_length=1, max_length=128)
+    finetuned_model: str | None = None
+    algorithm_config: dict[str, Any] = Field(default_factory=dict)
+    training_config: dict[str, Any] = Field(default_factory=dict)
+
+
+class JobUuid(BaseModel):
+    job_uuid: str
+
+
+class JobUuidIn(_Closed):
+    job_uuid: str = Field(min_length=1)
+
+
+class JobList(BaseModel):
+    data: list[JobUuid]
+
+
+class TrainingMetrics(BaseModel):
+    epoch: int | None
+    train_loss: float | None
+    validation_loss: float | None
+    perplexity: float | None
+
+
+class CheckpointOut(BaseModel):
+    identifier: str
+    created_at: str
+    epoch: int
+    post_training_job_id: str
+    path: str
+    training_metrics: TrainingMetrics | None = None
+
+
+class JobStatusOut(BaseModel):
+    job_uuid: str
+    status: Literal["completed", "in_progress", "failed", "scheduled", "cancelled"]
+    scheduled_at: str | None = None
+    started_at: str | None = None
+    completed_at: str | None = None
+    resources_allocated: dict[str, Any] | None = None
+    checkpoints: list[CheckpointOut]
+
+
+class JobArtifactsOut(BaseModel):
+    job_uuid: str
+    checkpoints: list[CheckpointOut]
+
+
+class UriSource(_Closed):
+    type: Literal["uri"]
+    uri: str
+
+
+class RowsSource(_Closed):
+    type: Literal["rows"]
+    rows: list[Any]
+
+
+class RegisterDatasetIn(_Closed):
+    purpose: str
+    source: Annotated[UriSource | RowsSource, Field(discriminator="type")]
+    dataset_id: str | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class DatasetOut(BaseModel):
+    identifier: str
+    provider_resource_id: str
+    provider_id: str = "tuneyard"
+    type: Literal["dataset"] = "dataset"
+    purpose: str
+    source: dict[str, Any]
+    metadata: dict[str, Any]
+
+
+class DatasetList(BaseModel):
+    data: list[DatasetOut]

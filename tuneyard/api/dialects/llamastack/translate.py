@@ -1,0 +1,210 @@
+"""Llama Stack wire <-> tuneyard: a supervised-fine-tune request becomes a Submission; a Job becomes a status.
+
+The field mapping is written down in docs/dialects/llamastack.md; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+from pathlib import Path
+
+from tuneyard.api.dialects.llamastack.schemas import (
+    CheckpointOut,
+    DatasetOut,
+    LoraConfig,
+    QatConfig,
+    SupervisedFineTuneIn,
+    TrainingMetrics,
+)
+from tuneyard.domain.errors import InvalidRequest, TuneyardError
+from tuneyard.domain.jobs import JobStatus
+from tuneyard.domain.spec import (
+    AdapterSpec,
+    DataSpec,
+    Hyperparameters,
+    ModelSpec,
+    ResourceSpec,
+    ScheduleSpec,
+    TrainingSpec,
+)
+from tuneyard.service.auth import Principal
+from tuneyard.service.datasets import DatasetService
+from tuneyard.service.jobs import Submission
+from tuneyard.service.paths import confine
+from tuneyard.settings import Settings
+from tuneyard.store.models import Checkpoint, Dataset, Job
+
+DIALECT = "llamastack"
+STATUS = {
+    JobStatus.VALIDATING_FILES: "scheduled", JobStatus.QUEUED: "scheduled", JobStatus.PAUSED: "scheduled",
+    JobStatus.RUNNING: "in_progress", JobStatus.SUCCEEDED: "completed", JobStatus.FAILED: "failed",
+    JobStatus.CANCELLED: "cancelled",
+}
+# torchtune's module names (what Llama Stack clients send) -> the Hugging Face Llama-family names.
+ATTN_MODULES = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "output_proj": "o_proj",
+                "o_proj": "o_proj"}
+MLP_MODULES = ["gate_proj", "up_proj", "down_proj"]
+DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32",
+          "fp16": "float16", "float16": "float16"}
+DATA = "training_config.data_config"
+# The service names fields by their TrainingSpec role; Llama Stack callers know them by these paths.
+SERVICE_PARAMS = {
+    "model": "model", "quant_bits": "algorithm_config.quantize_base", "torch_dtype": "training_config.dtype",
+    "device": "model", "batch_size": f"{DATA}.batch_size", "method": "algorithm_config",
+}
+
+
+def dialect_error(e: TuneyardError) -> TuneyardError:
+    """The same error with its field named the Llama Stack way."""
+    if e.param in SERVICE_PARAMS:
+        e.param = SERVICE_PARAMS[e.param]
+    return e
+
+
+def to_submission(req: SupervisedFineTuneIn, who: Principal, datasets: DatasetService,
+                  settings: Settings) -> Submission:
+    """Translate POST /post-training/supervised-fine-tune into the dialect-neutral submission."""
+    if not req.model:
+        raise InvalidRequest("model is required: a hub id or a local model directory", param="model")
+    if req.hyperparam_search_config:
+        raise InvalidRequest("hyperparam_search_config: tuneyard runs one configuration per job; send it empty",
+                             param="hyperparam_search_config")
+    tc = req.training_config
+    dc = tc.data_config
+    if dc is None:
+        raise InvalidRequest("training_config.data_config is required (dataset_id, batch_size, data_format...)",
+                             param=DATA)
+    eff = tc.efficiency_config
+    if eff is not None:
+        for name in ("enable_activation_offloading", "memory_efficient_fsdp_wrap", "fsdp_cpu_offload"):
+            if getattr(eff, name):
+                raise InvalidRequest(f"training_config.efficiency_config.{name} is not available in this "
+                                     "installation (it trains with DDP, without offloading)",
+                                     param=f"training_config.efficiency_config.{name}")
+    dtype = "auto" if tc.dtype is None else DTYPES.get(tc.dtype.lower())
+    if dtype is None:
+        raise InvalidRequest(f"training_config.dtype '{tc.dtype}' is not one of {sorted(DTYPES)}",
+                             param="training_config.dtype")
+    adapter, quant = _adapter(req.algorithm_config)
+    train = datasets.source_for(who, dc.dataset_id, data_format=dc.data_format, param=f"{DATA}.dataset_id")
+    valid = None
+    if dc.validation_dataset_id:
+        valid = datasets.source_for(who, dc.validation_dataset_id, data_format=dc.data_format,
+                                    param=f"{DATA}.validation_dataset_id")
+    opt = tc.optimizer_config
+    hyper = Hyperparameters(
+        n_epochs=tc.n_epochs, batch_size=dc.batch_size * tc.gradient_accumulation_steps,
+        per_device_batch_size=dc.batch_size, gradient_accumulation_steps=tc.gradient_accumulation_steps,
+        learning_rate_multiplier=1.0, learning_rate=opt.lr if opt else None,
+        optimizer=opt.optimizer_type if opt else "adamw", weight_decay=opt.weight_decay if opt else 0.0,
+        warmup_steps=opt.num_warmup_steps if opt else None, max_steps_per_epoch=tc.max_steps_per_epoch,
+        gradient_checkpointing=bool(eff and eff.enable_activation_checkpointing))
+    export = None
+    if req.checkpoint_dir:
+        export = str(confine(req.checkpoint_dir, settings.allowed_roots, param="checkpoint_dir", want_dir=True))
+    spec = TrainingSpec(
+        model=ModelSpec(name=req.model, torch_dtype=dtype, quant_bits=quant),
+        data=DataSpec(train=train, validation=valid, packing=dc.packed, train_on_input=dc.train_on_input,
+                      shuffle=dc.shuffle),
+        adapter=adapter, hyperparameters=hyper,
+        schedule=ScheduleSpec(max_validation_steps=tc.max_validation_steps),
+        resources=ResourceSpec(), export_dir=export)
+    return Submission(spec=spec, dialect=DIALECT, request=req.model_dump(mode="json"), external_id=req.job_uuid,
+                      metadata={"logger_config": str(req.logger_config)[:512]} if req.logger_config else None)
+
+
+def _adapter(cfg: LoraConfig | QatConfig | None) -> tuple[AdapterSpec, int | None]:
+    if cfg is None:
+        # No algorithm: Llama Stack's full-parameter fine-tuning.
+        return AdapterSpec(type="full"), None
+    if isinstance(cfg, QatConfig):
+        raise InvalidRequest("algorithm_config type 'QAT' (quantisation-aware training) is not available; use "
+                             "'LoRA' (with quantize_base for QLoRA)", param="algorithm_config.type")
+    unknown = [m for m in cfg.lora_attn_modules if m not in ATTN_MODULES]
+    if unknown:
+        raise InvalidRequest(f"algorithm_config.lora_attn_modules: unknown module(s) {unknown}; use "
+                             f"{sorted(ATTN_MODULES)}", param="algorithm_config.lora_attn_modules")
+    targets = list(dict.fromkeys(ATTN_MODULES[m] for m in cfg.lora_attn_modules))
+    if cfg.apply_lora_to_mlp:
+        targets += MLP_MODULES
+    if cfg.apply_lora_to_output:
+        targets.append("lm_head")
+    if not targets:
+        raise InvalidRequest("LoRA needs at least one module: name lora_attn_modules or set apply_lora_to_mlp",
+                             param="algorithm_config.lora_attn_modules")
+    return (AdapterSpec(type="lora", r=cfg.rank, alpha=cfg.alpha, target_modules=targets, use_dora=cfg.use_dora),
+            4 if cfg.quantize_base else None)
+
+
+# ----- job -> wire ---------------------------------------------------------------------------------
+def iso(ts: float | None) -> str | None:
+    """Unix seconds as ISO-8601 UTC."""
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat()
+
+
+def job_uuid(job: Job) -> str:
+    """The id a Llama Stack client knows the job by: its own job_uuid, or tuneyard's id."""
+    return job.external_id or job.id
+
+
+def _epoch(job: Job, step: int) -> int:
+    hp = job.resolved_hyperparameters or {}
+    epochs = hp.get("n_epochs")
+    if not isinstance(epochs, int) or not job.total_steps:
+        return 0
+    per_epoch = max(1, math.ceil(job.total_steps / epochs))
+    return min(epochs, math.ceil(step / per_epoch))
+
+
+def _metrics(epoch: int, m: dict) -> TrainingMetrics:
+    valid = m.get("valid_loss")
+    perplexity = None
+    if isinstance(valid, int | float):
+        perplexity = math.exp(valid) if valid < 700 else math.inf
+    return TrainingMetrics(epoch=epoch, train_loss=m.get("train_loss"), validation_loss=valid, perplexity=perplexity)
+
+
+def checkpoint_out(job: Job, ck: Checkpoint) -> CheckpointOut:
+    """One checkpoint with its training metrics (perplexity = exp(validation loss))."""
+    epoch = _epoch(job, ck.step)
+    return CheckpointOut(identifier=ck.id, created_at=iso(ck.created_at), epoch=epoch,
+                         post_training_job_id=job_uuid(job), path=ck.path,
+                         training_metrics=_metrics(epoch, ck.metrics or {}))
+
+
+def final_output(job: Job, last: Checkpoint | None) -> CheckpointOut | None:
+    """The trained adapter (or model) as the job's last artifact, once it succeeded."""
+    if job.status != JobStatus.SUCCEEDED or not job.output_dir:
+        return None
+    epochs = (job.resolved_hyperparameters or {}).get("n_epochs") or 0
+    metrics = _metrics(int(epochs), (last.metrics if last else {}) or {})
+    return CheckpointOut(identifier=job.fine_tuned_model or f"{job_uuid(job)}-final", created_at=iso(job.finished_at),
+                         epoch=int(epochs), post_training_job_id=job_uuid(job),
+                         path=str(Path(job.output_dir) / "output"), training_metrics=metrics)
+
+
+def resources(job: Job, settings: Settings) -> dict:
+    """What the job runs on: device kind, process count and the memory each device has."""
+    from tuneyard.scheduler.capacity import detect
+
+    spec = TrainingSpec.model_validate(job.spec)
+    cap = detect(settings)
+    cuda = cap.has_cuda and spec.resources.device != "cpu"
+    if cuda:
+        return {"device": "cuda", "count": spec.resources.nproc_per_node, "gpu_type": cap.gpu_name,
+                "memory_mib_per_device": cap.gpu_memory_mib}
+    import os
+
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {"device": "cpu", "count": max(spec.resources.nproc_per_node, settings.cpu_procs_per_job),
+            "memory_mib_total": total // 2**20}
+
+
+def dataset_out(ds: Dataset) -> DatasetOut:
+    """The Llama Stack view of a registered dataset (rows are not echoed: they live in a file)."""
+    source = dict(ds.source)
+    if ds.file_id:
+        source = {**source, "file_id": ds.file_id, "n_rows": ds.n_rows}
+    return DatasetOut(identifier=ds.dataset_id, provider_resource_id=ds.dataset_id, purpose=ds.purpose,
+                      source=source, metadata=ds.metadata_ or {})

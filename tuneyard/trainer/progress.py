@@ -1,0 +1,189 @@
+"""Trainer callbacks: progress events for the scheduler, complete-checkpoint marks, and cooperative stop.
+
+Events (written by rank 0 through the job's one ``Reporter``):
+
+- ``message`` at the start: "Training started: 24 steps, 2 epochs, LoRA r=8 on 7 modules, 1 process(es), cpu".
+- ``metrics`` at each logging step: ``step, total_steps, epoch, train_loss, train_mean_token_accuracy,
+  learning_rate, grad_norm, tokens_per_second, trained_tokens, elapsed_s, eta_s``; after each evaluation:
+  ``step, total_steps, epoch, valid_loss, valid_mean_token_accuracy, elapsed_s``.
+- ``checkpoint`` once a checkpoint is completely written (every rank's files on disk and our marker
+  file last): ``step, path, metrics``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from tuneyard.jobdir import JobDir, write_json_atomic
+from tuneyard.trainer.runtime import Reporter
+
+log = logging.getLogger("tuneyard.trainer")
+
+# Written last into a checkpoint directory: its presence is what makes the checkpoint resumable.
+CHECKPOINT_MARKER = "tuneyard_checkpoint.json"
+_STOP_CODES = {None: 0, "cancel": 1, "pause": 2}
+
+
+def latest_complete_checkpoint(checkpoints: Path) -> Path | None:
+    """The checkpoint with the highest step that carries the completion marker, if any."""
+    found = []
+    for d in checkpoints.glob("checkpoint-*"):
+        step = d.name.removeprefix("checkpoint-")
+        if step.isdigit() and (d / CHECKPOINT_MARKER).is_file():
+            found.append((int(step), d))
+    return max(found)[1] if found else None
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class ProgressCallback(TrainerCallback):
+    """Turns the Trainer's logs, evaluations and saves into tuneyard events; marks checkpoints complete."""
+
+    def __init__(self, reporter: Reporter, *, describe: str, n_epochs: int,
+                 spec_json: dict[str, Any]) -> None:
+        self.reporter = reporter
+        self.describe = describe
+        self.n_epochs = n_epochs
+        self.spec_json = spec_json
+        self.latest: dict[str, float] = {}
+        self.last_checkpoint: Path | None = None
+        self._t0 = time.monotonic()
+        self._first_step = 0
+        self._last_log = (self._t0, 0)  # (time, tokens) at the previous metrics event
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       **kwargs: Any) -> None:
+        self._t0 = time.monotonic()
+        self._first_step = state.global_step
+        self._last_log = (self._t0, state.num_input_tokens_seen)
+        verb = f"resumed at step {state.global_step}/{state.max_steps}" if state.global_step else \
+            f"started: {state.max_steps} steps"
+        self.reporter.emit("message", f"Training {verb}, {self.n_epochs} epochs, {self.describe}",
+                           {"total_steps": state.max_steps, "start_step": state.global_step,
+                            "n_epochs": self.n_epochs})
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    **kwargs: Any) -> None:
+        if state.global_step >= state.max_steps:
+            control.should_log = True  # the last loss is always reported, whatever the interval
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+               logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+        logs = logs or {}
+        now = time.monotonic()
+        base = {"step": state.global_step, "total_steps": state.max_steps,
+                "epoch": round(state.epoch or 0.0, 4), "elapsed_s": round(now - self._t0, 3)}
+        if "loss" in logs:
+            tokens = int(state.num_input_tokens_seen)
+            dt = now - self._last_log[0]
+            tps = (tokens - self._last_log[1]) / dt if dt > 0 else 0.0
+            self._last_log = (now, tokens)
+            done = state.global_step - self._first_step
+            eta = (now - self._t0) / done * (state.max_steps - state.global_step) if done > 0 else None
+            self.latest["train_loss"] = float(logs["loss"])
+            if "mean_token_accuracy" in logs:
+                self.latest["train_mean_token_accuracy"] = float(logs["mean_token_accuracy"])
+            data = {**base, "train_loss": self.latest["train_loss"],
+                    "train_mean_token_accuracy": logs.get("mean_token_accuracy"),
+                    "learning_rate": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"),
+                    "tokens_per_second": round(tps, 2), "trained_tokens": tokens,
+                    "eta_s": None if eta is None else round(eta, 1)}
+            self.reporter.emit("metrics", f"Step {state.global_step}/{state.max_steps}: training loss="
+                                          f"{_fmt(logs['loss'])}", data)
+        elif "eval_loss" in logs:
+            self.latest["valid_loss"] = float(logs["eval_loss"])
+            if "eval_mean_token_accuracy" in logs:
+                self.latest["valid_mean_token_accuracy"] = float(logs["eval_mean_token_accuracy"])
+            data = {**base, "valid_loss": self.latest["valid_loss"],
+                    "valid_mean_token_accuracy": logs.get("eval_mean_token_accuracy")}
+            self.reporter.emit("metrics", f"Step {state.global_step}/{state.max_steps}: validation loss="
+                                          f"{_fmt(logs['eval_loss'])}", data)
+        # The Trainer's end-of-train summary ("train_loss" averaged over this process's steps only) is not
+        # reported: after a resume it would average a different span than the metrics events.
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                **kwargs: Any) -> None:
+        # Every rank writes its own RNG state into the checkpoint: wait for all before calling it complete.
+        if _distributed():
+            dist.barrier()
+        if not state.is_world_process_zero:
+            return
+        path = Path(args.output_dir, f"checkpoint-{state.global_step}").resolve()
+        metrics = dict(self.latest)
+        write_json_atomic(path / CHECKPOINT_MARKER, {
+            "step": state.global_step, "trained_tokens": int(state.num_input_tokens_seen), "metrics": metrics,
+            "spec": self.spec_json})
+        self.last_checkpoint = path
+        self.reporter.emit("checkpoint", f"Checkpoint saved at step {state.global_step}",
+                           {"step": state.global_step, "path": str(path), "metrics": metrics})
+
+
+class StopCallback(TrainerCallback):
+    """Cooperative stop: JOBDIR/control/stop saying "cancel" stops at once, "pause" after a checkpoint.
+
+    Rank 0 reads the file and broadcasts its decision, so every rank leaves the loop at the same step
+    (one rank stopping alone would leave the others blocked in the next gradient all-reduce).
+    """
+
+    def __init__(self, job: JobDir) -> None:
+        self.job = job
+        self.reason: str | None = None
+
+    def poll(self, args: TrainingArguments) -> str | None:
+        """The stop reason rank 0 sees now, the same on every rank (a collective: call it on all ranks)."""
+        reason = None
+        if args.process_index == 0:
+            reason = self.job.stop_requested()
+            if reason is not None and reason not in _STOP_CODES:
+                log.warning("unknown stop request %r in %s: treating it as cancel", reason, self.job.control)
+                reason = "cancel"
+        if _distributed():
+            code = torch.tensor([_STOP_CODES[reason]], dtype=torch.int64, device=args.device)
+            dist.broadcast(code, src=0)
+            reason = {v: k for k, v in _STOP_CODES.items()}[int(code.item())]
+        return reason
+
+    def _stop(self, reason: str, state: TrainerState, control: TrainerControl) -> None:
+        self.reason = reason
+        control.should_training_stop = True
+        if reason == "cancel":
+            control.should_save = control.should_evaluate = False
+        log.info("stop requested (%s) at step %d", reason, state.global_step)
+
+    def on_substep_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       **kwargs: Any) -> None:
+        # Inside a gradient-accumulation step only a cancel is honoured: a pause needs a whole step to save.
+        if self.reason is None and self.poll(args) == "cancel":
+            self._stop("cancel", state, control)
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    **kwargs: Any) -> None:
+        if self.reason is not None:
+            return
+        reason = self.poll(args)
+        if reason is None:
+            return
+        self._stop(reason, state, control)
+        if reason == "pause":
+            control.should_save = True
+            control.should_log = True
+
+    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     **kwargs: Any) -> None:
+        # The loop runs its epoch-end hooks after a break: a stopped run must not save or evaluate again.
+        if self.reason is not None:
+            control.should_save = control.should_evaluate = False
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}" if math.isfinite(x) else str(x)

@@ -1,0 +1,159 @@
+"""What every trainer recipe shares: ranks, logging, the one reporter that writes events and results, errors.
+
+Nothing here imports torch at module level: ``__main__`` must be able to report a failure (a bad spec,
+a refused method) before the heavy imports, and the tests import these helpers cheaply.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tuneyard.jobdir import EventWriter, JobDir, write_json_atomic
+
+# Codes a failed result.json can carry; the scheduler maps them onto the job's error.
+ERROR_CODES = (
+    "invalid_spec",          # resolved_spec.json missing, unparsable, or still holding "auto"
+    "unsupported",           # a method / option this trainer does not implement (e.g. DPO, FSDP)
+    "device_unavailable",    # CUDA asked for but absent, QLoRA without CUDA or bitsandbytes
+    "data_error",            # tokenised datasets missing or malformed
+    "model_load_error",      # base model or tokenizer could not be loaded
+    "out_of_memory",         # CUDA (or host) out of memory
+    "training_error",        # anything else raised while training
+)
+
+
+class TrainerError(Exception):
+    """A failure with a machine code and a message short enough to show a user as is."""
+
+    def __init__(self, code: str, message: str) -> None:
+        assert code in ERROR_CODES, code
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in the run, read from the variables torchrun sets (one process without them)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def from_env(cls) -> Ranks:
+        """The ranks torchrun exported, or a single process."""
+        env = os.environ
+        return cls(rank=int(env.get("RANK", "0")), local_rank=int(env.get("LOCAL_RANK", "0")),
+                   world_size=int(env.get("WORLD_SIZE", "1")))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+class _JobFilter(logging.Filter):
+    def __init__(self, job_id: str, rank: int) -> None:
+        super().__init__()
+        self.job_id, self.rank = job_id, rank
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.job_id, record.rank = self.job_id, self.rank
+        return True
+
+
+def setup_logging(job_id: str, ranks: Ranks) -> logging.Logger:
+    """Route this process's logs (ours, the libraries', Python warnings) to stderr, one line each."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_JobFilter(job_id, ranks.rank))
+    handler.setFormatter(logging.Formatter(
+        "%(job_id)s %(asctime)s %(levelname)s rank=%(rank)d %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    # Replica ranks repeat rank 0's story; only their warnings are news.
+    root.setLevel(logging.INFO if ranks.is_main else logging.WARNING)
+    for noisy in ("transformers", "trl", "peft", "datasets", "accelerate", "torch", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.captureWarnings(True)
+    # PEFT asks every model this deprecated question once per run: noise in every job log, nothing to act on.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    return logging.getLogger("tuneyard.trainer")
+
+
+def quiet_libraries() -> None:
+    """Send library logs through the root handler and turn off progress bars (they garble log files)."""
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_default_handler()
+    transformers.utils.logging.enable_propagation()
+    transformers.utils.logging.set_verbosity_warning()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.utils.logging.disable_progress_bar()
+    datasets.utils.logging.set_verbosity_warning()
+
+
+class Reporter:
+    """The one writer of this process's events and result; silent on every rank but 0."""
+
+    def __init__(self, job: JobDir, ranks: Ranks) -> None:
+        self.job = job
+        self.ranks = ranks
+        self._events = EventWriter(job.events, "trainer") if ranks.is_main else None
+
+    def emit(self, type: str, message: str, data: dict | None = None, level: str = "info") -> None:
+        """Append an event (rank 0 only)."""
+        if self._events is not None:
+            self._events.emit(type, message, data, level)
+            logging.getLogger("tuneyard.trainer.events").log(
+                logging.ERROR if level == "error" else logging.INFO, "%s: %s", type, message)
+
+    def result(self, result: dict[str, Any]) -> None:
+        """Write result.json (rank 0 only)."""
+        if self.ranks.is_main:
+            write_json_atomic(self.job.result, result)
+
+    def failure(self, code: str, message: str) -> None:
+        """Record a failure: event + result on rank 0; another rank writes the result only if none exists."""
+        result = {"status": "failed", "error": {"code": code, "message": message}}
+        if self.ranks.is_main:
+            self.emit("message", f"Training failed: {message}", {"code": code}, level="error")
+            self.result(result)
+        elif not self.job.result.exists():
+            # torchrun tears rank 0 down when another rank dies, so rank 0 may never write why.
+            result["error"]["rank"] = self.ranks.rank
+            write_json_atomic(self.job.result, result)
+
+
+def classify(exc: BaseException) -> tuple[str, str]:
+    """The (code, message) a result.json reports for ``exc``."""
+    if isinstance(exc, TrainerError):
+        return exc.code, exc.message
+    text = str(exc).strip() or type(exc).__name__
+    first = text.splitlines()[0][:500]
+    if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in text.lower():
+        return "out_of_memory", f"Out of memory: {first}. Lower the batch size, max_length or use QLoRA."
+    if isinstance(exc, MemoryError):
+        return "out_of_memory", "Out of host memory."
+    return "training_error", f"{type(exc).__name__}: {first}"
+
+
+def teardown_distributed() -> None:
+    """Destroy the process group if this process joined one, so the process exits without hanging."""
+    if "torch" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def job_path(arg: str) -> JobDir:
+    """The job directory named on the command line, as an absolute path."""
+    return JobDir(Path(arg).resolve())

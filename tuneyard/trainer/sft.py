@@ -1,0 +1,453 @@
+"""Supervised fine-tuning recipe: transformers + PEFT + TRL ``SFTTrainer`` on an already tokenised dataset.
+
+Run it on a job directory prepared by the prepare step (``resolved_spec.json``, ``data/train`` and
+optionally ``data/validation``, both ``datasets.save_to_disk`` with ``input_ids`` and ``labels``)::
+
+    # one device (a GPU if there is one and the spec allows it, else the CPU)
+    python -m tuneyard.trainer /path/to/jobs/ftjob-abc
+
+    # N GPUs on this machine (or N gloo processes on CPU), one process per device
+    torchrun --standalone --nproc_per_node N -m tuneyard.trainer /path/to/jobs/ftjob-abc
+
+    # several nodes: run on every node, JOBDIR on a filesystem they all share
+    torchrun --nnodes 2 --nproc_per_node 8 --node_rank $NODE_RANK --rdzv_id ftjob-abc \\
+        --rdzv_backend c10d --rdzv_endpoint $HEAD_NODE:29500 -m tuneyard.trainer /shared/jobs/ftjob-abc
+
+The spec's ``batch_size`` is global: per_device_batch_size x gradient_accumulation_steps x processes.
+When the number of processes differs from the spec's ``resources``, the accumulation is recomputed so
+the global batch stays what was asked. Rank 0 alone writes events, checkpoint marks, output/ and
+result.json. Checkpoints land in ``JOBDIR/checkpoints/checkpoint-<step>`` (adapter or weights,
+optimizer, scheduler, RNG state per rank, trainer_state.json, and ``tuneyard_checkpoint.json`` written
+last); a run started on a job directory holding a complete checkpoint resumes from the newest one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+import torch.distributed as dist
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PrinterCallback, set_seed
+from transformers.utils import is_bitsandbytes_available, is_flash_attn_2_available
+from trl import SFTConfig, SFTTrainer
+
+from tuneyard.data.prepare import LAZY_COLUMN
+from tuneyard.domain.errors import InvalidRequest
+from tuneyard.domain.hparams import micro_batching
+from tuneyard.domain.spec import TrainingSpec
+from tuneyard.jobdir import JobDir, read_json
+from tuneyard.trainer.progress import (
+    CHECKPOINT_MARKER,
+    ProgressCallback,
+    StopCallback,
+    latest_complete_checkpoint,
+)
+from tuneyard.trainer.runtime import Ranks, Reporter, TrainerError, quiet_libraries
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def run(spec: TrainingSpec, job: JobDir, ranks: Ranks, reporter: Reporter,
+        log: logging.Logger) -> dict[str, Any]:
+    """Train per ``spec`` in ``job``; return the result.json body (succeeded/stopped); raise on failure."""
+    quiet_libraries()
+    _check_supported(spec)
+    device = pick_device(spec)
+    precision = pick_precision(spec, device)
+    per_device, accum = batch_split(spec, ranks.world_size)
+    train_ds, eval_ds = load_datasets(job, spec, ranks.world_size)
+    log.info("sft: %d training rows, %s validation rows, device=%s, dtype=%s, %d process(es), "
+             "micro-batch %d x accumulation %d", len(train_ds), len(eval_ds) if eval_ds is not None else "no",
+             device, precision["load"], ranks.world_size, per_device, accum)
+
+    tokenizer = load_tokenizer(spec)
+    if spec.data.lazy_tokenize:
+        encode = lazy_encoder(spec, tokenizer)
+        for ds in (train_ds, eval_ds):
+            if ds is not None:
+                ds.set_transform(encode)
+    model = load_model(spec, device, precision, ranks)
+    # A KV cache would switch off transformers' packed-sequence mask (padding-free needs it).
+    model.config.use_cache = False
+    config = build_config(spec, job, device, precision, per_device, accum, has_eval=eval_ds is not None,
+                          moe=_is_moe(model))
+    progress = ProgressCallback(reporter, describe="", n_epochs=int(spec.hyperparameters.n_epochs),
+                                spec_json=spec.model_dump(mode="json"))
+    stop = StopCallback(job)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tokenizer, peft_config=lora_config(spec),
+                         callbacks=[progress, stop],
+                         optimizer_cls_and_kwargs=optimizer_override(spec, device))
+    # Our callback reports; the default printer would duplicate every log dict on stdout.
+    trainer.remove_callback(PrinterCallback)
+    total = finalise_schedule(trainer, spec, per_device, accum, ranks.world_size)
+    progress.describe = describe(trainer.model, spec, ranks.world_size, device)
+    # Same seed on every rank for the model and the sampler (data_seed); rank-offset for dropout & co.
+    set_seed(spec.seed + ranks.rank)
+
+    resume = prepare_resume(job, ranks, log)
+    if resume is not None:
+        # Until the resumed run logs anything, its latest metrics are the checkpoint's.
+        progress.latest.update((read_json(resume / CHECKPOINT_MARKER) or {}).get("metrics", {}))
+    early = stop.poll(trainer.args)
+    if early is not None:
+        step = _checkpoint_step(resume)
+        reporter.emit("message", f"Training stopped ({early}) before it started",
+                      {"reason": early, "step": step})
+        return {"status": "stopped", "reason": early, "step": step,
+                "checkpoint": str(resume) if resume else None}
+
+    log.info("training %d steps%s", total, f", resuming from {resume}" if resume else "")
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    state = trainer.state
+
+    if stop.reason is not None:
+        ckpt = progress.last_checkpoint if stop.reason == "pause" else None
+        stopped = {"status": "stopped", "reason": stop.reason, "step": state.global_step,
+                   "checkpoint": str(ckpt) if ckpt else None}
+        reporter.emit("message", f"Training stopped ({stop.reason}) at step {state.global_step}",
+                      {k: v for k, v in stopped.items() if k != "status"})
+        return stopped
+
+    save_output(trainer, job, ranks)
+    metrics = dict(progress.latest)
+    adapter = spec.adapter.type == "lora"
+    reporter.emit("message", f"Training finished: {state.global_step} steps, " + ", ".join(
+        f"{k}={v:.4g}" for k, v in metrics.items() if k in ("train_loss", "valid_loss")),
+        {"output_dir": str(job.output), "final_metrics": metrics})
+    return {"status": "succeeded", "output_dir": str(job.output),
+            "trained_tokens": int(state.num_input_tokens_seen), "trained_steps": state.global_step,
+            "final_metrics": metrics, "adapter": adapter}
+
+
+def _check_supported(spec: TrainingSpec) -> None:
+    if spec.model.model_type != "llm":
+        raise TrainerError("unsupported", "vision-language models are not supported by the SFT trainer yet")
+    if spec.resources.distributed != "ddp":
+        raise TrainerError("unsupported", f"distributed={spec.resources.distributed!r} is not supported yet; "
+                                          "use 'ddp'")
+
+
+def pick_device(spec: TrainingSpec) -> str:
+    """"cuda" when there is a GPU and the spec allows it, else "cpu"; demanding CUDA fails without one."""
+    want = spec.resources.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise TrainerError("device_unavailable",
+                           "resources.device is 'cuda' but this machine has no CUDA GPU")
+    return "cuda" if want != "cpu" and torch.cuda.is_available() else "cpu"
+
+
+def pick_precision(spec: TrainingSpec, device: str) -> dict[str, Any]:
+    """The dtype to load weights in and the autocast flags: {"load": dtype, "bf16": bool, "fp16": bool}."""
+    want = spec.model.torch_dtype
+    quantised = spec.model.quant_bits in (4, 8)
+    if quantised:
+        # QLoRA never silently falls back to an unquantised base: that would need several times the memory.
+        if device != "cuda":
+            raise TrainerError("device_unavailable",
+                               f"quant_bits={spec.model.quant_bits} (QLoRA) needs a CUDA GPU with "
+                               "bitsandbytes; this run has none. Set quant_bits to null to train the base "
+                               "model unquantised.")
+        if not is_bitsandbytes_available():
+            raise TrainerError("device_unavailable", f"quant_bits={spec.model.quant_bits} (QLoRA) needs the "
+                                                     "bitsandbytes package, which is not installed")
+    if want == "auto":
+        want = "bfloat16" if device == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+        if quantised and want == "float32":
+            want = "float16"  # the 4/8-bit matmuls compute in half precision
+    if want == "float16" and device == "cpu":
+        raise TrainerError("unsupported",
+                           "torch_dtype 'float16' needs a CUDA GPU; use 'float32' or 'bfloat16' on CPU")
+    load = DTYPES[want]
+    if want == "float16" and spec.adapter.type == "full":
+        # fp16 AMP cannot unscale fp16 gradients: keep fp32 master weights and autocast to fp16.
+        load = torch.float32
+    return {"load": load, "bf16": want == "bfloat16", "fp16": want == "float16"}
+
+
+def batch_split(spec: TrainingSpec, world_size: int) -> tuple[int, int]:
+    """(per-device micro batch, accumulation) for the actual number of processes, keeping the global batch."""
+    hp = spec.hyperparameters
+    assert isinstance(hp.batch_size, int) and hp.per_device_batch_size and hp.gradient_accumulation_steps
+    if hp.per_device_batch_size * hp.gradient_accumulation_steps * world_size == hp.batch_size:
+        return hp.per_device_batch_size, hp.gradient_accumulation_steps
+    try:
+        return micro_batching(hp.batch_size, world_size, hp.per_device_batch_size, None)
+    except InvalidRequest as e:
+        raise TrainerError("invalid_spec",
+                           f"cannot run the spec on {world_size} process(es): {e.message}") from e
+
+
+def load_datasets(job: JobDir, spec: TrainingSpec,
+                  world_size: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """The tokenised train and (optional) validation sets, checked for the columns the trainer needs."""
+    found = []
+    for split in ("train", "validation"):
+        path = job.data / split
+        if not path.exists():
+            if split == "train":
+                raise TrainerError("data_error",
+                                   f"no tokenised training set at {path}: the prepare step has not run")
+            found.append(None)
+            continue
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except Exception as e:
+            raise TrainerError("data_error", f"cannot read the tokenised {split} set at {path}: {e}") from e
+        if not isinstance(ds, datasets.Dataset):
+            raise TrainerError("data_error", f"{path} holds a {type(ds).__name__}, expected one Dataset")
+        missing = ({LAZY_COLUMN} if spec.data.lazy_tokenize else {"input_ids", "labels"}) - set(ds.column_names)
+        if missing:
+            raise TrainerError("data_error", f"the {split} set at {path} lacks column(s) {sorted(missing)}")
+        if len(ds) == 0:
+            if split == "train":
+                raise TrainerError("data_error", f"the training set at {path} is empty")
+            ds = None
+        found.append(ds)
+    train, valid = found
+    cap = spec.schedule.max_validation_steps
+    if valid is not None and cap:
+        hp = spec.hyperparameters
+        eval_bs = hp.per_device_eval_batch_size or hp.per_device_batch_size
+        valid = valid.select(range(min(len(valid), cap * eval_bs * world_size)))
+    return train, valid
+
+
+def lazy_encoder(spec: TrainingSpec, tokenizer) -> Any:
+    """A ``set_transform`` function that tokenises stored rows batch by batch, exactly as the prepare step would.
+
+    A row whose answer does not fit in ``max_length`` keeps its (truncated) tokens with no loss on them:
+    a lazily tokenised set cannot drop rows, and the answer is never trained on half.
+    """
+    from tuneyard.data.tokenize import IGNORE_INDEX, encode_conversation
+
+    data = spec.data
+
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        out: dict[str, list] = {"input_ids": [], "labels": []}
+        for raw in batch[LAZY_COLUMN]:
+            row = json.loads(raw)
+            enc = encode_conversation(tokenizer, row, template=data.template, system_prompt=data.system_prompt,
+                                      max_length=data.max_length, truncation="truncate",
+                                      train_on_input=data.train_on_input, last_turn_only=data.last_turn_only)
+            if enc is None:
+                enc = encode_conversation(tokenizer, row, template=data.template, system_prompt=data.system_prompt,
+                                          max_length=data.max_length, truncation="truncate", train_on_input=True)
+                enc = {"input_ids": enc["input_ids"], "labels": [IGNORE_INDEX] * len(enc["input_ids"])} if enc \
+                    else {"input_ids": [tokenizer.eos_token_id], "labels": [IGNORE_INDEX]}
+            out["input_ids"].append(enc["input_ids"])
+            out["labels"].append(enc["labels"])
+        return out
+
+    return encode
+
+
+def load_tokenizer(spec: TrainingSpec):
+    """The base model's tokenizer (from the same directory / repo and revision)."""
+    m = spec.model
+    try:
+        return AutoTokenizer.from_pretrained(m.name, revision=m.revision,
+                                             trust_remote_code=m.trust_remote_code)
+    except Exception as e:
+        raise TrainerError("model_load_error", f"cannot load the tokenizer of {m.name}: {_short(e)}") from e
+
+
+def load_model(spec: TrainingSpec, device: str, precision: dict[str, Any], ranks: Ranks) -> PreTrainedModel:
+    """The base model in the chosen dtype, quantised with bitsandbytes for QLoRA."""
+    m = spec.model
+    kwargs: dict[str, Any] = {"dtype": precision["load"], "revision": m.revision,
+                              "trust_remote_code": m.trust_remote_code}
+    packed = spec.data.padding_free or spec.data.packing
+    if device == "cuda" and packed and precision["load"] != torch.float32 and is_flash_attn_2_available():
+        # Varlen kernels attend within each packed example without the dense block mask sdpa needs.
+        kwargs["attn_implementation"] = "flash_attention_2"
+    if m.quant_bits in (4, 8):
+        from transformers import BitsAndBytesConfig
+
+        compute = precision["load"]
+        kwargs["quantization_config"] = (
+            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=compute)
+            if m.quant_bits == 4 else BitsAndBytesConfig(load_in_8bit=True))
+        kwargs["device_map"] = {"": ranks.local_rank}  # quantised weights are placed at load time
+    try:
+        model = AutoModelForCausalLM.from_pretrained(m.name, **kwargs)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:
+        raise TrainerError("model_load_error", f"cannot load model {m.name}: {_short(e)}") from e
+    if m.quant_bits in (4, 8):
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=spec.hyperparameters.gradient_checkpointing)
+    return model
+
+
+def lora_config(spec: TrainingSpec):
+    """The PEFT LoRA/DoRA config of ``spec.adapter``, or None for full fine-tuning."""
+    a = spec.adapter
+    if a.type == "full":
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout, target_modules=a.target_modules,
+                      use_dora=a.use_dora, modules_to_save=list(a.modules_to_save) or None, bias="none",
+                      task_type="CAUSAL_LM")
+
+
+def optimizer_override(spec: TrainingSpec, device: str):
+    """(class, kwargs) for optimizers the Trainer does not name itself (plain Adam), else None."""
+    if spec.hyperparameters.optimizer != "adam":
+        return None
+    # Adam with L2 weight decay (the Trainer still puts no decay on biases and norms).
+    kwargs: dict[str, Any] = {"lr": spec.hyperparameters.learning_rate, "betas": (0.9, 0.999), "eps": 1e-8}
+    if device == "cuda":
+        kwargs["fused"] = True
+    return torch.optim.Adam, kwargs
+
+
+def build_config(spec: TrainingSpec, job: JobDir, device: str, precision: dict[str, Any], per_device: int,
+                 accum: int, *, has_eval: bool, moe: bool = False) -> SFTConfig:
+    """Map the spec onto SFTConfig (steps that depend on the prepared data are set in finalise_schedule)."""
+    hp, sched, data = spec.hyperparameters, spec.schedule, spec.data
+    optim = {"adamw": "adamw_torch_fused" if device == "cuda" else "adamw_torch", "adam": "adamw_torch",
+             "sgd": "sgd"}[hp.optimizer]
+    # An epoch capped by max_steps_per_epoch ends after `cap` steps: evaluate and save on that rhythm.
+    epoch_steps = hp.max_steps_per_epoch if hp.max_steps_per_epoch and not hp.max_steps else None
+    eval_steps = sched.eval_steps or epoch_steps
+    save_steps = sched.save_steps or epoch_steps
+    padding_free = data.padding_free and not data.packing
+    return SFTConfig(
+        output_dir=str(job.checkpoints),
+        num_train_epochs=float(hp.n_epochs),
+        per_device_train_batch_size=per_device,
+        per_device_eval_batch_size=hp.per_device_eval_batch_size or per_device,
+        gradient_accumulation_steps=accum,
+        learning_rate=hp.learning_rate,
+        weight_decay=hp.weight_decay,
+        max_grad_norm=hp.max_grad_norm,
+        lr_scheduler_type=hp.lr_scheduler,
+        optim=optim,
+        activation_checkpointing=hp.gradient_checkpointing,
+        seed=spec.seed,
+        data_seed=spec.seed,
+        logging_strategy="steps",
+        eval_strategy="no" if not has_eval else "steps" if eval_steps else "epoch",
+        eval_steps=eval_steps if has_eval else None,
+        save_strategy="steps" if save_steps else "epoch",
+        save_steps=save_steps or 500,  # read only with the "steps" strategy; 500 is the Trainer's default
+        save_total_limit=sched.save_total_limit,
+        dataloader_num_workers=sched.dataloader_num_workers,
+        train_sampling_strategy="random" if data.shuffle else "sequential",
+        bf16=precision["bf16"],
+        fp16=precision["fp16"],
+        use_cpu=device == "cpu",
+        # Every parameter of a dense causal LM gets a gradient each step; MoE experts may sit a batch out.
+        ddp_find_unused_parameters=moe,
+        report_to="none",
+        disable_tqdm=True,
+        log_level="passive",
+        # Padding-free batches hold no pad at all, so every id counts (a pad id equal to eos would
+        # otherwise be skipped); padded batches count their attention mask.
+        include_num_input_tokens_seen="all" if padding_free or data.packing else "non_padding",
+        padding_free=padding_free,
+        packing=data.packing,
+        # Lazily tokenised rows arrive through a transform: TRL must not re-process them, and the Trainer must
+        # not drop the raw column the transform reads.
+        dataset_kwargs={"skip_prepare_dataset": True} if data.lazy_tokenize else None,
+        remove_unused_columns=not data.lazy_tokenize,
+        packing_strategy="bfd",
+        # The prepare step already truncated to max_length; TRL refuses a max_length with padding-free alone.
+        max_length=None if padding_free else data.max_length,
+    )
+
+
+def finalise_schedule(trainer: SFTTrainer, spec: TrainingSpec, per_device: int, accum: int,
+                      world_size: int) -> int:
+    """Set total steps, warmup and logging interval from the prepared (maybe packed) data; return total."""
+    hp = spec.hyperparameters
+    args = trainer.args
+    n_rows = len(trainer.train_dataset)
+    # Same arithmetic as the Trainer: batches per rank after sharding, then optimizer steps.
+    batches_per_rank = math.ceil(math.ceil(n_rows / per_device) / world_size)
+    per_epoch = math.ceil(batches_per_rank / accum)
+    if hp.max_steps:
+        total = hp.max_steps
+    else:
+        # A capped epoch: the stream of batches runs on across epoch boundaries, total steps as resolved.
+        cap = hp.max_steps_per_epoch or per_epoch
+        total = int(hp.n_epochs) * min(per_epoch, cap)
+        if hp.max_steps_per_epoch:
+            # build_config set the save/eval rhythm to the cap; an epoch shorter than the cap ends sooner.
+            if spec.schedule.save_steps is None:
+                args.save_steps = min(per_epoch, cap)
+            if spec.schedule.eval_steps is None and args.eval_steps:
+                args.eval_steps = min(per_epoch, cap)
+    args.max_steps = total
+    args.warmup_steps = hp.warmup_steps if hp.warmup_steps is not None else math.ceil(total * hp.warmup_ratio)
+    args.logging_steps = spec.schedule.logging_steps or (1 if total < 100 else math.ceil(total / 100))
+    return total
+
+
+def describe(model: torch.nn.Module, spec: TrainingSpec, world_size: int, device: str) -> str:
+    """What is trained, where: "LoRA r=8 on 7 modules, 1 process(es), cpu"."""
+    a = spec.adapter
+    if a.type == "lora":
+        peft_cfg = model.peft_config["default"]
+        names = sorted({str(t).rsplit(".", 1)[-1] for t in peft_cfg.target_modules})
+        kind = "DoRA" if a.use_dora else "LoRA"
+        if spec.model.quant_bits in (4, 8):
+            kind = f"Q{kind} ({spec.model.quant_bits}-bit)"
+        what = f"{kind} r={a.r} on {len(names)} modules"
+    else:
+        n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        what = f"full fine-tuning of {n:,} parameters"
+    return f"{what}, {world_size} process(es), {device}"
+
+
+def prepare_resume(job: JobDir, ranks: Ranks, log: logging.Logger) -> Path | None:
+    """The newest complete checkpoint; rank 0 first deletes the partial ones a crash left behind."""
+    if ranks.is_main and job.checkpoints.is_dir():
+        for d in job.checkpoints.glob("checkpoint-*"):
+            if d.is_dir() and not (d / CHECKPOINT_MARKER).is_file():
+                log.warning("removing incomplete checkpoint %s", d)
+                shutil.rmtree(d, ignore_errors=True)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    return latest_complete_checkpoint(job.checkpoints) if job.checkpoints.is_dir() else None
+
+
+def save_output(trainer: SFTTrainer, job: JobDir, ranks: Ranks) -> None:
+    """Save the adapter (or the full model) and tokenizer to JOBDIR/output, swapped in whole at the end."""
+    partial = job.root / ".output.partial"
+    if ranks.is_main:
+        shutil.rmtree(partial, ignore_errors=True)
+    trainer.model.config.use_cache = True  # the saved config is for inference
+    trainer.save_model(str(partial))  # every rank takes part (sharded states); rank 0 writes
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    if ranks.is_main:
+        (partial / "training_args.bin").unlink(missing_ok=True)  # a pickle; nothing downstream needs it
+        shutil.rmtree(job.output, ignore_errors=True)
+        partial.rename(job.output)
+
+
+def _is_moe(model: PreTrainedModel) -> bool:
+    cfg = model.config.get_text_config()
+    return any(getattr(cfg, k, None) for k in ("num_local_experts", "num_experts", "n_routed_experts"))
+
+
+def _checkpoint_step(path: Path | None) -> int:
+    return int(path.name.removeprefix("checkpoint-")) if path else 0
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:400] if text else type(e).__name__
