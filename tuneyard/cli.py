@@ -65,7 +65,8 @@ def worker_cmd() -> None:
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
     w.start()
-    console.print(f"worker {w.worker_id} running; Ctrl-C to stop (trainers keep running and are re-adopted)")
+    console.print(f"worker {w.worker_id} running; Ctrl-C to stop (running jobs checkpoint and go back to the "
+                  "queue; with TUNEYARD_DRAIN_SECONDS=0 they keep running and are re-adopted)")
     done.wait()
     w.shutdown()
 

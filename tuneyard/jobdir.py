@@ -13,7 +13,7 @@ Layout::
         spec.json            the TrainingSpec as submitted ("auto" left in)
         resolved_spec.json   the TrainingSpec with every "auto" resolved (written by prepare)
         prepared.json        outcome of the prepare step (counts, tokens, steps, or errors)
-        data/train, data/validation   tokenised datasets (datasets.save_to_disk)
+        data/train, data/validation   tokenised splits (data.arrow each: tuneyard.data.splits)
         events.jsonl         append-only event log of every process of the job
         checkpoints/checkpoint-<step>/   adapter/model + optimizer + trainer state; complete only once it
                              holds tuneyard_checkpoint.json (written last), so a half-written one is ignored

@@ -32,6 +32,12 @@ class Settings(BaseSettings):
     poll_interval: float = 0.5
     prepare_slots: int = 2
     cancel_grace_seconds: float = 3.0
+    # On SIGTERM a worker asks its trainers to checkpoint and requeues their jobs, waiting this long;
+    # 0: it stops at once and leaves them running, to be re-adopted by its next start on this machine.
+    drain_seconds: float = 60.0
+    # Most memory (resident, shared pages split) a trainer's processes may hold together; over it the job
+    # fails with out_of_memory instead of taking the machine into the kernel's OOM killer. 0: no limit.
+    job_memory_bytes: int = 0
     # A worker renews its jobs' leases every tick; a job whose lease lapsed this long ago has lost its worker.
     lease_seconds: float = 30.0
     # Limits
@@ -51,13 +57,21 @@ class Settings(BaseSettings):
     jwt_issuer: str | None = None
     jwt_org_claim: str = "org"
     jwt_role_claim: str = "role"
+    # The fewest training examples a job may have (a job's own minimum can only be higher).
     min_examples: int = 1
+    # Tokenising a training file of at least this many examples uses a pool of processes (prepare_workers;
+    # 0: one per core); smaller files are tokenised in the prepare process itself.
+    prepare_workers: int = 0
+    prepare_parallel_min_examples: int = 20000
     max_error_report: int = 20
     # Stored secrets: a Fernet key (urlsafe base64, 32 bytes); unset: a key file under home, made on first use.
     secret_key: str | None = None
     # Remote datasets: an S3-compatible endpoint (MinIO, moto...) instead of AWS, and the largest download.
     s3_endpoint_url: str | None = None
     max_download_bytes: int = 50 * 1024**3
+    # https:// sources on private or reserved addresses (10/8, 192.168/16, 169.254/16 cloud metadata...) are
+    # refused unless this is set; loopback is always allowed.
+    download_allow_private_hosts: bool = False
     # s3:// sources without a secret_id: anonymous requests (False), or the server's own AWS credentials
     # (environment, ~/.aws, instance role) for installations where every caller may read what the server can.
     s3_ambient_credentials: bool = False

@@ -69,11 +69,27 @@ def test_kill_9_of_the_server_loses_nothing(setup, tmp_path):
     assert steps == list(range(every, j.total_steps + 1, every)), "metrics lost or duplicated across the kill"
 
 
+def _losses(client, job_id: str) -> dict[int, float]:
+    return {e.data["step"]: e.data["train_loss"] for e in client.fine_tuning.jobs.list_events(job_id, limit=1000)
+            if e.type == "metrics" and "train_loss" in e.data}
+
+
+def _adapter(jd) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(jd / "output" / "adapter_model.safetensors"))
+
+
 def test_kill_9_of_a_trainer_retries_from_the_latest_checkpoint(setup):
+    """The retried run is the uninterrupted one: same losses step by step, same adapter."""
+    import torch
+
     srv, key, client, f = setup
-    job = client.fine_tuning.jobs.create(model=str(srv.local / "tiny-llama"), training_file=f.id,
-                                         hyperparameters={"n_epochs": 20, "batch_size": 4})
-    _wait_steps(client, job.id, 8)  # past the checkpoints of epochs 1 and 2 (3 steps an epoch)
+    make = {"model": str(srv.local / "tiny-llama"), "training_file": f.id, "seed": 7,
+            "hyperparameters": {"n_epochs": 20, "batch_size": 4}}
+    reference = client.fine_tuning.jobs.create(**make)
+    job = client.fine_tuning.jobs.create(**make)  # runs once the reference is done (one CPU slot)
+    _wait_steps(client, job.id, 8, timeout=300)  # past the checkpoints of epochs 1 and 2 (3 steps an epoch)
     jd = srv.home / "jobs" / "acme" / job.id
     pid = int((jd / "train.pid").read_text())
     os.killpg(pid, signal.SIGKILL)  # torchrun and its trainer, as an OOM kill or a reboot would
@@ -88,4 +104,14 @@ def test_kill_9_of_a_trainer_retries_from_the_latest_checkpoint(setup):
     assert step >= 6 and step % 3 == 0  # an epoch-end checkpoint, complete before the kill
     rows = client.files.content(j.result_files[0]).read().decode().splitlines()[1:]
     assert [int(r.split(",")[0]) for r in rows] == list(range(1, 61)), "one CSV row per step, no repeats"
-    assert (jd / "output" / "adapter_model.safetensors").exists()
+
+    # Deterministic resume: optimizer, scheduler, RNG and data position came back with the checkpoint.
+    assert _wait_done(client, reference.id).status == "succeeded"
+    want, got = _losses(client, reference.id), _losses(client, job.id)
+    assert sorted(got) == sorted(want) == list(range(1, 61))
+    for k in range(1, 61):
+        assert abs(got[k] - want[k]) <= 1e-4 * max(1.0, abs(want[k])), (k, got[k], want[k])
+    a, b = _adapter(srv.home / "jobs" / "acme" / reference.id), _adapter(jd)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)

@@ -26,7 +26,9 @@ WHO = Principal(org_id="acme", key_id="k", role="admin")
 @pytest.fixture()
 def env(tmp_path, tiny_model_dir):
     settings = Settings(home=tmp_path / "home", local_roots=str(tiny_model_dir.parent), poll_interval=0.1,
-                        lease_seconds=1.5, gpu_count=0)
+                        lease_seconds=1.5, gpu_count=0,
+                        # shutdown() stands for a worker dying here: no graceful drain.
+                        drain_seconds=0)
     svc = Services.build(settings)
     ensure_org(svc.store, "acme")
     body = "".join(json.dumps(r) + "\n" for r in sample_rows()).encode()

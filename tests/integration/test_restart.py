@@ -16,7 +16,8 @@ pytestmark = pytest.mark.slow
 
 def test_server_restart_keeps_the_trainer_and_its_results(tmp_path, tiny_model_dir):
     home = tmp_path / "home"
-    srv = Server(home, {})
+    # No drain on stop: the trainer is to keep running, to be re-adopted (tests/faults/test_drain.py drains).
+    srv = Server(home, {"TUNEYARD_DRAIN_SECONDS": "0"})
     shutil.copytree(tiny_model_dir, srv.local / "tiny-llama")
     key = srv.key("acme")
     client = srv.openai(key)
@@ -31,7 +32,7 @@ def test_server_restart_keeps_the_trainer_and_its_results(tmp_path, tiny_model_d
     srv.stop()
     assert pid_alive(pid, job.id), "stopping the server killed the trainer"
     time.sleep(1.0)  # the trainer keeps going with no server
-    srv2 = Server(home, {})
+    srv2 = Server(home, {"TUNEYARD_DRAIN_SECONDS": "0"})
     try:
         client = srv2.openai(key)
         deadline = time.time() + 300

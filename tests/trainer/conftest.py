@@ -62,14 +62,14 @@ def _merge(base: dict, over: dict) -> dict:
 def build_job(root: Path, model_dir: Path, rows: list[dict], name: str = "ftjob-test", *,
               validation: bool = True, **overrides) -> JobDir:
     """A job directory: resolved_spec.json (base_spec + ``overrides``) and tokenised data/train|validation."""
-    from datasets import Dataset
+    from tuneyard.data.splits import write_rows
 
     job = JobDir(root / name).create()
     spec = TrainingSpec.model_validate(_merge(base_spec(model_dir), overrides))
     job.resolved_spec.write_text(spec.model_dump_json(indent=2))
-    Dataset.from_list(rows * TRAIN_REPEAT).save_to_disk(str(job.data / "train"))
+    write_rows(job.data / "train", rows * TRAIN_REPEAT)
     if validation:
-        Dataset.from_list(rows).save_to_disk(str(job.data / "validation"))
+        write_rows(job.data / "validation", rows)
     return job
 
 

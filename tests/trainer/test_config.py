@@ -41,7 +41,7 @@ def make_trainer(spec: TrainingSpec, job: JobDir, rows: list[dict], world_size: 
                          train_dataset=Dataset.from_list(rows), eval_dataset=Dataset.from_list(rows[:4]),
                          processing_class=AutoTokenizer.from_pretrained(spec.model.name),
                          peft_config=lora_config(spec))
-    total = finalise_schedule(trainer, spec, per_device, accum, world_size)
+    total = finalise_schedule(trainer.args, spec, len(trainer.train_dataset), per_device, accum, world_size)
     return trainer, total
 
 
@@ -107,15 +107,14 @@ def test_batch_split_keeps_the_global_batch(tiny_model_dir):
 
 
 def test_datasets_are_checked_and_validation_capped(make_job):
-    from datasets import Dataset
-
+    from tuneyard.data.splits import write_rows
     from tuneyard.trainer.sft import load_datasets
 
     job = make_job("ftjob-data", schedule={"max_validation_steps": 1})
     spec = TrainingSpec.model_validate_json(job.resolved_spec.read_text())
     train, valid = load_datasets(job, spec, world_size=2)
     assert len(train) == 48 and len(valid) == 1 * 4 * 2  # steps x eval micro-batch x processes
-    Dataset.from_list([{"input_ids": [1, 2]}]).save_to_disk(str(job.data / "validation2"))
+    write_rows(job.data / "validation2", [{"input_ids": [1, 2]}])
     (job.data / "validation").rename(job.data / "old")
     (job.data / "validation2").rename(job.data / "validation")
     with pytest.raises(TrainerError, match=r"lacks column\(s\) \['labels'\]") as e:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from tests.unit.test_data_prepare import make_job
 from tuneyard.data.prepare import run
+from tuneyard.data.splits import load_split
 from tuneyard.demo.tiny import write_sample_jsonl
 from tuneyard.domain.spec import SplitSpec
 from tuneyard.jobdir import iter_events, read_json
@@ -14,7 +15,6 @@ def _reused(job) -> bool:
 
 
 def test_second_prepare_reuses_the_tokens_and_changes_miss(tmp_path, tiny_model_dir, monkeypatch):
-    import datasets
 
     from tuneyard.settings import get_settings
 
@@ -30,8 +30,8 @@ def test_second_prepare_reuses_the_tokens_and_changes_miss(tmp_path, tiny_model_
         a, b = read_json(first.prepared), read_json(second.prepared)
         assert a == b  # same counts, tokens and steps
         for split_name in ("train", "validation"):
-            x = datasets.load_from_disk(str(first.data / split_name))
-            y = datasets.load_from_disk(str(second.data / split_name))
+            x = load_split(first.data / split_name)
+            y = load_split(second.data / split_name)
             assert x["input_ids"] == y["input_ids"] and x["labels"] == y["labels"]
         # Anything that changes the tokens is another key.
         for name, kwargs in (("len", {"max_length": 64}), ("sys", {"system_prompt": "Be brief."}),

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from tests.unit.test_data_prepare import make_job
-from tuneyard.data.prepare import LAZY_COLUMN, run
+from tuneyard.data.prepare import run
+from tuneyard.data.splits import LAZY_COLUMN, load_split
 from tuneyard.demo.tiny import write_sample_jsonl
 from tuneyard.domain.spec import SplitSpec, TrainingSpec
 from tuneyard.jobdir import read_json
 
 
 def test_lazy_rows_encode_to_the_eager_tokens(tmp_path, tiny_model_dir, tiny_tokenizer):
-    import datasets
 
     from tuneyard.trainer.sft import lazy_encoder
 
@@ -26,17 +26,16 @@ def test_lazy_rows_encode_to_the_eager_tokens(tmp_path, tiny_model_dir, tiny_tok
     spec = TrainingSpec.model_validate(read_json(lazy.resolved_spec))
     assert spec.data.template and "im_start" in spec.data.template  # the resolved template text itself
     for split_name in ("train", "validation"):
-        rows = datasets.load_from_disk(str(lazy.data / split_name))
+        rows = load_split(lazy.data / split_name)
         assert rows.column_names == [LAZY_COLUMN]
         rows.set_transform(lazy_encoder(spec, tiny_tokenizer))
-        want = datasets.load_from_disk(str(eager.data / split_name))
+        want = load_split(eager.data / split_name)
         got = rows[: len(rows)]
         assert got["input_ids"] == want["input_ids"] and got["labels"] == want["labels"]
         assert rows[0]["input_ids"] == want[0]["input_ids"]
 
 
 def test_an_answer_that_does_not_fit_carries_no_loss(tmp_path, tiny_model_dir, tiny_tokenizer):
-    import datasets
 
     from tuneyard.trainer.sft import lazy_encoder
 
@@ -44,7 +43,7 @@ def test_an_answer_that_does_not_fit_carries_no_loss(tmp_path, tiny_model_dir, t
     job = make_job(tmp_path / "short", tiny_model_dir, train, lazy_tokenize=True, max_length=16)
     assert run(job.root) == 0
     spec = TrainingSpec.model_validate(read_json(job.resolved_spec))
-    rows = datasets.load_from_disk(str(job.data / "train"))
+    rows = load_split(job.data / "train")
     rows.set_transform(lazy_encoder(spec, tiny_tokenizer))
     first = rows[0]
     assert len(first["input_ids"]) <= 16 and set(first["labels"]) == {-100}

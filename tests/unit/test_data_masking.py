@@ -377,3 +377,40 @@ def test_templates_module_needs_no_torch():
     code = ("import sys, tuneyard.data.templates; "
             "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# Qwen3's template as published reads an answer's reasoning from reasoning_content first.
+QWEN3_REASONING = QWEN3.replace(
+    "{%- set reasoning_content = '' %}",
+    "{%- set reasoning_content = message.reasoning_content if message.reasoning_content is string else '' %}")
+
+
+@pytest.mark.parametrize("key", ["reasoning_content", "reasoning", "thinking"])
+def test_reasoning_is_kept_and_trained_where_the_template_shows_it(key, tiny_tokenizer):
+    from tests.unit.test_data_tokenize import labelled_runs
+    from tuneyard.data.formats import convert_row
+
+    raw = {"messages": [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4.", key: "Add two and two."},
+        {"role": "user", "content": "3+3?"},
+        {"role": "assistant", "content": "6.", key: "Add three and three."},
+    ]}
+    row = convert_row(raw, "auto")
+    assert [m.get("reasoning_content") for m in row["messages"]] == [None, "Add two and two.", None,
+                                                                      "Add three and three."]
+    enc = encode_conversation(tiny_tokenizer, row, template=QWEN3_REASONING, max_length=512)
+    # The last answer is trained with its reasoning; the earlier one as the template shows it there: without.
+    assert labelled_runs(tiny_tokenizer, enc) == [
+        "4.<|im_end|>", "<think>\nAdd three and three.\n</think>\n\n6.<|im_end|>"]
+
+
+def test_reasoning_only_on_assistant_messages_and_a_string():
+    from tuneyard.data.formats import RowError, convert_row
+
+    with pytest.raises(RowError) as e:
+        convert_row({"messages": [{"role": "user", "content": "q", "reasoning_content": "x"},
+                                  {"role": "assistant", "content": "a", "reasoning": 3}]}, "auto")
+    text = "; ".join(p.render(1) for p in e.value.problems)
+    assert "'reasoning_content' is only allowed on assistant messages" in text
+    assert "'reasoning' must be a string, got number" in text

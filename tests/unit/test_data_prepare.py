@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tuneyard.data.prepare import run, split_positions
+from tuneyard.data.splits import load_split
 from tuneyard.demo.tiny import sample_rows, write_sample_jsonl
 from tuneyard.domain.spec import DataSource, DataSpec, ModelSpec, SplitSpec, TrainingSpec
 from tuneyard.jobdir import JobDir, iter_events, read_json
@@ -31,7 +32,6 @@ def make_job(tmp_path: Path, model: str | Path, train: Path, **data) -> JobDir:
 
 
 def test_prepare_writes_prepared_json_and_datasets(tmp_path, tiny_model_dir, tiny_tokenizer):
-    import datasets
 
     train = write_sample_jsonl(tmp_path / "train.jsonl", repeat=2)
     job = make_job(tmp_path, tiny_model_dir, train, split=SplitSpec(type="sequential", validation_ratio=0.25))
@@ -44,8 +44,8 @@ def test_prepare_writes_prepared_json_and_datasets(tmp_path, tiny_model_dir, tin
     assert (prepared["n_train"], prepared["n_validation"]) == (18, 6)
     assert (prepared["truncated"], prepared["dropped"], prepared["format"]) == (0, 0, "openai")
 
-    train_ds = datasets.load_from_disk(str(job.data / "train"))
-    val_ds = datasets.load_from_disk(str(job.data / "validation"))
+    train_ds = load_split(job.data / "train")
+    val_ds = load_split(job.data / "validation")
     assert train_ds.column_names == ["input_ids", "labels"] and len(train_ds) == 18 and len(val_ds) == 6
     assert prepared["train_tokens"] == sum(len(x) for x in train_ds["input_ids"])
     assert prepared["trainable_tokens"] == sum(sum(y != -100 for y in x) for x in train_ds["labels"])
@@ -75,7 +75,6 @@ def test_random_split_is_seeded():
 
 
 def test_prepare_with_validation_file_text_rows_and_truncation(tmp_path, tiny_model_dir):
-    import datasets
 
     train = tmp_path / "train.jsonl"
     train.write_text("".join(json.dumps({"text": f"The capital of {c} is {k}. " * n}) + "\n"
@@ -92,7 +91,7 @@ def test_prepare_with_validation_file_text_rows_and_truncation(tmp_path, tiny_mo
     messages = [e["message"] for e in iter_events(job.events)]
     assert ("12 example(s) longer than max_length 24 were dropped (truncating them left nothing to train on)"
             in messages)
-    train_ds = datasets.load_from_disk(str(job.data / "train"))
+    train_ds = load_split(job.data / "train")
     assert max(len(x) for x in train_ds["input_ids"]) == 24
     assert prepared["trainable_tokens"] == prepared["train_tokens"]
 
@@ -178,3 +177,65 @@ def test_module_entry_point(tmp_path, tiny_model_dir, sample_jsonl):
     assert prepared["ok"] and prepared["n_train"] == 12 and prepared["template"] == "chatml"
     assert subprocess.run([sys.executable, "-m", "tuneyard.data.prepare"], env=env,
                           capture_output=True).returncode == 2
+
+
+def _prepare_with(tmp_path: Path, monkeypatch, name: str, model: Path, train: Path, workers: int) -> JobDir:
+    from tuneyard.settings import get_settings
+
+    monkeypatch.setenv("TUNEYARD_PREPARE_WORKERS", str(workers))
+    monkeypatch.setenv("TUNEYARD_PREPARE_PARALLEL_MIN_EXAMPLES", "1")
+    monkeypatch.setenv("TUNEYARD_TOKENISED_CACHE_BYTES", "0")
+    get_settings.cache_clear()
+    try:
+        (tmp_path / name).mkdir()
+        job = make_job(tmp_path / name, model, train, split=SplitSpec(type="random", validation_ratio=0.2),
+                       max_length=40)
+        assert run(job.root) == 0
+        return job
+    finally:
+        get_settings.cache_clear()
+
+
+def test_process_pool_gives_the_same_splits_as_one_process(tmp_path, monkeypatch, tiny_model_dir):
+    """A pool of processes tokenises chunks in parallel; the output is the one-process output, row for row."""
+    import tuneyard.data.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "CHUNK_ROWS", 7)  # many chunks across the two processes
+    rows = sample_rows() * 9
+    for k in range(0, len(rows), 5):  # long answers, truncated at max_length
+        rows[k] = {"messages": [{"role": "user", "content": "Tell a story."},
+                                {"role": "assistant", "content": " ".join(["once upon a time"] * (k % 7 + 3))}]}
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    one = _prepare_with(tmp_path, monkeypatch, "one", tiny_model_dir, train, workers=1)
+    two = _prepare_with(tmp_path, monkeypatch, "two", tiny_model_dir, train, workers=2)
+    p1, p2 = read_json(one.prepared), read_json(two.prepared)
+    assert p1["ok"] and p1 == p2
+    assert p1["truncated"] > 0  # max_length cuts rows: the counts came back from the processes
+    for split in ("train", "validation"):
+        a, b = load_split(one.data / split), load_split(two.data / split)
+        assert a.to_dict() == b.to_dict() and len(a) > 0
+
+
+def test_process_pool_names_the_bad_example(tmp_path, monkeypatch, tiny_model_dir):
+    rows = sample_rows() * 3
+    rows[30] = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # A template that fails on one row only: the error must name that row, whichever process met it.
+    template = "{% for m in messages %}{% if m.content == 'q' %}{{ raise_exception('bad row') }}{% endif %}" \
+               "{{ m.role }}: {{ m.content }}\n{% endfor %}"
+    from tuneyard.settings import get_settings
+
+    monkeypatch.setenv("TUNEYARD_PREPARE_WORKERS", "2")
+    monkeypatch.setenv("TUNEYARD_PREPARE_PARALLEL_MIN_EXAMPLES", "1")
+    get_settings.cache_clear()
+    try:
+        job = make_job(tmp_path, tiny_model_dir, train, template=template)
+        assert run(job.root) == 0
+    finally:
+        get_settings.cache_clear()
+    prepared = read_json(job.prepared)
+    assert prepared["ok"] is False and prepared["error"]["code"] == "invalid_training_file"
+    assert prepared["error"]["message"].startswith("Example 31: chat template failed: bad row")
+    assert not (job.data / "train").exists()

@@ -192,7 +192,8 @@ def web(tmp_path_factory):
         def do_GET(self):
             path = self.path.partition("?")[0]
             where = {"/moved": "/train.jsonl", "/loop": "/loop", "/to-http": "http://example.com/train.jsonl",
-                     "/to-ftp": "ftp://127.0.0.1/train.jsonl"}.get(path)
+                     "/to-ftp": "ftp://127.0.0.1/train.jsonl",
+                     "/to-private": "https://10.9.8.7/train.jsonl"}.get(path)
             if where:
                 self.send_response(302)
                 self.send_header("Location", where)
@@ -341,6 +342,63 @@ def test_hub_ids_fail_clearly_offline_and_leave_no_cache(tmp_path, monkeypatch):
                                           r"\(split 'test'\)") as e:
         materialise(DataSource(path="hf://datasets/someone/nothing-here@v1?split=test"), tmp_path / "raw")
     assert e.value.param == "training_file"
+    assert not list((tmp_path / "raw").iterdir())
+
+
+@pytest.fixture()
+def fake_hub(monkeypatch) -> Iterator[list[str]]:
+    """A hub API on loopback that describes one huge dataset; the requests it saw."""
+    import huggingface_hub.constants
+
+    seen: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            seen.append(self.path)
+            body = json.dumps({"id": "someone/huge", "sha": "0" * 40, "private": False, "siblings": [
+                {"rfilename": "data/train-00000.parquet", "size": 40 * 1024**3},
+                {"rfilename": "data/train-00001.parquet", "size": 40 * 1024**3},
+                {"rfilename": "README.md", "size": 1000}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{httpd.server_address[1]}")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    yield seen
+    httpd.shutdown()
+
+
+@pytest.mark.parametrize("url,address", [
+    ("https://169.254.169.254/latest/meta-data/iam", "169.254.169.254"),  # cloud metadata
+    ("https://10.1.2.3/train.jsonl", "10.1.2.3"),
+    ("https://[fd00::1]/train.jsonl", "fd00::1"),
+])
+def test_https_to_private_networks_is_refused(tmp_path, url, address):
+    with pytest.raises(SourceError, match=f"resolves to {address}, a private or reserved address") as e:
+        materialise(DataSource(path=url), tmp_path / "raw")
+    assert e.value.param == "training_file"
+    assert no_partials(tmp_path)
+
+
+def test_a_redirect_to_a_private_network_is_refused(web, tmp_path):
+    with pytest.raises(SourceError, match="resolves to 10.9.8.7"):
+        materialise(DataSource(path=f"{web}/to-private"), tmp_path / "raw")
+
+
+def test_hub_datasets_over_the_download_limit_are_refused_before_downloading(tmp_path, fake_hub):
+    with pytest.raises(SourceError, match=r"hub dataset 'someone/huge' is 85,899,346,920 bytes, over the "
+                                          r"1,000,000 byte download limit") as e:
+        materialise(DataSource(path="hf://datasets/someone/huge?split=train"), tmp_path / "raw", max_bytes=10**6)
+    assert e.value.param == "training_file"
+    assert fake_hub and all(p.startswith("/api/datasets/someone/huge") for p in fake_hub)
     assert not list((tmp_path / "raw").iterdir())
 
 

@@ -56,7 +56,7 @@ def submit(svc, file_id, **over):
     ({"resources": {"device": "cuda"}}, "device", "has none"),
     ({"model": {"name": "org/base", "quant_bits": 4}}, "quant_bits", "needs a CUDA GPU"),
     ({"model": {"name": "org/base", "torch_dtype": "float16"}}, "torch_dtype", "needs a CUDA GPU"),
-    ({"data": {"streaming": True}}, "streaming", "not available"),
+    ({"data": {"streaming": True, "packing": True}}, "streaming", "cannot be combined"),
     ({"data": {"lazy_tokenize": True, "packing": True}}, "lazy_tokenize", "cannot be combined"),
     ({"data": {"lazy_tokenize": True, "truncation": "drop"}}, "lazy_tokenize", "keeps every row"),
     ({"method": "dpo"}, "method", "DPO"),

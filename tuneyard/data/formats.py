@@ -417,6 +417,11 @@ def _tools(value: Any, c: _Collector, param: str = "tools") -> list[dict] | None
     return value or None
 
 
+# An assistant message's reasoning (chain of thought), as DeepSeek/Qwen3 (reasoning_content), OpenAI-style
+# exports (reasoning) and gpt-oss (thinking) name it; templates that show reasoning render it in the answer.
+REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
+
+
 def _message(raw: Any, idx: int, c: _Collector, *, param: str, role_map: dict[str, str] | None = None,
              role_key: str = "role", content_key: str = "content", label: str = "message") -> dict | None:
     """Check and normalise one message (``idx`` is 0-based; messages are named 1-based)."""
@@ -497,6 +502,18 @@ def _message(raw: Any, idx: int, c: _Collector, *, param: str, role_map: dict[st
             c.add(f"'name' must be a string, got {json_type(raw['name'])}", where, f"{param}.name")
     if tool_calls:
         msg["tool_calls"] = tool_calls
+    for key in REASONING_KEYS:
+        value = raw.get(key)
+        if value is None:
+            continue
+        if mapped != "assistant":
+            c.add(f"'{key}' is only allowed on assistant messages", where, f"{param}.{key}")
+        elif not isinstance(value, str):
+            c.add(f"'{key}' must be a string, got {json_type(value)}", where, f"{param}.{key}")
+        else:
+            # One name for the chat templates (transformers also shows it as "thinking" to those that read that).
+            msg["reasoning_content"] = value
+        break
     if mapped == "tool" and isinstance(raw.get("tool_call_id"), str):
         msg["tool_call_id"] = raw["tool_call_id"]
     return msg if len(c.problems) == n_before else None

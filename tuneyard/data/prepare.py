@@ -1,10 +1,10 @@
 """The prepare step of a job: ``python -m tuneyard.data.prepare JOBDIR``.
 
 Reads ``spec.json``, checks that the model's config and tokenizer load, validates the data files,
-tokenises them (streaming, through ``datasets.Dataset.from_generator``) into ``data/train`` and
-``data/validation`` (columns ``input_ids`` and ``labels``), resolves the "auto" hyperparameters from the
-number of training examples into ``resolved_spec.json`` and finally writes ``prepared.json`` (atomically,
-last, so that its presence means the step finished)::
+tokenises them (streaming, in a process per core for a big file: see ``pipeline.py``) into ``data/train`` and
+``data/validation`` (Arrow files, columns ``input_ids`` and ``labels``: see ``splits.py``), resolves the
+"auto" hyperparameters from the number of training examples into ``resolved_spec.json`` and finally
+writes ``prepared.json`` (atomically, last, so that its presence means the step finished)::
 
     {"ok": true, "n_train", "n_validation", "train_tokens", "trainable_tokens", "validation_tokens",
      "truncated", "dropped", "total_steps", "format", "template", "hyperparameters": {...}}
@@ -20,19 +20,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import random
 import shutil
 import sys
 import traceback
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from tuneyard.data.cache import TokenisedCache, cache_key, file_digest, tokenizer_digest
 from tuneyard.data.formats import normalize_format_name
+from tuneyard.data.pipeline import split_positions
 from tuneyard.data.templates import resolve_template, template_label
-from tuneyard.data.tokenize import EncodeError, EncodeStats, encode_conversation
+from tuneyard.data.tokenize import EncodeStats
 from tuneyard.data.validate import CODE_N_EXAMPLES, ValidationReport, iter_examples, validate_file
 from tuneyard.domain.errors import TuneyardError
 from tuneyard.domain.hparams import resolve, total_steps
@@ -117,7 +116,8 @@ def _fetch(src: DataSource | None, jobdir: JobDir, log: _Log) -> DataSource | No
     try:
         local = materialise(src, jobdir.data / "raw", s3_endpoint_url=settings.s3_endpoint_url,
                             s3_ambient_credentials=settings.s3_ambient_credentials,
-                            max_bytes=settings.max_download_bytes)
+                            max_bytes=settings.max_download_bytes,
+                            allow_private_hosts=settings.download_allow_private_hosts)
     except SourceError as e:
         code = "invalid_validation_file" if "validation" in src.param else "invalid_training_file"
         raise PrepareFailure(code, e.message, e.param) from None
@@ -127,64 +127,26 @@ def _fetch(src: DataSource | None, jobdir: JobDir, log: _Log) -> DataSource | No
     return local
 
 
-def split_positions(n: int, ratio: float, kind: str, seed: int) -> set[int]:
-    """0-based positions of the examples that go to validation when it is carved from the training file."""
-    if ratio <= 0 or n < 2:
-        return set()
-    n_val = min(n - 1, max(1, round(n * ratio)))
-    if kind == "sequential":
-        return set(range(n - n_val, n))
-    return set(random.Random(seed).sample(range(n), n_val))
+def _write_split(rows: Iterator[tuple[int, dict]], n_rows: int, out: Path, ctx: _EncodeContext, split: str, *,
+                 code: str, param: str) -> int:
+    """Tokenise ``rows`` into the split at ``out``; its row count (0: nothing kept, no split written)."""
+    from tuneyard.data.pipeline import RowError, encode_stream
+    from tuneyard.data.splits import SplitWriter, token_features
+
+    with SplitWriter(out, token_features()) as writer:
+        try:
+            for table in encode_stream(rows, ctx.tokenizer, ctx.options, ctx.stats[split], workers=_workers(n_rows)):
+                writer.write_table(table)
+        except RowError as e:
+            raise PrepareFailure(code, str(e), param) from None
+        return writer.commit()
 
 
-def _build_dataset(rows: Iterator[tuple[int, dict]], encode: Callable[[dict], dict | None], out: Path,
-                   scratch: Path, *, code: str, param: str) -> int:
-    """Tokenise ``rows`` into a dataset saved at ``out``; return its row count (0: nothing written)."""
-    import datasets
-
-    failure: list[PrepareFailure] = []
-
-    def encoded() -> Iterator[dict]:
-        for n, row in rows:
-            try:
-                enc = encode(row)
-            except EncodeError as e:
-                failure.append(PrepareFailure(code, f"Example {n}: {e}", param))
-                return
-            if enc is not None:
-                yield enc
-
-    stream = encoded()
-    # datasets refuses an empty generator: look at the first kept row before building.
-    first = next(stream, None)
-    if failure:
-        raise failure[0]
-    if first is None:
-        shutil.rmtree(out, ignore_errors=True)
-        return 0
-
-    def generate() -> Iterator[dict]:
-        yield first
-        yield from stream
-
-    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
-                                  "labels": datasets.Sequence(datasets.Value("int32"))})
-    # A fresh fingerprint and cache: the rows come from a file the generator's hash knows nothing about,
-    # so a cached result must never be reused.
-    try:
-        ds = datasets.Dataset.from_generator(generate, features=features, cache_dir=str(scratch),
-                                             fingerprint=uuid.uuid4().hex)
-    except Exception:
-        if failure:
-            raise failure[0] from None
-        raise
-    if failure:
-        raise failure[0]
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    ds.save_to_disk(str(tmp))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return len(ds)
+@dataclasses.dataclass
+class _EncodeContext:
+    tokenizer: Any
+    options: dict[str, Any]
+    stats: dict[str, EncodeStats]
 
 
 def _rows(src: DataSource, fmt: str, keep: Callable[[int], bool]) -> Iterator[tuple[int, dict]]:
@@ -209,7 +171,11 @@ def prepare(jobdir: JobDir, events: EventWriter | None = None, *, max_errors: in
                                                 f"only, not '{spec.method}'", "method")
 
     train_src, val_src = _fetch(data.train, jobdir, log), _fetch(data.validation, jobdir, log)
-    train_report = _validate(train_src, validation=False, min_examples=data.min_examples,
+    from tuneyard.settings import get_settings
+
+    # The server's floor applies to every job; a dialect may ask for more (never fewer).
+    min_examples = max(data.min_examples, get_settings().min_examples)
+    train_report = _validate(train_src, validation=False, min_examples=min_examples,
                              max_errors=max_errors, log=log)
     val_report = None
     if val_src is not None:
@@ -226,14 +192,9 @@ def prepare(jobdir: JobDir, events: EventWriter | None = None, *, max_errors: in
         log(f"max_length {data.max_length} is longer than the model's context ({context} positions)", "warn")
 
     stats = {"train": EncodeStats(), "validation": EncodeStats()}
-
-    def encoder(split: str) -> Callable[[dict], dict | None]:
-        def encode(row: dict) -> dict | None:
-            return encode_conversation(tokenizer, row, template=template, system_prompt=data.system_prompt,
-                                       max_length=data.max_length, truncation=data.truncation,
-                                       train_on_input=data.train_on_input, last_turn_only=data.last_turn_only,
-                                       stats=stats[split])
-        return encode
+    options = {"template": template, "system_prompt": data.system_prompt, "max_length": data.max_length,
+               "truncation": data.truncation, "train_on_input": data.train_on_input,
+               "last_turn_only": data.last_turn_only}
 
     train_fmt = normalize_format_name(train_report.format or train_src.format)
     held_out: set[int] = set()
@@ -247,9 +208,18 @@ def prepare(jobdir: JobDir, events: EventWriter | None = None, *, max_errors: in
             log("Too few examples to hold some out for validation: training on all of them", "warn")
 
     jobdir.data.mkdir(parents=True, exist_ok=True)
+    # Lazy and streaming jobs tokenise in the trainer: the prepare step only checks that rows render.
+    deferred = data.lazy_tokenize or data.streaming
+    if deferred:
+        _trial_encode(tokenizer, options, train_src, train_fmt, val_src, val_report)
     cache, key = _cache_for(spec, tokenizer, template, train_src, val_src, train_fmt, val_report)
-    hit = cache.fetch(key, jobdir.data) if cache is not None and not data.lazy_tokenize else None
-    if data.lazy_tokenize:
+    hit = cache.fetch(key, jobdir.data) if cache is not None and not deferred else None
+    if data.streaming:
+        n_train, n_val = _write_stream_manifest(jobdir, spec, train_src, val_src, val_report, train_fmt,
+                                                train_report.n_examples, len(held_out))
+        log(f"Streaming: {n_train:,} training and {n_val:,} validation rows are read from the source and "
+            "tokenised while training (token counts come from the trainer)", n_train=n_train, n_validation=n_val)
+    elif data.lazy_tokenize:
         n_train, n_val = _store_rows(jobdir, train_src, val_src, val_report, train_fmt, held_out)
         log(f"Lazy tokenisation: {n_train:,} training and {n_val:,} validation rows stored; the trainer tokenises "
             "them batch by batch (token counts come from the trainer)", n_train=n_train, n_validation=n_val)
@@ -260,26 +230,27 @@ def prepare(jobdir: JobDir, events: EventWriter | None = None, *, max_errors: in
             shutil.rmtree(jobdir.data / "validation", ignore_errors=True)
         log(f"Reused the tokenised data of an earlier job (cache key {key})", cache_key=key)
     else:
-        n_train, n_val = _tokenise(jobdir, train_src, val_src, val_report, train_fmt, held_out, encoder)
+        n_train, n_val = _tokenise(jobdir, train_src, val_src, val_report, train_fmt, train_report.n_examples,
+                                   held_out, _EncodeContext(tokenizer, options, stats))
         if cache is not None and n_train:
             cache.store(key, jobdir.data, ["train"] + (["validation"] if n_val else []),
                         {"n_train": n_train, "n_validation": n_val,
                          "stats": {k: dataclasses.asdict(v) for k, v in stats.items()}})
 
     tr, va = stats["train"], stats["validation"]
-    if data.lazy_tokenize and n_train:
+    if deferred and n_train:
         tr.examples, va.examples = n_train, n_val
     if n_train == 0:
         raise PrepareFailure("invalid_training_file",
                              f"no training example is left: {tr.dropped_too_long} longer than max_length "
                              f"{data.max_length} tokens, {tr.dropped_no_labels} with no token to train on",
                              train_src.param)
-    if not data.lazy_tokenize:
+    if not deferred:
         _report_counts(log, n_train, n_val, tr, va, data.max_length, data.truncation)
 
     try:
         resolved = resolve(spec, n_train)
-        if data.lazy_tokenize:
+        if deferred:
             # The trainer renders rows itself: it needs the very template chosen here, not a name to resolve.
             resolved = resolved.model_copy(update={"data": resolved.data.model_copy(update={"template": template})})
         steps = total_steps(resolved, n_train)
@@ -293,9 +264,9 @@ def prepare(jobdir: JobDir, events: EventWriter | None = None, *, max_errors: in
         "ok": True,
         "n_train": n_train,
         "n_validation": n_val,
-        "train_tokens": None if data.lazy_tokenize else tr.tokens,
-        "trainable_tokens": None if data.lazy_tokenize else tr.trainable_tokens,
-        "validation_tokens": None if data.lazy_tokenize else va.tokens,
+        "train_tokens": None if deferred else tr.tokens,
+        "trainable_tokens": None if deferred else tr.trainable_tokens,
+        "validation_tokens": None if deferred else va.tokens,
         "truncated": tr.truncated + va.truncated,
         "dropped": tr.dropped + va.dropped,
         "total_steps": steps,
@@ -306,65 +277,42 @@ def prepare(jobdir: JobDir, events: EventWriter | None = None, *, max_errors: in
 
 
 def _tokenise(jobdir: JobDir, train_src: DataSource, val_src: DataSource | None,
-              val_report: ValidationReport | None, train_fmt: str, held_out: set[int],
-              encoder: Callable[[str], Callable[[dict], dict | None]]) -> tuple[int, int]:
+              val_report: ValidationReport | None, train_fmt: str, n_all: int, held_out: set[int],
+              ctx: _EncodeContext) -> tuple[int, int]:
     """Tokenise the training rows (and the validation file or held-out rows) into the job's data/."""
-    import datasets
-
-    scratch = jobdir.data / f".cache-{uuid.uuid4().hex[:8]}"
-    datasets.disable_progress_bars()
-    try:
-        n_train = _build_dataset(_rows(train_src, train_fmt, lambda p: p not in held_out), encoder("train"),
-                                 jobdir.data / "train", scratch, code="invalid_training_file",
-                                 param=train_src.param)
-        n_val = 0
-        if val_src is not None and val_report is not None:
-            val_fmt = normalize_format_name(val_report.format or val_src.format)
-            n_val = _build_dataset(_rows(val_src, val_fmt, lambda p: True), encoder("validation"),
-                                   jobdir.data / "validation", scratch, code="invalid_validation_file",
-                                   param=val_src.param)
-        elif held_out:
-            n_val = _build_dataset(_rows(train_src, train_fmt, lambda p: p in held_out),
-                                   encoder("validation"), jobdir.data / "validation", scratch,
-                                   code="invalid_training_file", param=train_src.param)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    if n_val == 0:
+    n_train = _write_split(_rows(train_src, train_fmt, lambda p: p not in held_out), n_all - len(held_out),
+                           jobdir.data / "train", ctx, "train", code="invalid_training_file", param=train_src.param)
+    n_val = 0
+    if val_src is not None and val_report is not None:
+        val_fmt = normalize_format_name(val_report.format or val_src.format)
+        n_val = _write_split(_rows(val_src, val_fmt, lambda p: True), val_report.n_examples,
+                             jobdir.data / "validation", ctx, "validation", code="invalid_validation_file",
+                             param=val_src.param)
+    elif held_out:
+        n_val = _write_split(_rows(train_src, train_fmt, lambda p: p in held_out), len(held_out),
+                             jobdir.data / "validation", ctx, "validation", code="invalid_training_file",
+                             param=train_src.param)
+    else:
         shutil.rmtree(jobdir.data / "validation", ignore_errors=True)
-
     return n_train, n_val
-
-
-LAZY_COLUMN = "row"
 
 
 def _store_rows(jobdir: JobDir, train_src: DataSource, val_src: DataSource | None,
                 val_report: ValidationReport | None, train_fmt: str, held_out: set[int]) -> tuple[int, int]:
     """For lazy tokenisation: the converted rows (JSON, one column) of each split, streamed to Arrow files."""
-    import datasets
+    from tuneyard.data.splits import LAZY_COLUMN, SplitWriter, row_features
 
     def write(rows: Iterator[tuple[int, dict]], out: Path) -> int:
-        shutil.rmtree(out, ignore_errors=True)
-        stream = ({LAZY_COLUMN: json.dumps(row, ensure_ascii=False)} for _, row in rows)
-        first = next(stream, None)
-        if first is None:  # datasets refuses to build an empty split
-            return 0
+        with SplitWriter(out, row_features()) as writer:
+            batch: list[str] = []
+            for _, row in rows:
+                batch.append(json.dumps(row, ensure_ascii=False))
+                if len(batch) >= 1000:
+                    writer.write_batch({LAZY_COLUMN: batch})
+                    batch = []
+            writer.write_batch({LAZY_COLUMN: batch})
+            return writer.commit()
 
-        def gen() -> Iterator[dict]:
-            yield first
-            yield from stream
-
-        scratch = jobdir.data / f".cache-{uuid.uuid4().hex[:8]}"
-        features = datasets.Features({LAZY_COLUMN: datasets.Value("string")})
-        try:
-            ds = datasets.Dataset.from_generator(gen, features=features, cache_dir=str(scratch),
-                                                 fingerprint=uuid.uuid4().hex)
-            ds.save_to_disk(str(out))
-            return len(ds)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-
-    datasets.disable_progress_bars()
     n_train = write(_rows(train_src, train_fmt, lambda p: p not in held_out), jobdir.data / "train")
     n_val = 0
     if val_src is not None and val_report is not None:
@@ -372,9 +320,67 @@ def _store_rows(jobdir: JobDir, train_src: DataSource, val_src: DataSource | Non
         n_val = write(_rows(val_src, val_fmt, lambda p: True), jobdir.data / "validation")
     elif held_out:
         n_val = write(_rows(train_src, train_fmt, lambda p: p in held_out), jobdir.data / "validation")
-    if not n_val:
+    else:
         shutil.rmtree(jobdir.data / "validation", ignore_errors=True)
     return n_train, n_val
+
+
+def _workers(n_examples: int) -> int:
+    """Processes for tokenising a split: one per core (or the setting) for a big one, this one for a small one."""
+    from tuneyard.data.pipeline import default_workers
+    from tuneyard.settings import get_settings
+
+    settings = get_settings()
+    if n_examples < settings.prepare_parallel_min_examples:
+        return 1
+    return settings.prepare_workers or default_workers()
+
+
+TRIAL_ROWS = 256
+
+
+def _trial_encode(tokenizer: Any, options: dict[str, Any], train_src: DataSource, train_fmt: str,
+                  val_src: DataSource | None, val_report: ValidationReport | None) -> None:
+    """Encode the first rows of each file, so that a template that cannot render them fails before the queue."""
+    from itertools import islice
+
+    from tuneyard.data.tokenize import ConversationEncoder, EncodeError
+
+    encoder = ConversationEncoder(tokenizer, **{**options, "truncation": "truncate"})
+    sources = [(train_src, train_fmt, "invalid_training_file")]
+    if val_src is not None and val_report is not None:
+        sources.append((val_src, normalize_format_name(val_report.format or val_src.format),
+                        "invalid_validation_file"))
+    for src, fmt, code in sources:
+        rows = list(islice(_rows(src, fmt, lambda p: True), TRIAL_ROWS))
+        try:
+            encoder.encode([row for _, row in rows])
+        except EncodeError as e:
+            raise PrepareFailure(code, f"Example {rows[e.index or 0][0]}: {e}", src.param) from None
+
+
+def _write_stream_manifest(jobdir: JobDir, spec: TrainingSpec, train_src: DataSource, val_src: DataSource | None,
+                           val_report: ValidationReport | None, train_fmt: str, n_all: int,
+                           n_held_out: int) -> tuple[int, int]:
+    """For streaming: where the trainer reads each split from (no tokenised copy is made); the split sizes."""
+    from tuneyard.data.splits import STREAM_FILE
+
+    for split in ("train", "validation"):
+        shutil.rmtree(jobdir.data / split, ignore_errors=True)
+    source = {"path": train_src.path, "format": train_fmt, "container": train_src.container}
+    manifest: dict[str, Any] = {"train": source, "validation": None, "held_out": None}
+    if val_src is not None and val_report is not None:
+        manifest["validation"] = {"path": val_src.path, "container": val_src.container,
+                                  "format": normalize_format_name(val_report.format or val_src.format)}
+        n_val = val_report.n_examples
+    else:
+        n_val = n_held_out
+        if n_held_out:
+            split = spec.data.split
+            manifest["held_out"] = {"n": n_all, "ratio": split.validation_ratio, "kind": split.type,
+                                    "seed": spec.seed}
+    write_json_atomic(jobdir.data / STREAM_FILE, manifest)
+    return n_all - n_held_out, n_val
 
 
 def _stats(d: dict) -> EncodeStats:

@@ -29,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import urllib.parse
 import uuid
 from collections.abc import Iterator
@@ -181,7 +182,8 @@ def credentials_for(param: str) -> dict[str, Any]:
 
 
 def materialise(src: DataSource, dest_dir: Path, *, s3_endpoint_url: str | None = None,
-                s3_ambient_credentials: bool = False, max_bytes: int = DEFAULT_MAX_BYTES) -> DataSource:
+                s3_ambient_credentials: bool = False, max_bytes: int = DEFAULT_MAX_BYTES,
+                allow_private_hosts: bool = False) -> DataSource:
     """``src`` with ``path`` pointing at one local file holding its rows (a local file is returned as is)."""
     local_dir = hub_local_dir(src.path)
     if local_dir is not None:
@@ -200,8 +202,8 @@ def materialise(src: DataSource, dest_dir: Path, *, s3_endpoint_url: str | None 
     if kind == "s3":
         return _from_s3(src, dest_dir, creds, s3_endpoint_url, s3_ambient_credentials, max_bytes)
     if kind == "https":
-        return _from_https(src, dest_dir, max_bytes)
-    return _from_hub(src, dest_dir, creds)
+        return _from_https(src, dest_dir, max_bytes, allow_private_hosts)
+    return _from_hub(src, dest_dir, creds, max_bytes)
 
 
 # ----- downloads -----------------------------------------------------------------------------------
@@ -300,7 +302,26 @@ def _from_s3(src: DataSource, dest_dir: Path, creds: dict, endpoint: str | None,
     return src.model_copy(update={"path": str(final)})
 
 
-def _from_https(src: DataSource, dest_dir: Path, max_bytes: int) -> DataSource:
+def _check_host(url: str, allow_private: bool, shown: str, param: str) -> None:
+    """Refuse a download from a private network (cloud metadata, internal services): the server makes the
+    request, so a URL must not reach what the caller could not. Loopback stays allowed (local data servers)."""
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if allow_private or _loopback(host):
+        return
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except (OSError, UnicodeError):
+        return  # the request itself reports that the host cannot be resolved
+    for address in sorted(addresses):
+        ip = ipaddress.ip_address(address.split("%")[0])
+        if ip.is_loopback:
+            continue
+        if ip.is_private or ip.is_link_local or ip.is_reserved or ip.is_multicast or ip.is_unspecified:
+            raise SourceError(f"{shown} resolves to {ip}, a private or reserved address; downloads from private "
+                              "networks are off (TUNEYARD_DOWNLOAD_ALLOW_PRIVATE_HOSTS)", param)
+
+
+def _from_https(src: DataSource, dest_dir: Path, max_bytes: int, allow_private: bool = False) -> DataSource:
     import httpx
 
     shown = display_uri(src.path)
@@ -309,6 +330,7 @@ def _from_https(src: DataSource, dest_dir: Path, max_bytes: int) -> DataSource:
     try:
         with httpx.Client(follow_redirects=False, timeout=httpx.Timeout(60, connect=15)) as client:
             for _ in range(MAX_REDIRECTS + 1):
+                _check_host(url, allow_private, display_uri(url), src.param)
                 with client.stream("GET", url) as r:
                     if r.is_redirect and "location" in r.headers:
                         try:
@@ -360,11 +382,28 @@ def _loopback(host: str) -> bool:
 # ----- hub datasets and hub-style directories ------------------------------------------------------------
 
 
-def _from_hub(src: DataSource, dest_dir: Path, creds: dict) -> DataSource:
+def hub_dataset_bytes(repo: str, revision: str | None, token: str | None) -> int | None:
+    """The size of a hub dataset repository's files, or None when the hub does not say (offline, say)."""
+    try:
+        from huggingface_hub import HfApi
+
+        info = HfApi(token=token).dataset_info(repo, revision=revision, files_metadata=True)
+    except Exception:  # the download that follows reports why the hub cannot be used
+        return None
+    sizes = [f.size for f in info.siblings or [] if f.size is not None]
+    return sum(sizes) if sizes else None
+
+
+def _from_hub(src: DataSource, dest_dir: Path, creds: dict, max_bytes: int) -> DataSource:
     import datasets
 
     ref = parse_hub(src.path, src)
     split = ref.split or "train"
+    # The datasets library downloads what a split needs with no limit of its own: check the repository first.
+    size = hub_dataset_bytes(ref.repo, ref.revision, creds.get("token"))
+    if size is not None and size > max_bytes:
+        raise SourceError(f"hub dataset '{ref.repo}' is {size:,} bytes, over the {max_bytes:,} byte download limit "
+                          "(TUNEYARD_MAX_DOWNLOAD_BYTES)", src.param)
     final = dest_dir / f"{src.param.replace('.', '_')}.parquet"
     # A cache of this job's own: what one organisation's token fetched is never served to another from a shared
     # cache, and the copy goes away once the Parquet file is written.

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
+
+import numpy as np
 
 from tuneyard.data.formats import is_preference_row
 from tuneyard.data.templates import resolve_template
@@ -39,7 +41,9 @@ _OUTSIDE, _TRAINED, _EXCLUDED = 0, 1, 2
 
 
 class EncodeError(ValueError):
-    """A row the chat template cannot render."""
+    """A row the chat template cannot render; ``index`` is its position in the batch given to the encoder."""
+
+    index: int | None = None
 
 
 @dataclass
@@ -84,16 +88,39 @@ def _template_messages(messages: list[dict]) -> list[dict]:
     return out
 
 
+try:  # the renderer behind apply_chat_template, without its per-call overhead; absent in older releases
+    from transformers.utils.chat_template_utils import render_jinja_template as _render_jinja
+except ImportError:  # pragma: no cover
+    _render_jinja = None
+
+
 class _Renderer:
-    def __init__(self, tokenizer: Any, template: str, tools: list[dict] | None) -> None:
+    """Renders conversations with one template, as ``apply_chat_template(tokenize=False)`` does, many at a time."""
+
+    def __init__(self, tokenizer: Any, template: str, tools: list[dict] | None,
+                 special_tokens: dict[str, Any] | None = None) -> None:
         self.tokenizer = tokenizer
         self.template = template
         self.tools = tools
+        self.special_tokens = special_tokens if special_tokens is not None else dict(tokenizer.special_tokens_map)
 
     def __call__(self, messages: list[dict], generation_prompt: bool = False) -> str:
+        return self.many([messages], generation_prompt)[0]
+
+    def many(self, conversations: list[list[dict]], generation_prompt: bool = False) -> list[str]:
+        """The renders of ``conversations``; EncodeError when the template fails on one."""
+        if not conversations:
+            return []
         try:
-            return self.tokenizer.apply_chat_template(messages, chat_template=self.template, tools=self.tools,
-                                                      tokenize=False, add_generation_prompt=generation_prompt)
+            if _render_jinja is None:
+                return [self.tokenizer.apply_chat_template(c, chat_template=self.template, tools=self.tools,
+                                                           tokenize=False, add_generation_prompt=generation_prompt)
+                        for c in conversations]
+            # apply_chat_template drops None-valued keys before rendering; the rest is this call.
+            plain = [[{k: v for k, v in m.items() if v is not None} for m in c] for c in conversations]
+            rendered, _ = _render_jinja(conversations=plain, tools=self.tools, chat_template=self.template,
+                                        add_generation_prompt=generation_prompt, **self.special_tokens)
+            return rendered
         except Exception as e:  # jinja2 TemplateError, UndefinedError, TypeError from template code
             raise EncodeError(f"chat template failed: {e}") from e
 
@@ -117,13 +144,21 @@ def _span_end(text: str, start: int, end: int) -> int:
 def _prefix_stable_spans(render: _Renderer, messages: list[dict],
                          wanted: list[int]) -> tuple[str, list] | None:
     """The full render and (start, end, index) of each wanted assistant message; None if not prefix-stable."""
-    full = render(messages)
+    last = len(messages) - 1
+    # Every render the check needs, in two batched calls: the full text and each answer with and without it.
+    with_answer = render.many([messages] + [messages[: i + 1] for i in wanted if i != last])
+    prompts = dict(zip([i for i in wanted if i > 0], render.many([messages[:i] for i in wanted if i > 0], True),
+                       strict=True))
+    full, uptos = with_answer[0], iter(with_answer[1:])
     spans = []
     for i in wanted:
-        upto = full if i == len(messages) - 1 else render(messages[: i + 1])
+        upto = full if i == last else next(uptos)
         if not full.startswith(upto):
             return None
-        start = _answer_start(render, messages, i, upto)
+        if i == 0:
+            start = _answer_start(render, messages, 0, upto)
+        else:
+            start = len(prompts[i]) if upto.startswith(prompts[i]) else None
         if start is None:
             return None
         spans.append((start, _span_end(upto, start, len(upto)), i))
@@ -190,9 +225,9 @@ def _earlier_span(render: _Renderer, context: list[dict], i: int, text: str) -> 
     return p, end
 
 
-def _mark_tokens(offsets: list[tuple[int, int]], spans: list[tuple[int, int, int]]) -> list[int]:
+def _mark_tokens(offsets: list[tuple[int, int]], spans: list[tuple[int, int, int]]) -> np.ndarray:
     """Per token: the mark of the first span it overlaps (spans sorted, disjoint), else _OUTSIDE."""
-    marks = [_OUTSIDE] * len(offsets)
+    marks = np.zeros(len(offsets), dtype=np.int8)
     j = 0
     for t, (s, e) in enumerate(offsets):
         e = max(e, s + 1)  # zero-width tokens still sit at a position
@@ -203,12 +238,41 @@ def _mark_tokens(offsets: list[tuple[int, int]], spans: list[tuple[int, int, int
     return marks
 
 
-def _tokenise_marked(tokenizer: Any, text: str, spans: list[tuple[int, int, int]],
-                     use_offsets: bool) -> tuple[list[int], list[int]]:
-    """Token ids of ``text`` and the mark of each token; ``spans`` are (start, end, mark)."""
-    if use_offsets:
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        return list(enc["input_ids"]), _mark_tokens(enc["offset_mapping"], spans)
+def _token_end(encoding: Any, t: int) -> int:
+    start, end = encoding.token_to_chars(t)  # None (a TypeError here) for a token outside the text
+    return max(end, start + 1)  # zero-width tokens still sit at a position
+
+
+def _span_marks(encoding: Any, n: int, spans: list[tuple[int, int, int]]) -> np.ndarray | None:
+    """``_mark_tokens`` from the few tokens at each span's ends instead of every token's offsets (which cost
+    a Python tuple per token); None when a span end falls on a character no token covers."""
+    try:
+        return _span_marks_or_fail(encoding, n, spans)
+    except TypeError:
+        return None
+
+
+def _span_marks_or_fail(encoding: Any, n: int, spans: list[tuple[int, int, int]]) -> np.ndarray | None:
+    marks = np.zeros(n, dtype=np.int8)
+    done = 0  # tokens below this already belong to an earlier span (or to none)
+    for a, b, mark in spans:
+        first, last = encoding.char_to_token(a), encoding.char_to_token(b - 1)
+        if first is None or last is None:
+            return None
+        # Several tokens can share a character (byte-level pieces of one code point): take them all.
+        while first > 0 and _token_end(encoding, first - 1) > a:
+            first -= 1
+        while last + 1 < n and encoding.token_to_chars(last + 1)[0] < b:
+            last += 1
+        first = max(first, done)
+        if last >= first:
+            marks[first:last + 1] = mark
+        done = max(done, last + 1)
+    return marks
+
+
+def _tokenise_pieces(tokenizer: Any, text: str, spans: list[tuple[int, int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids and marks of ``text`` tokenised piece by piece, so that span ends fall on token boundaries."""
     ids: list[int] = []
     marks: list[int] = []
     pos = 0
@@ -219,7 +283,13 @@ def _tokenise_marked(tokenizer: Any, text: str, spans: list[tuple[int, int, int]
                 ids += piece_ids
                 marks += [m] * len(piece_ids)
         pos = end
-    return ids, marks
+    return np.asarray(ids, dtype=np.int32), np.asarray(marks, dtype=np.int8)
+
+
+def _labels(ids: np.ndarray, marks: np.ndarray, train_on_input: bool) -> np.ndarray:
+    if train_on_input:
+        return np.where(marks == _EXCLUDED, IGNORE_INDEX, ids).astype(np.int32)
+    return np.where(marks == _TRAINED, ids, IGNORE_INDEX).astype(np.int32)
 
 
 def encode_text(tokenizer: Any, text: str) -> dict:
@@ -231,42 +301,160 @@ def encode_text(tokenizer: Any, text: str) -> dict:
     return {"input_ids": ids, "labels": list(ids)}
 
 
+class Encoded(NamedTuple):
+    """One tokenised example: int32 ``input_ids`` and ``labels`` (IGNORE_INDEX where no loss is taken)."""
+
+    input_ids: np.ndarray
+    labels: np.ndarray
+
+
+@dataclass
+class _Plan:
+    """A messages row rendered and located, waiting for the batched tokenizer call."""
+
+    text: str
+    spans: list[tuple[int, int, int]]
+    train_on_input: bool
+
+
+class ConversationEncoder:
+    """Tokenises internal-form rows into masked examples, a batch at a time (see the module docstring).
+
+    Rendering and span finding are per row; the tokenizer runs once per batch (in Rust, on every core)
+    and the masks come from the tokens at span ends, so the per-token work is numpy's.
+    """
+
+    def __init__(self, tokenizer: Any, *, template: str | None = None, system_prompt: str | None = None,
+                 max_length: int = 2048, truncation: str = "truncate", train_on_input: bool = False,
+                 last_turn_only: bool = False) -> None:
+        self.tokenizer = tokenizer
+        self.template_name = template
+        self.system_prompt = system_prompt
+        self.max_length = max_length
+        self.truncation = truncation
+        self.train_on_input = train_on_input
+        self.last_turn_only = last_turn_only
+        # Offsets come only from fast (Rust) tokenizers; slow ones are tokenised segment by segment.
+        self.fast = bool(getattr(tokenizer, "is_fast", False))
+        self._template: str | None = None
+        self._special_tokens = dict(tokenizer.special_tokens_map)
+
+    @property
+    def template(self) -> str:
+        """The Jinja source in use, resolved on first need (a text-only dataset never needs one)."""
+        if self._template is None:
+            self._template = resolve_template(self.tokenizer, self.template_name)
+        return self._template
+
+    def encode(self, rows: list[dict], stats: EncodeStats | None = None) -> list[Encoded | None]:
+        """The examples of ``rows`` (None where dropped; see ``stats``); EncodeError (with ``index``) on a bad row."""
+        stats = stats if stats is not None else EncodeStats()
+        built: list[Encoded | _Plan | None] = []
+        for j, row in enumerate(rows):
+            try:
+                built.append(self._build(row, stats))
+            except EncodeError as e:
+                e.index = j
+                raise
+        plans = [(j, b) for j, b in enumerate(built) if isinstance(b, _Plan)]
+        if plans:
+            batch = self.tokenizer([p.text for _, p in plans], add_special_tokens=False, return_attention_mask=False)
+            encodings = batch.encodings or [None] * len(plans)
+            for k, (j, plan) in enumerate(plans):
+                ids = np.asarray(batch["input_ids"][k], dtype=np.int32)
+                enc = encodings[k]
+                marks = _span_marks(enc, len(ids), plan.spans) if enc is not None else None
+                if marks is None:
+                    offsets = enc.offsets if enc is not None else self.tokenizer(
+                        plan.text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+                    marks = _mark_tokens(offsets, plan.spans)
+                built[j] = Encoded(ids, _labels(ids, marks, plan.train_on_input))
+        return [self._finish(b, stats) if isinstance(b, Encoded) else None for b in built]
+
+    def _build(self, row: dict, stats: EncodeStats) -> Encoded | _Plan | None:
+        if is_preference_row(row):
+            raise EncodeError("a preference (DPO) row cannot be tokenised for supervised fine-tuning")
+        if "text" in row and "messages" not in row:
+            ids = np.asarray(encode_text(self.tokenizer, row["text"])["input_ids"], dtype=np.int32)
+            return Encoded(ids, ids.copy())
+        built = self._plan_messages(row, stats)
+        if built is None:
+            stats.dropped_no_labels += 1
+        return built
+
+    def _plan_messages(self, row: dict, stats: EncodeStats) -> Encoded | _Plan | None:
+        messages = list(row["messages"])
+        if self.system_prompt and not any(m["role"] == "system" for m in messages):
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        trained = [i for i in assistants if messages[i].get("weight", 1) != 0]
+        if self.last_turn_only:
+            trained = trained[-1:]
+        if not trained:
+            return None
+        trained_set = set(trained)
+        train_on_input = self.train_on_input
+        # Spans of untrained answers matter only when everything else is trained.
+        wanted = assistants if train_on_input else trained
+
+        render = _Renderer(self.tokenizer, self.template, row.get("tools"), self._special_tokens)
+        plain = _template_messages(messages)
+        found = _prefix_stable_spans(render, plain, wanted)
+        if found is None:
+            stats.segmented += 1
+            text, raw_spans, missed = _segmented_spans(render, plain, wanted)
+            if train_on_input and any(i not in trained_set for i in missed):
+                # An untrained answer that cannot be located must not be trained as input: assistant turns only.
+                train_on_input = False
+            if not train_on_input:
+                stats.unlocated_turns += sum(1 for i in missed if i in trained_set)
+        else:
+            text, raw_spans = found
+        _check_tool_calls(text, raw_spans, messages, trained_set, offset=len(messages) - len(row["messages"]))
+        spans = sorted((s, e, _TRAINED if i in trained_set else _EXCLUDED) for s, e, i in raw_spans if e > s)
+        if found is not None and self.fast:
+            return _Plan(text, spans, train_on_input)
+        ids, marks = _tokenise_pieces(self.tokenizer, text, spans)
+        return Encoded(ids, _labels(ids, marks, train_on_input))
+
+    def _finish(self, enc: Encoded, stats: EncodeStats) -> Encoded | None:
+        """Apply the length policy and count the example."""
+        if not (enc.labels != IGNORE_INDEX).any():
+            stats.dropped_no_labels += 1
+            return None
+        if len(enc.input_ids) > self.max_length:
+            if self.truncation == "drop":
+                stats.dropped_too_long += 1
+                return None
+            enc = Encoded(enc.input_ids[: self.max_length], enc.labels[: self.max_length])
+            if not (enc.labels != IGNORE_INDEX).any():
+                # Cutting left nothing to learn from: say so rather than train on an empty target.
+                stats.dropped_too_long += 1
+                return None
+            stats.truncated += 1
+        stats.examples += 1
+        stats.tokens += len(enc.input_ids)
+        stats.trainable_tokens += int(np.count_nonzero(enc.labels != IGNORE_INDEX))
+        return enc
+
+
 def encode_conversation(tokenizer: Any, row: dict, *, template: str | None = None,
                         system_prompt: str | None = None, max_length: int = 2048,
                         truncation: str = "truncate", train_on_input: bool = False,
                         last_turn_only: bool = False, stats: EncodeStats | None = None) -> dict | None:
-    """Tokenise one internal-form row into ``{"input_ids", "labels"}``; None when dropped (see ``stats``).
+    """Tokenise one internal-form row into ``{"input_ids", "labels"}`` (lists); None when dropped (see ``stats``).
 
     ``template`` is a built-in name, a Jinja source, or None for the tokenizer's own (see templates.py).
     Loss is taken on assistant messages without ``weight: 0`` (only the last of them with
     ``last_turn_only``), or with ``train_on_input`` on every token except the other assistant messages.
     ``system_prompt`` is added as a first system message when the row has no system message.
+    For many rows, ``ConversationEncoder.encode`` does the same a batch at a time.
     """
-    stats = stats if stats is not None else EncodeStats()
-    if is_preference_row(row):
-        raise EncodeError("a preference (DPO) row cannot be tokenised for supervised fine-tuning")
-    if "text" in row and "messages" not in row:
-        enc = encode_text(tokenizer, row["text"])
-    else:
-        enc = _encode_messages(tokenizer, row, resolve_template(tokenizer, template), system_prompt,
-                               train_on_input, last_turn_only, stats)
-        if enc is None:
-            stats.dropped_no_labels += 1
-            return None
-    if len(enc["input_ids"]) > max_length:
-        if truncation == "drop":
-            stats.dropped_too_long += 1
-            return None
-        enc = {"input_ids": enc["input_ids"][:max_length], "labels": enc["labels"][:max_length]}
-        if all(label == IGNORE_INDEX for label in enc["labels"]):
-            # Cutting left nothing to learn from: say so rather than train on an empty target.
-            stats.dropped_too_long += 1
-            return None
-        stats.truncated += 1
-    stats.examples += 1
-    stats.tokens += len(enc["input_ids"])
-    stats.trainable_tokens += sum(1 for label in enc["labels"] if label != IGNORE_INDEX)
-    return enc
+    encoder = ConversationEncoder(tokenizer, template=template, system_prompt=system_prompt, max_length=max_length,
+                                  truncation=truncation, train_on_input=train_on_input,
+                                  last_turn_only=last_turn_only)
+    enc = encoder.encode([row], stats)[0]
+    return None if enc is None else {"input_ids": enc.input_ids.tolist(), "labels": enc.labels.tolist()}
 
 
 def _check_tool_calls(text: str, spans: list[tuple[int, int, int]], messages: list[dict], trained: set[int],
@@ -277,46 +465,3 @@ def _check_tool_calls(text: str, spans: list[tuple[int, int, int]], messages: li
         if i in trained and any(c["function"]["name"] not in text[start:end] for c in calls):
             raise EncodeError(f"the chat template does not show the tool calls of message {i + 1 - offset}; use a "
                               "template with tool support (e.g. 'chatml', 'qwen2.5' or 'llama3')")
-
-
-def _encode_messages(tokenizer: Any, row: dict, template: str, system_prompt: str | None,
-                     train_on_input: bool, last_turn_only: bool, stats: EncodeStats) -> dict | None:
-    messages = list(row["messages"])
-    if system_prompt and not any(m["role"] == "system" for m in messages):
-        messages.insert(0, {"role": "system", "content": system_prompt})
-    assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    trained = [i for i in assistants if messages[i].get("weight", 1) != 0]
-    if last_turn_only:
-        trained = trained[-1:]
-    if not trained:
-        return None
-    trained_set = set(trained)
-    # Spans of untrained answers matter only when everything else is trained.
-    wanted = assistants if train_on_input else trained
-
-    render = _Renderer(tokenizer, template, row.get("tools"))
-    plain = _template_messages(messages)
-    # Offsets come only from fast (Rust) tokenizers; slow ones are tokenised segment by segment.
-    use_offsets = bool(getattr(tokenizer, "is_fast", False))
-    found = _prefix_stable_spans(render, plain, wanted)
-    if found is None:
-        stats.segmented += 1
-        text, raw_spans, missed = _segmented_spans(render, plain, wanted)
-        use_offsets = False
-        if train_on_input and any(i not in trained_set for i in missed):
-            # An untrained answer that cannot be located must not be trained as input: assistant turns only.
-            train_on_input = False
-        if not train_on_input:
-            stats.unlocated_turns += sum(1 for i in missed if i in trained_set)
-    else:
-        text, raw_spans = found
-    _check_tool_calls(text, raw_spans, messages, trained_set, offset=len(messages) - len(row["messages"]))
-    spans = sorted((s, e, _TRAINED if i in trained_set else _EXCLUDED) for s, e, i in raw_spans if e > s)
-    ids, marks = _tokenise_marked(tokenizer, text, spans, use_offsets)
-    if train_on_input:
-        labels = [IGNORE_INDEX if m == _EXCLUDED else t for t, m in zip(ids, marks, strict=True)]
-    else:
-        labels = [t if m == _TRAINED else IGNORE_INDEX for t, m in zip(ids, marks, strict=True)]
-    if all(label == IGNORE_INDEX for label in labels):
-        return None
-    return {"input_ids": ids, "labels": labels}

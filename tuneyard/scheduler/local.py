@@ -35,6 +35,8 @@ class Proc:
     root: Path | None = None
     # The job's attempt number this process was started for (unknown for an adopted process).
     attempt: int | None = None
+    # Set when the worker killed it for using more memory than TUNEYARD_JOB_MEMORY_BYTES (bytes it used).
+    over_memory: int | None = None
 
     def poll(self) -> int | None:
         """None while running; the exit code (or -1 when unknown, for an adopted process) once it ended."""
@@ -74,6 +76,23 @@ def job_processes(root: Path) -> list[int]:
         if needle in args and state != "Z":
             found.append(int(name))
     return found
+
+
+def resident_bytes(pids: list[int]) -> int:
+    """Memory the processes hold together: proportional set size (shared pages split between their users)."""
+    total = 0
+    page = os.sysconf("SC_PAGE_SIZE")
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
+        except (OSError, StopIteration, ValueError):
+            try:
+                with open(f"/proc/{pid}/statm") as f:
+                    total += int(f.read().split()[1]) * page
+            except (OSError, IndexError, ValueError):
+                continue
+    return total
 
 
 def pid_alive(pid: int, job_id: str) -> bool:

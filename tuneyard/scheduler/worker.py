@@ -10,10 +10,12 @@ share one database, and the one place where a process outcome becomes a job stat
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -29,7 +31,7 @@ from tuneyard.domain.jobs import JobStatus, fine_tuned_model_name
 from tuneyard.domain.spec import TrainingSpec
 from tuneyard.jobdir import JobDir, iter_events, read_json
 from tuneyard.scheduler.capacity import Capacity, detect
-from tuneyard.scheduler.local import LocalLauncher, Proc, clear_stop, job_processes
+from tuneyard.scheduler.local import LocalLauncher, Proc, clear_stop, job_processes, resident_bytes
 from tuneyard.service.files import FileService
 from tuneyard.service.secrets import SecretService, SecretUnavailable
 from tuneyard.settings import Settings
@@ -63,6 +65,7 @@ class Worker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._adopted = False
+        self._draining = False
 
     # ----- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
@@ -71,10 +74,37 @@ class Worker:
         self._thread.start()
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop the loop; running trainers are left running, to be re-adopted after a restart."""
+        """Stop the loop, then drain for ``TUNEYARD_DRAIN_SECONDS`` (0: leave every process running, to be
+        re-adopted by the next worker on this machine)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self.settings.drain_seconds > 0 and self.procs:
+            self.drain(self.settings.drain_seconds)
+
+    def drain(self, seconds: float) -> None:
+        """Checkpoint the running trainers and put their jobs back in the queue, stop the prepare steps and
+        release their jobs; what has not stopped within ``seconds`` is left running to be re-adopted."""
+        self._draining = True
+        log.info("draining %d job(s) for up to %.0f s", len(self.procs), seconds)
+        for proc in list(self.procs.values()):
+            if proc.stop_sent_at is not None:
+                continue  # being cancelled or paused already: that goes on
+            if proc.phase == "train":
+                self.launcher.stop(proc, JobDir(proc.root), "drain")
+            else:
+                self.launcher.terminate(proc)
+        deadline = time.time() + seconds
+        while self.procs and time.time() < deadline:
+            for job_id in list(self.procs):
+                try:
+                    self._watch(job_id)
+                except Exception:
+                    log.exception("job %s: draining failed", job_id)
+            self._renew_leases()
+            time.sleep(0.2)
+        if self.procs:
+            log.warning("drain timed out: %s left running, to be re-adopted", ", ".join(sorted(self.procs)))
 
     def run_forever(self) -> None:
         """Tick until shut down; an error in one tick is logged and the loop goes on."""
@@ -183,6 +213,7 @@ class Worker:
         code = proc.poll()
         if code is None:
             self._enforce_control(job, jd, proc)
+            self._enforce_memory(job, proc)
             return
         stray = proc.leftovers()
         if stray:
@@ -196,7 +227,7 @@ class Worker:
         if proc.phase == "prepare":
             self._finish_prepare(job, jd, code)
         else:
-            self._finish_train(job, jd, code)
+            self._finish_train(job, jd, code, proc)
         self.procs.pop(job_id, None)
 
     def _enforce_control(self, job: Job, jd: JobDir, proc: Proc) -> None:
@@ -221,6 +252,22 @@ class Worker:
             proc.term_sent_at = now
         elif proc.term_sent_at is not None and now - proc.term_sent_at > KILL_AFTER_TERM_SECONDS:
             self.launcher.kill(proc)
+
+    def _enforce_memory(self, job: Job, proc: Proc) -> None:
+        """Kill a trainer whose processes use more memory than TUNEYARD_JOB_MEMORY_BYTES (a job must not
+        take the machine, and the server with it, into the kernel's OOM killer)."""
+        limit = self.settings.job_memory_bytes
+        if not limit or proc.phase != "train" or proc.over_memory is not None or proc.root is None:
+            return
+        used = resident_bytes(job_processes(proc.root))
+        if used > limit:
+            log.warning("job %s: its processes use %d bytes, over the %d byte limit: killing them", job.id, used,
+                        limit)
+            proc.over_memory = used
+            self.launcher.kill(proc)
+            for pid in job_processes(proc.root):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
     def _terminate_now(self, proc: Proc) -> None:
         self.launcher.terminate(proc)
@@ -346,6 +393,11 @@ class Worker:
                               trained_steps=0, trained_tokens=0):
                     add_event(s, job.id, "Files validated, moving job to queued state")
                 return
+            if self._draining and not res:
+                # Stopped by this worker's shutdown: the next worker prepares the job again.
+                s.execute(update(Job).where(Job.id == job.id, Job.status == JobStatus.VALIDATING_FILES)
+                          .values(worker_id=None, lease_expires_at=None, pid=None))
+                return
             err = res.get("error") or {"code": "internal_error",
                                        "message": f"data preparation exited with code {code} without a result; "
                                                   f"see {jd.logs}"}
@@ -381,8 +433,8 @@ class Worker:
                                  lease_expires_at=now + self.settings.lease_seconds, attempt=job.attempt + 1,
                                  started_at=job.started_at or now)
                 if won:
-                    add_event(s, job.id, "Fine-tuning job started" if job.attempt == 0 else
-                              f"Fine-tuning job restarted (attempt {job.attempt + 1})")
+                    add_event(s, job.id, "Fine-tuning job started" if job.attempt == 0 and not job.trained_steps
+                              else f"Fine-tuning job restarted (attempt {job.attempt + 1})")
             if not won:
                 continue
             jd = JobDir(Path(job.output_dir)).create()
@@ -400,8 +452,15 @@ class Worker:
             with self.store.session() as s:
                 s.execute(update(Job).where(Job.id == job.id).values(pid=proc.pid))
 
-    def _finish_train(self, job: Job, jd: JobDir, code: int) -> None:
+    def _finish_train(self, job: Job, jd: JobDir, code: int, proc: Proc | None = None) -> None:
         res = read_json(jd.result) or {}
+        if proc is not None and proc.over_memory is not None:
+            mib, limit = proc.over_memory // 2**20, self.settings.job_memory_bytes // 2**20
+            res = {"status": "failed", "error": {
+                "code": "out_of_memory",
+                "message": f"the trainer used {mib:,} MiB of memory, over this installation's limit of {limit:,} MiB "
+                           "per job (TUNEYARD_JOB_MEMORY_BYTES); lower the batch size or max_length, or turn on "
+                           "gradient checkpointing"}}
         outcome = res.get("status")
         with self.store.session() as s:
             current = s.scalar(select(Job.status).where(Job.id == job.id))
@@ -413,6 +472,13 @@ class Worker:
             if outcome == "succeeded":
                 self._succeed(s, job, jd, res)
                 return
+            if outcome == "stopped" and res.get("reason") == "drain":
+                # Not a failed attempt: the restart continues this one from its checkpoint.
+                if transition(s, job.id, JobStatus.QUEUED, expect={JobStatus.RUNNING}, worker_id=None,
+                              attempt=max(0, job.attempt - 1)):
+                    add_event(s, job.id, f"The worker is shutting down: checkpointed at step {res.get('step')}; "
+                              "the job resumes from there when a worker is free", data={"step": res.get("step")})
+                return
             if outcome == "failed":
                 err = res.get("error") or {}
                 if transition(s, job.id, JobStatus.FAILED, expect={JobStatus.RUNNING}, worker_id=None,
@@ -420,7 +486,17 @@ class Worker:
                     add_event(s, job.id, f"Fine-tuning job failed: {err.get('message', 'unknown error')}",
                               level="error")
                 return
-            # No result: the trainer died (killed, OOM-killed, machine rebooted).
+            # No result: the trainer died (killed, OOM-killed, machine rebooted), or could not even write one.
+            free = _free_bytes(jd.root)
+            if free is not None and free < DISK_FULL_BYTES:
+                # Retrying on a full disk cannot help: say what is wrong.
+                if transition(s, job.id, JobStatus.FAILED, expect={JobStatus.RUNNING}, worker_id=None, error=_error({
+                        "code": "disk_full",
+                        "message": f"the trainer stopped with the disk holding {jd.root.parent} full ({free:,} bytes "
+                                   "free); free space or lower save_total_limit; the checkpoints written before are "
+                                   "kept"})):
+                    add_event(s, job.id, "Fine-tuning job failed: the disk is full", level="error")
+                return
             if job.attempt < MAX_ATTEMPTS:
                 if transition(s, job.id, JobStatus.QUEUED, expect={JobStatus.RUNNING}, worker_id=None):
                     add_event(s, job.id, f"Trainer exited unexpectedly (exit code {code}); retrying from the "
@@ -490,6 +566,17 @@ class Worker:
         with self.store.session() as s:
             s.execute(update(Job).where(Job.id.in_(list(self.procs)), Job.worker_id == self.worker_id)
                       .values(lease_expires_at=time.time() + self.settings.lease_seconds))
+
+
+# Below this much free space a trainer that died without a result is taken to have filled the disk.
+DISK_FULL_BYTES = 32 * 2**20
+
+
+def _free_bytes(path: Path) -> int | None:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
 
 
 def _error(err: dict) -> dict:

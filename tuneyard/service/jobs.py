@@ -201,9 +201,9 @@ class JobService:
         if spec.model.torch_dtype == "float16" and (res.device == "cpu" or not cap.has_cuda):
             raise InvalidRequest("torch_dtype 'float16' needs a CUDA GPU; use 'float32' or 'bfloat16' on CPU",
                                  param="torch_dtype")
-        if spec.data.streaming:
-            raise InvalidRequest("streaming is not available in this installation yet; use lazy_tokenize to skip "
-                                 "tokenising up front", param="streaming")
+        if spec.data.streaming and spec.data.packing:
+            raise InvalidRequest("packing needs every row's length before training; it cannot be combined with "
+                                 "streaming (padding-free batches need no packing)", param="streaming")
         if spec.data.lazy_tokenize and spec.data.packing:
             raise InvalidRequest("packing needs every row's length before training; it cannot be combined with "
                                  "lazy_tokenize", param="lazy_tokenize")

@@ -29,7 +29,10 @@ log = logging.getLogger("tuneyard.trainer")
 
 # Written last into a checkpoint directory: its presence is what makes the checkpoint resumable.
 CHECKPOINT_MARKER = "tuneyard_checkpoint.json"
-_STOP_CODES = {None: 0, "cancel": 1, "pause": 2}
+_STOP_CODES = {None: 0, "cancel": 1, "pause": 2, "drain": 3}
+# Stops that save a checkpoint first: a pause (resumed by the user), a drain (the worker shutting down;
+# the job goes back to the queue and resumes from it).
+SAVING_STOPS = ("pause", "drain")
 
 
 def latest_complete_checkpoint(checkpoints: Path) -> Path | None:
@@ -129,7 +132,7 @@ class ProgressCallback(TrainerCallback):
 
 
 class StopCallback(TrainerCallback):
-    """Cooperative stop: JOBDIR/control/stop saying "cancel" stops at once, "pause" after a checkpoint.
+    """Cooperative stop: JOBDIR/control/stop saying "cancel" stops at once, "pause" or "drain" after a checkpoint.
 
     Rank 0 reads the file and broadcasts its decision, so every rank leaves the loop at the same step
     (one rank stopping alone would leave the others blocked in the next gradient all-reduce).
@@ -174,7 +177,7 @@ class StopCallback(TrainerCallback):
         if reason is None:
             return
         self._stop(reason, state, control)
-        if reason == "pause":
+        if reason in SAVING_STOPS:
             control.should_save = True
             control.should_log = True
 

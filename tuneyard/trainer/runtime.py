@@ -6,6 +6,7 @@ a refused method) before the heavy imports, and the tests import these helpers c
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -137,11 +138,27 @@ def classify(exc: BaseException) -> tuple[str, str]:
         return exc.code, exc.message
     text = str(exc).strip() or type(exc).__name__
     first = text.splitlines()[0][:500]
-    if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in text.lower():
+    lowered = text.lower()
+    if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in lowered:
         return "out_of_memory", f"Out of memory: {first}. Lower the batch size, max_length or use QLoRA."
-    if isinstance(exc, MemoryError):
-        return "out_of_memory", "Out of host memory."
+    if isinstance(exc, MemoryError) or "can't allocate memory" in lowered or "cannot allocate memory" in lowered:
+        return "out_of_memory", (f"Out of host memory ({first}). Lower the batch size or max_length, or turn on "
+                                 "gradient checkpointing.")
+    if _errno(exc) == errno.ENOSPC:
+        return "disk_full", (f"No space left on device: {first}. Free space under TUNEYARD_HOME or lower "
+                             "save_total_limit; the checkpoints written before are kept.")
     return "training_error", f"{type(exc).__name__}: {first}"
+
+
+def _errno(exc: BaseException) -> int | None:
+    """The errno of ``exc`` or of an exception it was raised from (libraries wrap OSErrors)."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            return exc.errno
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return None
 
 
 def teardown_distributed() -> None:

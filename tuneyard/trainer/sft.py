@@ -1,7 +1,7 @@
 """Supervised fine-tuning recipe: transformers + PEFT + TRL ``SFTTrainer`` on an already tokenised dataset.
 
 Run it on a job directory prepared by the prepare step (``resolved_spec.json``, ``data/train`` and
-optionally ``data/validation``, both ``datasets.save_to_disk`` with ``input_ids`` and ``labels``)::
+optionally ``data/validation``, Arrow splits (``tuneyard.data.splits``) of ``input_ids`` and ``labels``)::
 
     # one device (a GPU if there is one and the spec allows it, else the CPU)
     python -m tuneyard.trainer /path/to/jobs/ftjob-abc
@@ -37,13 +37,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from transformers.utils import is_bitsandbytes_available, is_flash_attn_2_available
 from trl import SFTConfig, SFTTrainer
 
-from tuneyard.data.prepare import LAZY_COLUMN
+from tuneyard.data.splits import LAZY_COLUMN, load_split
 from tuneyard.domain.errors import InvalidRequest
 from tuneyard.domain.hparams import micro_batching
 from tuneyard.domain.spec import TrainingSpec
 from tuneyard.jobdir import JobDir, read_json
 from tuneyard.trainer.progress import (
     CHECKPOINT_MARKER,
+    SAVING_STOPS,
     ProgressCallback,
     StopCallback,
     latest_complete_checkpoint,
@@ -61,13 +62,14 @@ def run(spec: TrainingSpec, job: JobDir, ranks: Ranks, reporter: Reporter,
     device = pick_device(spec)
     precision = pick_precision(spec, device)
     per_device, accum = batch_split(spec, ranks.world_size)
-    train_ds, eval_ds = load_datasets(job, spec, ranks.world_size)
-    log.info("sft: %d training rows, %s validation rows, device=%s, dtype=%s, %d process(es), "
-             "micro-batch %d x accumulation %d", len(train_ds), len(eval_ds) if eval_ds is not None else "no",
-             device, precision["load"], ranks.world_size, per_device, accum)
-
     tokenizer = load_tokenizer(spec)
-    if spec.data.lazy_tokenize:
+    train_ds, eval_ds = load_datasets(job, spec, ranks.world_size, tokenizer)
+    n_train = train_rows(job, train_ds)
+    log.info("sft: %d training rows%s, %s validation set, device=%s, dtype=%s, %d process(es), "
+             "micro-batch %d x accumulation %d", n_train, " (streamed)" if spec.data.streaming else "",
+             "a" if eval_ds is not None else "no", device, precision["load"], ranks.world_size, per_device, accum)
+
+    if spec.data.lazy_tokenize and not spec.data.streaming:
         encode = lazy_encoder(spec, tokenizer)
         for ds in (train_ds, eval_ds):
             if ds is not None:
@@ -76,7 +78,10 @@ def run(spec: TrainingSpec, job: JobDir, ranks: Ranks, reporter: Reporter,
     # A KV cache would switch off transformers' packed-sequence mask (padding-free needs it).
     model.config.use_cache = False
     config = build_config(spec, job, device, precision, per_device, accum, has_eval=eval_ds is not None,
-                          moe=_is_moe(model))
+                          moe=_is_moe(model), world_size=ranks.world_size)
+    if spec.data.streaming:
+        # The Trainer refuses a dataset without a length unless max_steps is set before it is built.
+        finalise_schedule(config, spec, n_train, per_device, accum, ranks.world_size)
     progress = ProgressCallback(reporter, describe="", n_epochs=int(spec.hyperparameters.n_epochs),
                                 spec_json=spec.model_dump(mode="json"))
     stop = StopCallback(job)
@@ -86,7 +91,9 @@ def run(spec: TrainingSpec, job: JobDir, ranks: Ranks, reporter: Reporter,
                          optimizer_cls_and_kwargs=optimizer_override(spec, device))
     # Our callback reports; the default printer would duplicate every log dict on stdout.
     trainer.remove_callback(PrinterCallback)
-    total = finalise_schedule(trainer, spec, per_device, accum, ranks.world_size)
+    # From the rows as the trainer holds them: packing makes fewer, longer rows.
+    total = finalise_schedule(trainer.args, spec, train_rows(job, trainer.train_dataset), per_device, accum,
+                              ranks.world_size)
     progress.describe = describe(trainer.model, spec, ranks.world_size, device)
     # Same seed on every rank for the model and the sampler (data_seed); rank-offset for dropout & co.
     set_seed(spec.seed + ranks.rank)
@@ -108,7 +115,7 @@ def run(spec: TrainingSpec, job: JobDir, ranks: Ranks, reporter: Reporter,
     state = trainer.state
 
     if stop.reason is not None:
-        ckpt = progress.last_checkpoint if stop.reason == "pause" else None
+        ckpt = progress.last_checkpoint if stop.reason in SAVING_STOPS else None
         stopped = {"status": "stopped", "reason": stop.reason, "step": state.global_step,
                    "checkpoint": str(ckpt) if ckpt else None}
         reporter.emit("message", f"Training stopped ({stop.reason}) at step {state.global_step}",
@@ -184,9 +191,17 @@ def batch_split(spec: TrainingSpec, world_size: int) -> tuple[int, int]:
                            f"cannot run the spec on {world_size} process(es): {e.message}") from e
 
 
-def load_datasets(job: JobDir, spec: TrainingSpec,
-                  world_size: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
-    """The tokenised train and (optional) validation sets, checked for the columns the trainer needs."""
+AnyDataset = datasets.Dataset | datasets.IterableDataset
+
+
+def load_datasets(job: JobDir, spec: TrainingSpec, world_size: int,
+                  tokenizer: Any = None) -> tuple[AnyDataset, AnyDataset | None]:
+    """The tokenised train and (optional) validation sets, checked for the columns the trainer needs.
+
+    A streaming job has none on disk: its sets read the source rows and tokenise them as training goes.
+    """
+    if spec.data.streaming:
+        return _streamed_datasets(job, spec, world_size, tokenizer)
     found = []
     for split in ("train", "validation"):
         path = job.data / split
@@ -197,11 +212,9 @@ def load_datasets(job: JobDir, spec: TrainingSpec,
             found.append(None)
             continue
         try:
-            ds = datasets.load_from_disk(str(path))
+            ds = load_split(path)
         except Exception as e:
             raise TrainerError("data_error", f"cannot read the tokenised {split} set at {path}: {e}") from e
-        if not isinstance(ds, datasets.Dataset):
-            raise TrainerError("data_error", f"{path} holds a {type(ds).__name__}, expected one Dataset")
         missing = ({LAZY_COLUMN} if spec.data.lazy_tokenize else {"input_ids", "labels"}) - set(ds.column_names)
         if missing:
             raise TrainerError("data_error", f"the {split} set at {path} lacks column(s) {sorted(missing)}")
@@ -211,12 +224,68 @@ def load_datasets(job: JobDir, spec: TrainingSpec,
             ds = None
         found.append(ds)
     train, valid = found
-    cap = spec.schedule.max_validation_steps
+    cap = _validation_rows(spec, world_size)
     if valid is not None and cap:
-        hp = spec.hyperparameters
-        eval_bs = hp.per_device_eval_batch_size or hp.per_device_batch_size
-        valid = valid.select(range(min(len(valid), cap * eval_bs * world_size)))
+        valid = valid.select(range(min(len(valid), cap)))
     return train, valid
+
+
+def _validation_rows(spec: TrainingSpec, world_size: int) -> int | None:
+    """Rows evaluated per evaluation when max_validation_steps caps it."""
+    cap = spec.schedule.max_validation_steps
+    if not cap:
+        return None
+    hp = spec.hyperparameters
+    return cap * (hp.per_device_eval_batch_size or hp.per_device_batch_size) * world_size
+
+
+def _streamed_datasets(job: JobDir, spec: TrainingSpec, world_size: int, tokenizer: Any
+                       ) -> tuple[datasets.IterableDataset, datasets.IterableDataset | None]:
+    from functools import partial
+
+    from tuneyard.data.pipeline import streamed_examples
+    from tuneyard.data.splits import STREAM_FILE, token_features
+
+    manifest = read_json(job.data / STREAM_FILE)
+    if manifest is None:
+        raise TrainerError("data_error", f"no {STREAM_FILE} in {job.data}: the prepare step has not run")
+    for part in ("train", "validation"):
+        src = manifest.get(part)
+        if src is not None and not Path(src["path"]).is_file():
+            raise TrainerError("data_error", f"the {part} source of this streaming job is gone: {src['path']}")
+    data = spec.data
+    options = {"template": data.template, "system_prompt": data.system_prompt, "max_length": data.max_length,
+               "truncation": data.truncation, "train_on_input": data.train_on_input,
+               "last_turn_only": data.last_turn_only}
+
+    def stream(split: str) -> datasets.IterableDataset:
+        return datasets.IterableDataset.from_generator(
+            partial(streamed_examples, manifest, split, tokenizer, options), features=token_features())
+
+    train = stream("train")
+    if data.shuffle:
+        # A stream cannot be shuffled whole: a seeded buffer, reshuffled each epoch (the Trainer sets it).
+        train = train.shuffle(seed=spec.seed, buffer_size=STREAM_SHUFFLE_BUFFER)
+    valid = None
+    if manifest.get("validation") or manifest.get("held_out"):
+        valid = stream("validation")
+        cap = _validation_rows(spec, world_size)
+        if cap:
+            valid = valid.take(cap)
+    return train, valid
+
+
+STREAM_SHUFFLE_BUFFER = 10_000
+
+
+def train_rows(job: JobDir, train: AnyDataset) -> int:
+    """Rows in the training set: its length, or for a stream the count the prepare step made."""
+    if isinstance(train, datasets.Dataset):
+        return len(train)
+    prepared = read_json(job.prepared) or {}
+    if not prepared.get("n_train"):
+        raise TrainerError("data_error", f"{job.prepared} gives no training row count for the streamed set")
+    return int(prepared["n_train"])
 
 
 def lazy_encoder(spec: TrainingSpec, tokenizer) -> Any:
@@ -225,24 +294,32 @@ def lazy_encoder(spec: TrainingSpec, tokenizer) -> Any:
     A row whose answer does not fit in ``max_length`` keeps its (truncated) tokens with no loss on them:
     a lazily tokenised set cannot drop rows, and the answer is never trained on half.
     """
-    from tuneyard.data.tokenize import IGNORE_INDEX, encode_conversation
+    from tuneyard.data.tokenize import IGNORE_INDEX, ConversationEncoder, EncodeError
 
     data = spec.data
+    options = {"template": data.template, "system_prompt": data.system_prompt, "max_length": data.max_length,
+               "truncation": "truncate"}
+    encoder = ConversationEncoder(tokenizer, **options, train_on_input=data.train_on_input,
+                                  last_turn_only=data.last_turn_only)
+    # For rows the encoder drops: every token as input, none as a target.
+    context = ConversationEncoder(tokenizer, **options, train_on_input=True)
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
+        rows = [json.loads(raw) for raw in batch[LAZY_COLUMN]]
+        try:
+            encoded = encoder.encode(rows)
+        except EncodeError as e:
+            raise TrainerError("data_error", f"a training row cannot be tokenised: {e}") from e
         out: dict[str, list] = {"input_ids": [], "labels": []}
-        for raw in batch[LAZY_COLUMN]:
-            row = json.loads(raw)
-            enc = encode_conversation(tokenizer, row, template=data.template, system_prompt=data.system_prompt,
-                                      max_length=data.max_length, truncation="truncate",
-                                      train_on_input=data.train_on_input, last_turn_only=data.last_turn_only)
-            if enc is None:
-                enc = encode_conversation(tokenizer, row, template=data.template, system_prompt=data.system_prompt,
-                                          max_length=data.max_length, truncation="truncate", train_on_input=True)
-                enc = {"input_ids": enc["input_ids"], "labels": [IGNORE_INDEX] * len(enc["input_ids"])} if enc \
-                    else {"input_ids": [tokenizer.eos_token_id], "labels": [IGNORE_INDEX]}
-            out["input_ids"].append(enc["input_ids"])
-            out["labels"].append(enc["labels"])
+        for row, enc in zip(rows, encoded, strict=True):
+            if enc is not None:
+                ids, labels = enc.input_ids.tolist(), enc.labels.tolist()
+            else:
+                kept = context.encode([row])[0]
+                ids = kept.input_ids.tolist() if kept is not None else [tokenizer.eos_token_id]
+                labels = [IGNORE_INDEX] * len(ids)
+            out["input_ids"].append(ids)
+            out["labels"].append(labels)
         return out
 
     return encode
@@ -314,7 +391,7 @@ def optimizer_override(spec: TrainingSpec, device: str):
 
 
 def build_config(spec: TrainingSpec, job: JobDir, device: str, precision: dict[str, Any], per_device: int,
-                 accum: int, *, has_eval: bool, moe: bool = False) -> SFTConfig:
+                 accum: int, *, has_eval: bool, moe: bool = False, world_size: int = 1) -> SFTConfig:
     """Map the spec onto SFTConfig (steps that depend on the prepared data are set in finalise_schedule)."""
     hp, sched, data = spec.hyperparameters, spec.schedule, spec.data
     optim = {"adamw": "adamw_torch_fused" if device == "cuda" else "adamw_torch", "adam": "adamw_torch",
@@ -359,22 +436,23 @@ def build_config(spec: TrainingSpec, job: JobDir, device: str, precision: dict[s
         include_num_input_tokens_seen="all" if padding_free or data.packing else "non_padding",
         padding_free=padding_free,
         packing=data.packing,
-        # Lazily tokenised rows arrive through a transform: TRL must not re-process them, and the Trainer must
-        # not drop the raw column the transform reads.
-        dataset_kwargs={"skip_prepare_dataset": True} if data.lazy_tokenize else None,
-        remove_unused_columns=not data.lazy_tokenize,
+        # Lazily tokenised rows arrive through a transform, streamed ones from a generator: TRL must not
+        # re-process them, and the Trainer must not drop the raw column a transform reads.
+        dataset_kwargs={"skip_prepare_dataset": True} if data.lazy_tokenize or data.streaming else None,
+        remove_unused_columns=not (data.lazy_tokenize or data.streaming),
+        # With several processes, each reads the stream and keeps its share of every batch: dispatching
+        # collated (padding-free, single-row) batches from rank 0 cannot split them.
+        accelerator_config={"dispatch_batches": False} if data.streaming and world_size > 1 else None,
         packing_strategy="bfd",
         # The prepare step already truncated to max_length; TRL refuses a max_length with padding-free alone.
         max_length=None if padding_free else data.max_length,
     )
 
 
-def finalise_schedule(trainer: SFTTrainer, spec: TrainingSpec, per_device: int, accum: int,
+def finalise_schedule(args: SFTConfig, spec: TrainingSpec, n_rows: int, per_device: int, accum: int,
                       world_size: int) -> int:
-    """Set total steps, warmup and logging interval from the prepared (maybe packed) data; return total."""
+    """Set total steps, warmup and logging interval from the number of training rows; return total."""
     hp = spec.hyperparameters
-    args = trainer.args
-    n_rows = len(trainer.train_dataset)
     # Same arithmetic as the Trainer: batches per rank after sharding, then optimizer steps.
     batches_per_rank = math.ceil(math.ceil(n_rows / per_device) / world_size)
     per_epoch = math.ceil(batches_per_rank / accum)

@@ -1,0 +1,57 @@
+"""SIGTERM drains: running jobs checkpoint and go back to the queue; the next server resumes them, losing nothing."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import pytest
+
+from tests.conftest import Server
+from tests.faults.test_kill import _train_steps, _wait_done, _wait_steps
+from tuneyard.demo.tiny import write_sample_jsonl
+from tuneyard.scheduler.local import job_processes
+
+pytestmark = pytest.mark.slow
+
+
+def test_sigterm_checkpoints_running_jobs_and_the_next_server_resumes_them(tmp_path, tiny_model_dir):
+    home = tmp_path / "home"
+    srv = Server(home, {})
+    shutil.copytree(tiny_model_dir, srv.local / "tiny-llama")
+    key = srv.key("acme")
+    client = srv.openai(key)
+    f = client.files.create(file=write_sample_jsonl(tmp_path / "t.jsonl").open("rb"), purpose="fine-tune")
+    # 12 steps an epoch, checkpoints at epoch ends: step 4 is far from the next one.
+    job = client.fine_tuning.jobs.create(model=str(srv.local / "tiny-llama"), training_file=f.id,
+                                         hyperparameters={"n_epochs": 6, "batch_size": 1})
+    _wait_steps(client, job.id, 4)
+    jd = home / "jobs" / "acme" / job.id
+    t0 = time.time()
+    srv.stop()  # SIGTERM, as systemd or Kubernetes stop it
+    # uvicorn shuts down gracefully, then re-raises the signal: the exit status says SIGTERM.
+    assert srv.proc.returncode in (0, -15)
+    print(f"drained in {time.time() - t0:.1f}s")
+    assert not job_processes(jd), "the drained trainer is still running"
+    checkpoints = sorted(p.name for p in (jd / "checkpoints").iterdir() if (p / "tuneyard_checkpoint.json").exists())
+    assert checkpoints, "no checkpoint was written on the way out"
+    drained_at = int(checkpoints[-1].split("-")[1])
+    assert drained_at >= 4 and drained_at % 12 != 0, checkpoints  # a checkpoint of its own, not an epoch's
+
+    srv2 = Server(home, {})
+    try:
+        client = srv2.openai(key)
+        j = _wait_done(client, job.id)
+        assert j.status == "succeeded", j.error
+        assert j.trained_steps == j.total_steps == 72
+        messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=1000)]
+        assert any(m.startswith(f"The worker is shutting down: checkpointed at step {drained_at}")
+                   for m in messages), messages[:15]
+        assert any(m.startswith(f"Training resumed at step {drained_at}/") for m in messages), messages[:15]
+        # A drain is not a failed attempt: the job counts one attempt and no crash.
+        assert not any("exited unexpectedly" in m for m in messages)
+        steps = _train_steps(client, job.id)
+        every = steps[0]
+        assert steps == list(range(every, 73, every)), "metrics lost or duplicated across the drain"
+    finally:
+        srv2.stop()
