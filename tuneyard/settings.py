@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     # Most memory (resident, shared pages split) a trainer's processes may hold together; over it the job
     # fails with out_of_memory instead of taking the machine into the kernel's OOM killer. 0: no limit.
     job_memory_bytes: int = 0
+    # A running job's log files are rotated beyond this size (one old copy kept: NAME.log.1); 0: never.
+    job_log_bytes: int = 64 * 1024**2
     # A worker renews its jobs' leases every tick; a job whose lease lapsed this long ago has lost its worker.
     lease_seconds: float = 30.0
     # Limits

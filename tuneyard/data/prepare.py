@@ -240,6 +240,9 @@ def prepare(jobdir: JobDir, events: EventWriter | None = None, *, max_errors: in
     tr, va = stats["train"], stats["validation"]
     if deferred and n_train:
         tr.examples, va.examples = n_train, n_val
+    if spec.schedule.keep_best_checkpoint and not n_val:
+        raise PrepareFailure("invalid_request", "keep_best_checkpoint needs validation data, and none is left: the "
+                                                "file is too small to hold rows out", "keep_best_checkpoint")
     if n_train == 0:
         raise PrepareFailure("invalid_training_file",
                              f"no training example is left: {tr.dropped_too_long} longer than max_length "

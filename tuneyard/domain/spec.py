@@ -129,6 +129,8 @@ class ScheduleSpec(_Strict):
     eval_steps: int | None = Field(None, ge=1)
     save_steps: int | None = Field(None, ge=1)
     save_total_limit: int | None = Field(None, ge=1)
+    # Keep the checkpoint with the lowest validation loss too, beyond the save_total_limit newest ones.
+    keep_best_checkpoint: bool = False
     max_validation_steps: int | None = Field(None, ge=1)
     dataloader_num_workers: int = Field(0, ge=0)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -76,6 +77,25 @@ def job_processes(root: Path) -> list[int]:
         if needle in args and state != "Z":
             found.append(int(name))
     return found
+
+
+def rotate_logs(logs: Path, max_bytes: int) -> list[Path]:
+    """Move each log over ``max_bytes`` to ``NAME.1`` (replacing the last one) and empty it; the rotated logs.
+
+    The job's processes keep writing to their open file: it was opened for appending, so after the
+    truncation their writes land at the new end (copy-then-truncate, as logrotate's copytruncate).
+    """
+    rotated = []
+    for log in logs.glob("*.log"):
+        try:
+            if log.stat().st_size <= max_bytes:
+                continue
+            shutil.copyfile(log, log.with_name(log.name + ".1"))
+            os.truncate(log, 0)
+        except OSError:
+            continue
+        rotated.append(log)
+    return rotated
 
 
 def resident_bytes(pids: list[int]) -> int:

@@ -31,7 +31,14 @@ from tuneyard.domain.jobs import JobStatus, fine_tuned_model_name
 from tuneyard.domain.spec import TrainingSpec
 from tuneyard.jobdir import JobDir, iter_events, read_json
 from tuneyard.scheduler.capacity import Capacity, detect
-from tuneyard.scheduler.local import LocalLauncher, Proc, clear_stop, job_processes, resident_bytes
+from tuneyard.scheduler.local import (
+    LocalLauncher,
+    Proc,
+    clear_stop,
+    job_processes,
+    resident_bytes,
+    rotate_logs,
+)
 from tuneyard.service.files import FileService
 from tuneyard.service.secrets import SecretService, SecretUnavailable
 from tuneyard.settings import Settings
@@ -214,6 +221,8 @@ class Worker:
         if code is None:
             self._enforce_control(job, jd, proc)
             self._enforce_memory(job, proc)
+            if self.settings.job_log_bytes:
+                rotate_logs(jd.logs, self.settings.job_log_bytes)
             return
         stray = proc.leftovers()
         if stray:
@@ -282,6 +291,7 @@ class Worker:
             return 0
         updates: dict[str, Any] = {}
         with self.store.session() as s:
+            saved = False
             for ev in new:
                 data = ev.get("data") or {}
                 kind = ev.get("type", "message")
@@ -294,6 +304,9 @@ class Worker:
                     self._progress_fields(data, updates)
                 elif kind == "checkpoint" and data.get("step") is not None:
                     self._add_checkpoint(s, job.id, data, ev.get("ts"))
+                    saved = True
+            if saved:
+                self._prune_checkpoints(s, job.id)
             updates["events_seq"] = max(ev["seq"] for ev in new)
             s.execute(update(Job).where(Job.id == job.id, Job.events_seq < updates["events_seq"]).values(**updates))
         job.events_seq = updates["events_seq"]
@@ -309,6 +322,13 @@ class Worker:
             updates["trained_tokens"] = int(data["trained_tokens"])
         if isinstance(data.get("eta_s"), int | float):
             updates["estimated_finish"] = time.time() + float(data["eta_s"])
+
+    @staticmethod
+    def _prune_checkpoints(s, job_id: str) -> None:
+        """Forget checkpoints the trainer rotated away (save_total_limit): the API lists what can be used."""
+        for ck in s.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id)):
+            if ck.path and not Path(ck.path).exists():
+                s.delete(ck)
 
     @staticmethod
     def _add_checkpoint(s, job_id: str, data: dict, ts: float | None) -> None:

@@ -201,6 +201,9 @@ class JobService:
         if spec.model.torch_dtype == "float16" and (res.device == "cpu" or not cap.has_cuda):
             raise InvalidRequest("torch_dtype 'float16' needs a CUDA GPU; use 'float32' or 'bfloat16' on CPU",
                                  param="torch_dtype")
+        if spec.schedule.keep_best_checkpoint and spec.data.validation is None and not spec.data.split.validation_ratio:
+            raise InvalidRequest("keep_best_checkpoint needs validation data: a validation file or a split that "
+                                 "holds some rows out", param="keep_best_checkpoint")
         if spec.data.streaming and spec.data.packing:
             raise InvalidRequest("packing needs every row's length before training; it cannot be combined with "
                                  "streaming (padding-free batches need no packing)", param="streaming")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -127,8 +128,28 @@ class ProgressCallback(TrainerCallback):
             "step": state.global_step, "trained_tokens": int(state.num_input_tokens_seen), "metrics": metrics,
             "spec": self.spec_json})
         self.last_checkpoint = path
+        schedule = self.spec_json.get("schedule") or {}
+        if schedule.get("keep_best_checkpoint") and schedule.get("save_total_limit"):
+            keep_newest_and_best(Path(args.output_dir), schedule["save_total_limit"], state.best_model_checkpoint)
         self.reporter.emit("checkpoint", f"Checkpoint saved at step {state.global_step}",
                            {"step": state.global_step, "path": str(path), "metrics": metrics})
+
+
+def keep_newest_and_best(checkpoints: Path, limit: int, best: str | None) -> list[Path]:
+    """Delete complete checkpoints beyond the ``limit`` newest, sparing ``best``; the ones deleted.
+
+    The Trainer's own rotation counts the best among the ``limit`` it keeps (and at the end of a run with a
+    limit of 1 keeps the best alone): this keeps the newest ``limit`` and the best besides.
+    """
+    complete = sorted((int(p.name.split("-")[1]), p.resolve()) for p in checkpoints.glob("checkpoint-*")
+                      if p.is_dir() and (p / CHECKPOINT_MARKER).exists())
+    keep = {p for _, p in complete[-limit:]}
+    if best:
+        keep.add(Path(best).resolve())
+    gone = [p for _, p in complete if p not in keep]
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    return gone
 
 
 class StopCallback(TrainerCallback):

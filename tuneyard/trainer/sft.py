@@ -420,7 +420,11 @@ def build_config(spec: TrainingSpec, job: JobDir, device: str, precision: dict[s
         eval_steps=eval_steps if has_eval else None,
         save_strategy="steps" if save_steps else "epoch",
         save_steps=save_steps or 500,  # read only with the "steps" strategy; 500 is the Trainer's default
-        save_total_limit=sched.save_total_limit,
+        # With keep_best_checkpoint the progress callback rotates (newest N and the best besides).
+        save_total_limit=None if sched.keep_best_checkpoint and has_eval else sched.save_total_limit,
+        # The Trainer tracks the best evaluation and spares that checkpoint when it rotates the others.
+        metric_for_best_model="eval_loss" if sched.keep_best_checkpoint and has_eval else None,
+        greater_is_better=False if sched.keep_best_checkpoint and has_eval else None,
         dataloader_num_workers=sched.dataloader_num_workers,
         train_sampling_strategy="random" if data.shuffle else "sequential",
         bf16=precision["bf16"],

@@ -72,6 +72,8 @@ class TrainHyperparameters(_Closed):
     gradient_checkpointing: bool = False
     save_steps: int | None = Field(None, ge=1)
     save_total_limit: int | None = Field(None, ge=1)
+    # tuneyard extension: also keep the checkpoint with the lowest validation loss.
+    keep_best_checkpoint: bool = False
     eval_steps: int | None = Field(None, ge=1)
     logging_steps: int | None = Field(None, ge=1)
     learning_rate: float | None = Field(None, gt=0, le=1)

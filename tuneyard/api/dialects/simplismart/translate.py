@@ -152,7 +152,8 @@ def _to_submission(org: str, experiment_name: str, c: dict[str, Any]) -> Submiss
         per_device_batch_size=h.per_device_train_batch_size, gradient_accumulation_steps=1,
         per_device_eval_batch_size=h.per_device_eval_batch_size, learning_rate=h.learning_rate,
         learning_rate_multiplier=1.0, gradient_checkpointing=h.gradient_checkpointing)
-    schedule = ScheduleSpec(save_steps=h.save_steps, save_total_limit=h.save_total_limit, eval_steps=h.eval_steps,
+    schedule = ScheduleSpec(save_steps=h.save_steps, save_total_limit=h.save_total_limit,
+                            keep_best_checkpoint=h.keep_best_checkpoint, eval_steps=h.eval_steps,
                             logging_steps=h.logging_steps, dataloader_num_workers=h.dataloader_num_workers)
     pre = dc.preprocessing
     ratios = dc.split.ratios
@@ -310,6 +311,7 @@ def configs_of(job: Job) -> dict[str, dict[str, Any]]:
                 or spec.hyperparameters.per_device_eval_batch_size or per_device,
                 "gradient_checkpointing": spec.hyperparameters.gradient_checkpointing,
                 "save_steps": spec.schedule.save_steps, "save_total_limit": spec.schedule.save_total_limit,
+                "keep_best_checkpoint": spec.schedule.keep_best_checkpoint,
                 "eval_steps": spec.schedule.eval_steps, "logging_steps": spec.schedule.logging_steps,
                 "learning_rate": hp.get("learning_rate", spec.hyperparameters.learning_rate),
                 "dataloader_num_workers": spec.schedule.dataloader_num_workers,
