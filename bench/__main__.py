@@ -8,7 +8,7 @@ import sys
 # Each module exposes ``bench(argv) -> {"figures": {...}, "targets": {...}}`` and writes bench/results/NAME.json.
 BENCHMARKS = ["train_throughput", "data_prep"]
 # Run only when named: they take as long as they are told to.
-ON_DEMAND = ["soak"]
+ON_DEMAND = ["soak", "fuzz"]
 
 
 def main(argv: list[str]) -> int:

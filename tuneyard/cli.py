@@ -87,7 +87,8 @@ def keys_create(org: Annotated[str, typer.Option(help="Organisation slug (create
         key = create_key(services.store, org, name=name, role=role)
     except TuneyardError as e:
         raise typer.BadParameter(e.message, param_hint="--org") from e
-    console.print(f"Created a {role} key for organisation '{org}'. It is shown only once:")
+    console.print(f"Created {'an' if role == 'admin' else 'a'} {role} key for organisation '{org}'. It is shown only "
+                  "once:")
     print(key)
 
 
@@ -151,6 +152,25 @@ def secrets_delete(org: Annotated[str, typer.Option()], name: Annotated[str, typ
     except TuneyardError as e:
         raise typer.BadParameter(e.message, param_hint="--name") from e
     console.print(f"Deleted secret '{name}'.")
+
+
+@app.command("audit")
+def audit(org: Annotated[str, typer.Option(help="Organisation slug")],
+          limit: Annotated[int, typer.Option(help="How many entries, newest first")] = 50) -> None:
+    """Show an organisation's audit log: who created, cancelled, deleted what (acts on this database)."""
+    import datetime
+
+    from tuneyard.service import Services
+    from tuneyard.service.audit import CLI
+    from tuneyard.service.auth import Principal
+
+    services = Services.build(get_settings())
+    rows, _ = services.audit.list(Principal(org_id=org, key_id=CLI, role="admin"), after=None, limit=limit)
+    t = Table("when (UTC)", "actor", "action", "object")
+    for r in rows:
+        when = datetime.datetime.fromtimestamp(r.created_at, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
+        t.add_row(when, r.actor, r.action, r.object_id or "")
+    Console().print(t)
 
 
 @keys_app.command("list")

@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     jwt_issuer: str | None = None
     jwt_org_claim: str = "org"
     jwt_role_claim: str = "role"
+    # The most training examples and tokens (of the tokenised training set) one job may have; 0: no limit.
+    max_examples_per_job: int = 0
+    max_tokens_per_job: int = 0
     # The fewest training examples a job may have (a job's own minimum can only be higher).
     min_examples: int = 1
     # Tokenising a training file of at least this many examples uses a pool of processes (prepare_workers;

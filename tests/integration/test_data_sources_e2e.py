@@ -95,6 +95,20 @@ def test_s3_dataset_with_a_stored_secret_trains(srv, moto):
     raw = srv.home / "jobs" / "acme" / rid / "data" / "raw" / "dataset_details_dataset_path.jsonl"
     assert raw.read_bytes() == moto["data"]
     _nowhere_in_clear(srv, moto["reader"]["secret_access_key"], moto["reader"]["access_key_id"])
+    _not_in_responses(srv, rid, moto["reader"]["secret_access_key"], moto["reader"]["access_key_id"])
+
+
+def _not_in_responses(srv, rid: str, *values: str) -> None:
+    """None of ``values`` in what any API answers about the job, its events, metrics, secrets or the audit log."""
+    h = {"Authorization": f"Bearer {srv.token}"}
+    paths = [("/job/get/", {"org_id": "acme", "request_id": rid}), ("/job/metrics/", {"org_id": "acme",
+             "request_id": rid}), ("/job/list/", {"org_id": "acme"}), (f"/v1/fine_tuning/jobs/{rid}", None),
+             (f"/v1/fine_tuning/jobs/{rid}/events", {"limit": 1000}), (f"/v1/fine_tuning/jobs/{rid}/checkpoints", None),
+             ("/v1/secrets", None), ("/v1/audit", {"limit": 1000}), ("/v1/fine_tuning/jobs", None)]
+    for path, params in paths:
+        r = httpx.get(f"{srv.base_url}{path}", params=params, headers=h, timeout=30)
+        assert r.status_code == 200, (path, r.status_code, r.text)
+        assert all(v not in r.text for v in values), f"a secret value is in the answer to {path}"
 
 
 def test_hf_uri_of_a_local_dataset_directory_trains(srv):

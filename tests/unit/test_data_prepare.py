@@ -239,3 +239,28 @@ def test_process_pool_names_the_bad_example(tmp_path, monkeypatch, tiny_model_di
     assert prepared["ok"] is False and prepared["error"]["code"] == "invalid_training_file"
     assert prepared["error"]["message"].startswith("Example 31: chat template failed: bad row")
     assert not (job.data / "train").exists()
+
+
+@pytest.mark.parametrize("env,data,code,fragment", [
+    ({"TUNEYARD_MAX_EXAMPLES_PER_JOB": "10"}, {}, "too_many_examples",
+     "the training set has 12 examples, more than the 10 this installation allows per job"),
+    ({"TUNEYARD_MAX_TOKENS_PER_JOB": "100"}, {}, "too_many_tokens",
+     "tokens, more than the 100 this installation allows per job (TUNEYARD_MAX_TOKENS_PER_JOB)"),
+    ({"TUNEYARD_MAX_TOKENS_PER_JOB": "1000"}, {"lazy_tokenize": True}, "too_many_tokens",
+     "12 rows of up to max_length 256 tokens may hold more than the 1,000 tokens"),
+])
+def test_per_job_limits(tmp_path, monkeypatch, tiny_model_dir, env, data, code, fragment):
+    from tuneyard.settings import get_settings
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("TUNEYARD_TOKENISED_CACHE_BYTES", "0")
+    get_settings.cache_clear()
+    try:
+        job = make_job(tmp_path, tiny_model_dir, write_sample_jsonl(tmp_path / "train.jsonl"), **data)
+        assert run(job.root) == 0
+    finally:
+        get_settings.cache_clear()
+    prepared = read_json(job.prepared)
+    assert prepared["ok"] is False and prepared["error"]["code"] == code
+    assert fragment in prepared["error"]["message"] and prepared["error"]["param"] == "training_file"

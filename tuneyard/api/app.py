@@ -12,6 +12,7 @@ from fastapi import FastAPI
 
 from tuneyard import __version__
 from tuneyard.api import errors
+from tuneyard.api.admin import router as admin_router
 from tuneyard.api.dialects.llamastack import routes as llamastack
 from tuneyard.api.dialects.openai.routes import PREFIXES as OPENAI_PREFIXES
 from tuneyard.api.dialects.openai.routes import router as openai_router
@@ -56,6 +57,8 @@ def create_app(settings: Settings | None = None, *, run_worker: bool | None = No
     for i, prefix in enumerate(OPENAI_PREFIXES):
         # One schema entry per operation: the other prefixes serve the very same handlers.
         app.include_router(openai_router, prefix=prefix, include_in_schema=i == 0)
+    # tuneyard's own: secrets and the audit log, in the OpenAI error format.
+    app.include_router(admin_router, prefix="/v1")
     app.include_router(simplismart.router)
     errors.register_renderer(simplismart.PREFIX, simplismart.render_error)
     for prefix in llamastack.POST_TRAINING_PREFIXES:

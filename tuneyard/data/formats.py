@@ -44,6 +44,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from tuneyard import jsontext
+
 DPO = "dpo"
 SFT_FORMATS = ("openai", "sharegpt", "alpaca", "prompt_completion", "query_response", "text", "instruct",
                "dialog")
@@ -355,7 +357,7 @@ def _arguments(args: Any) -> tuple[str | None, str | None]:
         # Some exports write "" for a call without arguments.
         return "{}", None
     try:
-        parsed = json.loads(args)
+        parsed = jsontext.loads(args)
     except json.JSONDecodeError as e:
         return None, f"is not valid JSON ({e.msg} at column {e.colno})"
     if not isinstance(parsed, dict):
@@ -399,7 +401,7 @@ def _tools(value: Any, c: _Collector, param: str = "tools") -> list[dict] | None
         if not value.strip():
             return None
         try:
-            value = json.loads(value)
+            value = jsontext.loads(value)
         except json.JSONDecodeError as e:
             c.add(f"'{param}' is a string but not valid JSON ({e.msg})", None, param)
             return None
@@ -449,7 +451,7 @@ def _message(raw: Any, idx: int, c: _Collector, *, param: str, role_map: dict[st
         call = None
         if isinstance(value, str):
             try:
-                call = json.loads(value)
+                call = jsontext.loads(value)
             except json.JSONDecodeError:
                 call = None
         elif isinstance(value, dict):
@@ -583,7 +585,7 @@ def _maybe_json_list(value: Any, key: str, c: _Collector) -> Any:
     # Llama Stack stores message lists as JSON strings in its dataset rows.
     if isinstance(value, str) and value.lstrip().startswith("["):
         try:
-            return json.loads(value)
+            return jsontext.loads(value)
         except json.JSONDecodeError as e:
             c.add(f"'{key}' is a string but not valid JSON ({e.msg})", None, key)
             return None

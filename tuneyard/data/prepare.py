@@ -180,6 +180,7 @@ def prepare(jobdir: JobDir, events: EventWriter | None = None, *, max_errors: in
     val_report = None
     if val_src is not None:
         val_report = _validate(val_src, validation=True, min_examples=1, max_errors=max_errors, log=log)
+    _check_rows_limit(spec, train_report.n_examples)
 
     log(f"Loading the tokenizer of {spec.model.name}")
     config, tokenizer = load_tokenizer(spec)
@@ -248,6 +249,7 @@ def prepare(jobdir: JobDir, events: EventWriter | None = None, *, max_errors: in
                              f"no training example is left: {tr.dropped_too_long} longer than max_length "
                              f"{data.max_length} tokens, {tr.dropped_no_labels} with no token to train on",
                              train_src.param)
+    _check_tokens_limit(spec, n_train, None if deferred else tr.tokens)
     if not deferred:
         _report_counts(log, n_train, n_val, tr, va, data.max_length, data.truncation)
 
@@ -337,6 +339,38 @@ def _workers(n_examples: int) -> int:
     if n_examples < settings.prepare_parallel_min_examples:
         return 1
     return settings.prepare_workers or default_workers()
+
+
+def _check_rows_limit(spec: TrainingSpec, n_examples: int) -> None:
+    """PrepareFailure when the training file has more examples than one job may (TUNEYARD_MAX_EXAMPLES_PER_JOB)."""
+    from tuneyard.settings import get_settings
+
+    rows = get_settings().max_examples_per_job
+    if rows and n_examples > rows:
+        raise PrepareFailure("too_many_examples", f"the training set has {n_examples:,} examples, more than the "
+                             f"{rows:,} this installation allows per job (TUNEYARD_MAX_EXAMPLES_PER_JOB)",
+                             spec.data.train.param)
+
+
+def _check_tokens_limit(spec: TrainingSpec, n_examples: int, tokens: int | None) -> None:
+    """PrepareFailure when the training set has more tokens than one job may (TUNEYARD_MAX_TOKENS_PER_JOB).
+
+    ``tokens`` is None where they are not counted up front (lazy, streaming): then every row at max_length
+    must fit, the most such a job can train on.
+    """
+    from tuneyard.settings import get_settings
+
+    most = get_settings().max_tokens_per_job
+    if not most:
+        return
+    if tokens is not None and tokens > most:
+        raise PrepareFailure("too_many_tokens", f"the training set has {tokens:,} tokens, more than the {most:,} this "
+                             "installation allows per job (TUNEYARD_MAX_TOKENS_PER_JOB)", spec.data.train.param)
+    if tokens is None and n_examples * spec.data.max_length > most:
+        raise PrepareFailure("too_many_tokens", f"{n_examples:,} rows of up to max_length {spec.data.max_length} "
+                             f"tokens may hold more than the {most:,} tokens this installation allows per job "
+                             "(TUNEYARD_MAX_TOKENS_PER_JOB); lower max_length, or tokenise up front (no "
+                             "lazy_tokenize or streaming) to count them exactly", spec.data.train.param)
 
 
 TRIAL_ROWS = 256

@@ -22,6 +22,7 @@ from itertools import chain, islice
 from pathlib import Path
 from typing import Any
 
+from tuneyard import jsontext
 from tuneyard.data.formats import (
     DPO,
     FAMILIES,
@@ -161,7 +162,7 @@ def detect_container(path: str | Path) -> str:
         # A line that is a whole JSON value and is followed by more lines is JSONL (with a bad row);
         # anything else that opens with "[" is one JSON array.
         try:
-            json.loads(first)
+            jsontext.loads(first)
         except (json.JSONDecodeError, UnicodeDecodeError):
             return "json"
         return "jsonl" if any(line.strip() for line in f) else "json"
@@ -169,7 +170,7 @@ def detect_container(path: str | Path) -> str:
 
 def _parses(data: bytes) -> bool:
     try:
-        json.loads(data)
+        jsontext.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError):
         return False
     return True
@@ -229,7 +230,7 @@ def _iter_jsonl(path: Path) -> Iterator[RawItem]:
                 yield lineno, None, Problem(f"invalid UTF-8 (byte {bad} at position {e.start + 1})")
                 continue
             try:
-                obj = json.loads(text)
+                obj = jsontext.loads(text)
             except json.JSONDecodeError as e:
                 if first and _whole_file_parses(path):
                     # Every line would be "invalid JSON": say what the file is instead.
@@ -256,7 +257,7 @@ def _iter_json_array(path: Path) -> Iterator[RawItem]:
         yield None, None, Problem(f"invalid UTF-8 (byte 0x{data[e.start]:02x} at line {line})")
         return
     try:
-        doc = json.loads(text)
+        doc = jsontext.loads(text)
     except json.JSONDecodeError as e:
         if e.pos >= len(text.rstrip()):
             yield None, None, Problem(f"invalid JSON: the file ends at line {e.lineno} column {e.colno} before the "
@@ -277,7 +278,7 @@ def _cell(key: str, value: Any) -> Any:
     if key not in _JSON_FIELDS and key not in _MAYBE_JSON_FIELDS:
         return value
     try:
-        parsed = json.loads(value)
+        parsed = jsontext.loads(value)
     except json.JSONDecodeError:
         return value
     if key in _JSON_FIELDS:

@@ -53,6 +53,14 @@ class Unauthorized(TuneyardError):
     default_type = "authentication_error"
 
 
+class Forbidden(TuneyardError):
+    """403: the caller's role does not allow this (only about its own organisation: another's objects are 404)."""
+
+    status_code = 403
+    default_code = "permission_denied"
+    default_type = "permission_error"
+
+
 class PayloadTooLarge(TuneyardError):
     """413: an upload or body over the configured limit."""
 

@@ -533,7 +533,7 @@ class Worker:
         if export:
             self._export(s, job, jd, Path(export))
         csv_bytes = self._metrics_csv(s, job.id)
-        result = self.files.add_result_file(s, job.org_id, f"{job.id}-results.csv", csv_bytes)
+        result = self.files.add_result_file(s, job.org_id, f"{job.id}-results.csv", csv_bytes, job.created_by)
         model_name = fine_tuned_model_name(job.model, job.org_id, job.suffix, job.id)
         if transition(s, job.id, JobStatus.SUCCEEDED, expect={JobStatus.RUNNING}, worker_id=None,
                       fine_tuned_model=model_name, result_files=[result.id],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tuneyard.service.audit import AuditService
 from tuneyard.service.datasets import DatasetService
 from tuneyard.service.files import FileService
 from tuneyard.service.jobs import JobService
@@ -22,6 +23,7 @@ class Services:
     jobs: JobService
     datasets: DatasetService
     secrets: SecretService
+    audit: AuditService
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -31,4 +33,4 @@ class Services:
         files = FileService(store, settings)
         secrets = SecretService(store, settings)
         return cls(settings=settings, store=store, files=files, jobs=JobService(store, settings, files, secrets),
-                   datasets=DatasetService(store, settings, files), secrets=secrets)
+                   datasets=DatasetService(store, settings, files), secrets=secrets, audit=AuditService(store))

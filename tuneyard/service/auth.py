@@ -9,10 +9,11 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import and_, select
 
-from tuneyard.domain.errors import InvalidRequest, Unauthorized
+from tuneyard.domain.errors import Forbidden, InvalidRequest, Unauthorized
 from tuneyard.settings import Settings
 from tuneyard.store.db import Store
 from tuneyard.store.models import ApiKey, Organization
@@ -28,6 +29,26 @@ class Principal:
     org_id: str
     key_id: str
     role: str
+
+    @property
+    def is_admin(self) -> bool:
+        """Admins see and manage everything of their organisation; members what they created."""
+        return self.role == "admin"
+
+
+def visible(model: Any, who: Principal) -> Any:
+    """The condition every query of ``model`` (Job, File, Dataset) carries: the caller's organisation, and
+    for a member only what it created. One place, so no handler can forget it."""
+    cond = model.org_id == who.org_id
+    if not who.is_admin:
+        cond = and_(cond, model.created_by == who.key_id)
+    return cond
+
+
+def require_admin(who: Principal, what: str) -> None:
+    """Forbidden unless ``who`` holds an admin key (or an admin JWT) of its organisation."""
+    if not who.is_admin:
+        raise Forbidden(f"{what} needs an admin key of the organisation; this key is a member's")
 
 
 def _hash(salt: str, secret: str) -> str:
@@ -53,9 +74,12 @@ def create_key(store: Store, org_id: str, *, name: str | None = None, role: str 
     key_id = "".join(secrets.choice(alphabet) for _ in range(12))
     secret = secrets.token_urlsafe(32)
     salt = secrets.token_hex(16)
+    from tuneyard.service.audit import CLI, record
+
     with store.session() as s:
         s.add(ApiKey(id=key_id, org_id=org_id, name=name, role=role, salt=salt, secret_hash=_hash(salt, secret),
                      created_at=time.time()))
+        record(s, org_id, CLI, "key.create", key_id, {"role": role})
     return f"ty-{key_id}-{secret}"
 
 
@@ -72,6 +96,9 @@ def revoke_key(store: Store, org_id: str, key_id: str) -> bool:
         if key is None or key.org_id != org_id or key.revoked_at is not None:
             return False
         key.revoked_at = time.time()
+        from tuneyard.service.audit import CLI, record
+
+        record(s, org_id, CLI, "key.revoke", key_id)
         return True
 
 

@@ -22,7 +22,8 @@ from sqlalchemy.exc import IntegrityError
 from tuneyard.domain.errors import Conflict, InvalidRequest, NotFound
 from tuneyard.domain.spec import DataSource
 from tuneyard.ids import new_id
-from tuneyard.service.auth import Principal
+from tuneyard.service.audit import record_by
+from tuneyard.service.auth import Principal, visible
 from tuneyard.service.files import FileService
 from tuneyard.service.paths import confine, looks_like_path
 from tuneyard.settings import Settings
@@ -84,10 +85,12 @@ class DatasetService:
         else:
             raise InvalidRequest("source.type must be 'uri' or 'rows'", param="source.type")
         ds = Dataset(id=new_id("ds"), org_id=who.org_id, dataset_id=ident, purpose=purpose, source=stored,
-                     file_id=file_id, n_rows=n_rows, metadata_=metadata or {}, created_at=time.time())
+                     file_id=file_id, n_rows=n_rows, metadata_=metadata or {}, created_at=time.time(),
+                     created_by=who.key_id)
         try:
             with self.store.session() as s:
                 s.add(ds)
+                record_by(s, who, "dataset.register", ident)
         except IntegrityError as e:
             raise Conflict(f"a dataset '{ident}' is already registered", param="dataset_id",
                            code="duplicate_dataset") from e
@@ -103,7 +106,7 @@ class DatasetService:
 
     def _find(self, who: Principal, dataset_id: str) -> Dataset | None:
         with self.store.session() as s:
-            return s.scalar(select(Dataset).where(Dataset.org_id == who.org_id, Dataset.dataset_id == dataset_id))
+            return s.scalar(select(Dataset).where(visible(Dataset, who), Dataset.dataset_id == dataset_id))
 
     def get(self, who: Principal, dataset_id: str) -> Dataset:
         """One dataset of the caller's organisation, or NotFound."""
@@ -115,7 +118,7 @@ class DatasetService:
     def list(self, who: Principal, *, limit: int = 1000) -> list[Dataset]:
         """The organisation's datasets, oldest first."""
         with self.store.session() as s:
-            rows, _ = page(s, select(Dataset).where(Dataset.org_id == who.org_id), Dataset, after=None,
+            rows, _ = page(s, select(Dataset).where(visible(Dataset, who)), Dataset, after=None,
                            limit=limit, descending=False)
         return rows
 
@@ -126,6 +129,7 @@ class DatasetService:
             row = s.get(Dataset, ds.pk)
             if row is not None:
                 s.delete(row)
+                record_by(s, who, "dataset.unregister", dataset_id)
         if ds.file_id:
             # Already gone, or still used by an unfinished job (which keeps it until it ends).
             with contextlib.suppress(NotFound, Conflict):

@@ -13,7 +13,8 @@ from sqlalchemy.orm import Session
 
 from tuneyard.domain.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
 from tuneyard.ids import new_id
-from tuneyard.service.auth import Principal
+from tuneyard.service.audit import record_by
+from tuneyard.service.auth import Principal, visible
 from tuneyard.settings import Settings
 from tuneyard.store.db import Store
 from tuneyard.store.models import File, Job
@@ -65,9 +66,10 @@ class FileService:
             f = File(id=file_id, org_id=who.org_id, filename=name, purpose=purpose, bytes=size, created_at=now,
                      expires_at=now + expires_after_seconds if expires_after_seconds else None, status=status,
                      status_details=details, storage_path=str(rel), sha256=digest, n_examples=n_examples,
-                     data_format=fmt)
+                     data_format=fmt, created_by=who.key_id)
             with self.store.session() as s:
                 s.add(f)
+                record_by(s, who, "file.create", file_id, {"purpose": purpose, "bytes": size})
             return f
         except BaseException:
             dest.unlink(missing_ok=True)
@@ -101,7 +103,7 @@ class FileService:
     def get(self, who: Principal, file_id: str) -> File:
         """One file of the caller's organisation, or NotFound."""
         with self.store.session() as s:
-            f = s.scalar(select(File).where(File.id == file_id, File.org_id == who.org_id))
+            f = s.scalar(select(File).where(File.id == file_id, visible(File, who)))
         if f is None or (f.expires_at is not None and f.expires_at < time.time()):
             raise NotFound(f"No such File object: {file_id}", param="id", code="file_not_found")
         return f
@@ -113,7 +115,7 @@ class FileService:
             raise InvalidRequest("order must be 'asc' or 'desc'", param="order")
         if not 1 <= limit <= 10000:
             raise InvalidRequest("limit must be between 1 and 10000", param="limit")
-        q = select(File).where(File.org_id == who.org_id)
+        q = select(File).where(visible(File, who))
         if purpose:
             q = q.where(File.purpose == purpose)
         with self.store.session() as s:
@@ -132,10 +134,13 @@ class FileService:
             row = s.scalar(select(File).where(File.id == f.id))
             if row is not None:
                 s.delete(row)
+                record_by(s, who, "file.delete", f.id)
         self.path_of(f).unlink(missing_ok=True)
 
-    def add_result_file(self, s: Session, org_id: str, filename: str, content: bytes) -> File:
-        """Store a file tuneyard made for a job (purpose ``fine-tune-results``), in the caller's transaction."""
+    def add_result_file(self, s: Session, org_id: str, filename: str, content: bytes,
+                        created_by: str | None = None) -> File:
+        """Store a file tuneyard made for a job (purpose ``fine-tune-results``; ``created_by``: whoever created
+        the job, so that it sees the file), in the caller's transaction."""
         file_id = new_id("file")
         rel = Path(org_id) / file_id
         dest = self.settings.files_dir / rel
@@ -143,6 +148,6 @@ class FileService:
         dest.write_bytes(content)
         f = File(id=file_id, org_id=org_id, filename=filename, purpose="fine-tune-results", bytes=len(content),
                  created_at=time.time(), expires_at=None, status="processed", status_details=None,
-                 storage_path=str(rel), sha256=hashlib.sha256(content).hexdigest())
+                 storage_path=str(rel), sha256=hashlib.sha256(content).hexdigest(), created_by=created_by)
         s.add(f)
         return f

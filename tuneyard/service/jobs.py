@@ -18,7 +18,8 @@ from tuneyard.domain.spec import DataSource, TrainingSpec
 from tuneyard.ids import new_id
 from tuneyard.jobdir import JobDir, write_json_atomic
 from tuneyard.scheduler.capacity import bitsandbytes_available, detect
-from tuneyard.service.auth import Principal
+from tuneyard.service.audit import record_by
+from tuneyard.service.auth import Principal, visible
 from tuneyard.service.files import FileService
 from tuneyard.service.paths import check_model_name, confine
 from tuneyard.service.secrets import SecretService
@@ -67,7 +68,8 @@ class JobService:
         write_json_atomic(jd.spec, spec.model_dump(mode="json"))
         now = time.time()
         job = Job(id=job_id, org_id=who.org_id, dialect=sub.dialect, external_id=sub.external_id,
-                  idempotency_key=sub.idempotency_key, status=JobStatus.VALIDATING_FILES.value, created_at=now,
+                  idempotency_key=sub.idempotency_key, created_by=who.key_id,
+                  status=JobStatus.VALIDATING_FILES.value, created_at=now,
                   updated_at=now, model=sub.spec.model.name, training_file=spec.data.train.file_id,
                   validation_file=spec.data.validation.file_id if spec.data.validation else None,
                   suffix=sub.suffix, seed=spec.seed, request=sub.request, metadata_=sub.metadata,
@@ -78,6 +80,7 @@ class JobService:
                 s.add(job)
                 s.flush()
                 add_event(s, job_id, f"Created fine-tuning job: {job_id}")
+                record_by(s, who, "job.create", job_id, {"dialect": sub.dialect, "model": sub.spec.model.name})
                 add_event(s, job_id, f"Validating training file: {spec.data.train.file_id or spec.data.train.path}")
         except IntegrityError as e:
             if sub.idempotency_key:
@@ -104,7 +107,12 @@ class JobService:
 
     def _by_idempotency_key(self, who: Principal, key: str) -> Job | None:
         with self.store.session() as s:
-            return s.scalar(select(Job).where(Job.org_id == who.org_id, Job.idempotency_key == key))
+            job = s.scalar(select(Job).where(Job.org_id == who.org_id, Job.idempotency_key == key))
+        if job is not None and not who.is_admin and job.created_by != who.key_id:
+            # Keys are unique per organisation: a member must not get (or learn about) a colleague's job.
+            raise Conflict("this Idempotency-Key was already used in your organisation; use a new one",
+                           param="Idempotency-Key", code="idempotency_key_reused")
+        return job
 
     def _check_spec(self, who: Principal, spec: TrainingSpec) -> TrainingSpec:
         roots = self.settings.allowed_roots
@@ -221,7 +229,7 @@ class JobService:
     def get(self, who: Principal, job_id: str) -> Job:
         """One job of the caller's organisation, or NotFound (also for other organisations' jobs)."""
         with self.store.session() as s:
-            job = s.scalar(select(Job).where(Job.id == job_id, Job.org_id == who.org_id))
+            job = s.scalar(select(Job).where(Job.id == job_id, visible(Job, who)))
         if job is None:
             raise NotFound(f"Fine-tuning job {job_id} not found", param="fine_tuning_job_id",
                            code="fine_tuning_job_not_found")
@@ -230,7 +238,7 @@ class JobService:
     def get_external(self, who: Principal, dialect: str, external_id: str) -> Job:
         """A job by the id its dialect's client gave it (e.g. a Llama Stack job_uuid)."""
         with self.store.session() as s:
-            job = s.scalar(select(Job).where(Job.org_id == who.org_id, Job.external_id == external_id))
+            job = s.scalar(select(Job).where(visible(Job, who), Job.external_id == external_id))
         if job is None:
             raise NotFound(f"job '{external_id}' not found", param="job_uuid", code="job_not_found")
         return job
@@ -240,7 +248,7 @@ class JobService:
         """A page of the organisation's jobs, newest first, optionally filtered by metadata values."""
         if not 1 <= limit <= 1000:
             raise InvalidRequest("limit must be between 1 and 1000", param="limit")
-        q = select(Job).where(Job.org_id == who.org_id)
+        q = select(Job).where(visible(Job, who))
         for k, v in (metadata or {}).items():
             q = q.where(Job.metadata_[k].as_string() == v)
         with self.store.session() as s:
@@ -249,7 +257,7 @@ class JobService:
     def count(self, who: Principal) -> int:
         """How many jobs the organisation has."""
         with self.store.session() as s:
-            return s.scalar(select(func.count()).select_from(Job).where(Job.org_id == who.org_id)) or 0
+            return s.scalar(select(func.count()).select_from(Job).where(visible(Job, who))) or 0
 
     def metric_events(self, who: Principal, job_id: str) -> list[JobEvent]:
         """Every metrics event of a job, oldest first."""
@@ -311,6 +319,7 @@ class JobService:
                 raise Conflict(f"Fine-tuning job {job_id} finished before it could be cancelled",
                                code="invalid_state")
             add_event(s, job_id, "Fine-tuning job cancelled by request")
+            record_by(s, who, "job.cancel", job_id)
         return self.get(who, job_id)
 
     def pause(self, who: Principal, job_id: str) -> Job:
@@ -324,6 +333,7 @@ class JobService:
             if not transition(s, job_id, JobStatus.PAUSED, expect={JobStatus.QUEUED, JobStatus.RUNNING}):
                 raise Conflict(f"Fine-tuning job {job_id} changed state; try again", code="invalid_state")
             add_event(s, job_id, "Fine-tuning job paused by request")
+            record_by(s, who, "job.pause", job_id)
         return self.get(who, job_id)
 
     def resume(self, who: Principal, job_id: str) -> Job:
@@ -335,6 +345,7 @@ class JobService:
             if not transition(s, job_id, JobStatus.QUEUED, expect={JobStatus.PAUSED}):
                 raise Conflict(f"Fine-tuning job {job_id} changed state; try again", code="invalid_state")
             add_event(s, job_id, "Fine-tuning job resumed")
+            record_by(s, who, "job.resume", job_id)
         return self.get(who, job_id)
 
     @staticmethod
@@ -352,10 +363,10 @@ class JobService:
         for m in self.settings.base_model_list:
             out[m] = (m, 0.0, "tuneyard")
         with self.store.session() as s:
-            for model, created in s.execute(select(Job.model, Job.created_at).where(Job.org_id == who.org_id)):
+            for model, created in s.execute(select(Job.model, Job.created_at).where(visible(Job, who))):
                 out.setdefault(model, (model, created, "tuneyard"))
             for name, finished in s.execute(select(Job.fine_tuned_model, Job.finished_at).where(
-                    Job.org_id == who.org_id, Job.fine_tuned_model.is_not(None))):
+                    visible(Job, who), Job.fine_tuned_model.is_not(None))):
                 out[name] = (name, finished or 0.0, who.org_id)
         return list(out.values())
 

@@ -23,7 +23,8 @@ from sqlalchemy.exc import IntegrityError
 
 from tuneyard.domain.errors import Conflict, InvalidRequest, NotFound, TuneyardError
 from tuneyard.ids import new_id
-from tuneyard.service.auth import Principal
+from tuneyard.service.audit import record_by
+from tuneyard.service.auth import Principal, require_admin
 from tuneyard.settings import Settings
 from tuneyard.store.db import Store
 from tuneyard.store.models import Secret
@@ -101,7 +102,8 @@ class SecretService:
         self.settings = settings
 
     def create(self, who: Principal, name: str, type_: str, value: dict[str, Any]) -> SecretInfo:
-        """Encrypt and store ``value`` under ``name``; the fields are checked against the type."""
+        """Encrypt and store ``value`` under ``name``; the fields are checked against the type. Admins only."""
+        require_admin(who, "Creating a secret")
         if not isinstance(name, str) or not NAME.match(name):
             raise InvalidRequest("name must be 1-128 characters: letters, digits, '.', '_' or '-', starting with a "
                                  "letter or digit", param="name")
@@ -125,6 +127,7 @@ class SecretService:
         try:
             with self.store.session() as s:
                 s.add(row)
+                record_by(s, who, "secret.create", row.id, {"name": name, "type": type_})
         except IntegrityError as e:
             raise Conflict(f"a secret named '{name}' already exists", param="name", code="duplicate_secret") from e
         return _info(row)
@@ -149,8 +152,10 @@ class SecretService:
             raise InvalidRequest(f"secret '{name_or_id}' not found", param=param, code="secret_not_found")
         return _info(row)
 
-    def delete(self, who: Principal, name_or_id: str) -> None:
-        """Delete one secret of the organisation (jobs already submitted with it then fail at their next start)."""
+    def delete(self, who: Principal, name_or_id: str) -> SecretInfo:
+        """Delete one secret of the organisation (jobs already submitted with it then fail at their next start).
+        Admins only."""
+        require_admin(who, "Deleting a secret")
         row = self._find(who.org_id, name_or_id)
         if row is None:
             raise NotFound(f"secret '{name_or_id}' not found", param="name", code="secret_not_found")
@@ -158,6 +163,8 @@ class SecretService:
             obj = s.get(Secret, row.pk)
             if obj is not None:
                 s.delete(obj)
+                record_by(s, who, "secret.delete", row.id, {"name": row.name})
+        return _info(row)
 
     def resolve(self, org_id: str, name_or_id: str, *, param: str = "secret_id") -> tuple[str, dict[str, Any]]:
         """(type, decrypted value) of a secret, for handing to a job's process; SecretUnavailable otherwise."""

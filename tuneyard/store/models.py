@@ -58,6 +58,8 @@ class File(Base):
     sha256: Mapped[str | None] = mapped_column(String(64))
     n_examples: Mapped[int | None] = mapped_column(Integer)
     data_format: Mapped[str | None] = mapped_column(String(32))
+    # The key (or JWT subject) that uploaded it: a member sees only its own.
+    created_by: Mapped[str | None] = mapped_column(String(128))
 
 
 class Job(Base):
@@ -76,6 +78,8 @@ class Job(Base):
     dialect: Mapped[str] = mapped_column(String(16))
     external_id: Mapped[str | None] = mapped_column(String(128))
     idempotency_key: Mapped[str | None] = mapped_column(String(256))
+    # The key (or JWT subject) that created it: a member sees only its own jobs.
+    created_by: Mapped[str | None] = mapped_column(String(128))
     status: Mapped[str] = mapped_column(String(24))
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
@@ -169,6 +173,7 @@ class Dataset(Base):
     n_rows: Mapped[int | None] = mapped_column(Integer)
     metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)
     created_at: Mapped[float] = mapped_column(Float)
+    created_by: Mapped[str | None] = mapped_column(String(128))
 
 
 class Secret(Base):
@@ -185,3 +190,20 @@ class Secret(Base):
     # Fernet token of the JSON value; the plaintext is never stored, logged or returned.
     ciphertext: Mapped[str] = mapped_column(Text)
     created_at: Mapped[float] = mapped_column(Float)
+
+
+class AuditEvent(Base):
+    """Who did what to which object: written in the same transaction as the change, never updated."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (Index("ix_audit_org_pk", "org_id", "pk"),)
+
+    pk: Mapped[int] = mapped_column(PK, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    org_id: Mapped[str] = mapped_column(String(64))
+    # A key id, "jwt:<subject>", or "cli" for the tuneyard command on the server.
+    actor: Mapped[str] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(String(64))
+    object_id: Mapped[str | None] = mapped_column(String(128))
+    created_at: Mapped[float] = mapped_column(Float)
+    details: Mapped[dict[str, Any] | None] = mapped_column(JSON)

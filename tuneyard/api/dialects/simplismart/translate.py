@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from tuneyard import jsontext
 from tuneyard.api.dialects.simplismart.schemas import (
     CONFIGS,
     DatasetConfig,
@@ -87,7 +88,7 @@ def parse_configs(form: dict[str, str]) -> dict[str, Any]:
     for name, model in CONFIGS.items():
         raw = form[name]
         try:
-            value = json.loads(raw) if raw.strip() else {}
+            value = jsontext.loads(raw) if raw.strip() else {}
         except json.JSONDecodeError as e:
             raise InvalidRequest(f"{name} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}",
                                  param=name) from None
