@@ -6,7 +6,7 @@ import importlib
 import sys
 
 # Each module exposes ``bench(argv) -> {"figures": {...}, "targets": {...}}`` and writes bench/results/NAME.json.
-BENCHMARKS = ["train_throughput", "data_prep"]
+BENCHMARKS = ["train_throughput", "data_prep", "api_load", "time_to_first_step"]
 # Run only when named: they take as long as they are told to.
 ON_DEMAND = ["soak", "fuzz"]
 
