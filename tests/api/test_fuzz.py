@@ -125,7 +125,8 @@ def test_generated_training_files_never_fail_the_server(srv):
     (b"[" * 100_000 + b"]" * 100_000, "application/json"),
     (b'{"a": ' * 50_000 + b"1" + b"}" * 50_000, "application/json"),
     (b"\x00\x01\x02" * 1000, "application/json"),
-    (b"--x\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a\"\r\n\r\n" + b"a" * 100, "multipart/form-data"),
+    (b'--x\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\n' + b"a" * 100,
+     "multipart/form-data"),
     (b"--b\r\n\r\n--b--", "multipart/form-data; boundary=b"),
 ])
 def test_hostile_bodies_get_a_4xx(srv, body, ctype):

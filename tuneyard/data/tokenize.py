@@ -8,6 +8,10 @@ the characters are then mapped to tokens with the fast tokenizer's offsets (a to
 span carries loss). The span includes the end-of-turn marker the template puts after the content, so the
 model learns to stop.
 
+``ConversationEncoder`` does this a batch of rows at a time: renders go through transformers' template
+renderer in two batched calls per row, the tokenizer runs once per batch, and only the tokens at each
+span's ends are looked up (``char_to_token``), with the per-token offsets as the fallback.
+
 When the template is not prefix-stable (it rewrites earlier turns, e.g. moves the system prompt into the
 last user message or strips reasoning from past answers), or the tokenizer has no offsets, the row is
 built from segments instead: the text is ``render(messages[:j + 1])`` for the last assistant message j
