@@ -105,6 +105,11 @@ def test_kill_9_of_a_trainer_retries_from_the_latest_checkpoint(setup):
     rows = client.files.content(j.result_files[0]).read().decode().splitlines()[1:]
     assert [int(r.split(",")[0]) for r in rows] == list(range(1, 61)), "one CSV row per step, no repeats"
 
+    # The steps the killed attempt logged past its checkpoint were trained again: each is reported once.
+    steps = [e.data["step"] for e in client.fine_tuning.jobs.list_events(job.id, limit=1000)
+             if e.type == "metrics" and "train_loss" in e.data]
+    assert sorted(steps) == list(range(1, 61)), "a step is reported twice (or not at all) after the retry"
+
     # Deterministic resume: optimizer, scheduler, RNG and data position came back with the checkpoint.
     assert _wait_done(client, reference.id).status == "succeeded"
     want, got = _losses(client, reference.id), _losses(client, job.id)

@@ -298,6 +298,8 @@ class Worker:
                 if kind == "progress":
                     self._progress_fields(data, updates)
                     continue
+                if kind == "message" and isinstance(data.get("start_step"), int) and data["start_step"] > 0:
+                    self._supersede_metrics(s, job.id, data["start_step"])
                 add_event(s, job.id, ev.get("message", ""), type=kind, level=ev.get("level", "info"),
                           data=data, file_seq=ev["seq"], created_at=ev.get("ts"))
                 if kind == "metrics":
@@ -322,6 +324,15 @@ class Worker:
             updates["trained_tokens"] = int(data["trained_tokens"])
         if isinstance(data.get("eta_s"), int | float):
             updates["estimated_finish"] = time.time() + float(data["eta_s"])
+
+    @staticmethod
+    def _supersede_metrics(s, job_id: str, start_step: int) -> None:
+        """A trainer resumed at ``start_step``: the metrics an interrupted attempt logged after that step
+        describe work that was rolled back and is done again; the resumed run's own replace them."""
+        for ev in s.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.type == "metrics")):
+            step = (ev.data or {}).get("step")
+            if isinstance(step, int) and step > start_step:
+                s.delete(ev)
 
     @staticmethod
     def _prune_checkpoints(s, job_id: str) -> None:
