@@ -70,6 +70,8 @@ _worker_encoder: ConversationEncoder | None = None
 
 def _worker_init(tokenizer: Any, options: dict[str, Any]) -> None:
     global _worker_encoder
+    # A process per core: each tokenises on one thread (read by tokenizers when it first encodes).
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _worker_encoder = ConversationEncoder(tokenizer, **options)
 
 
@@ -110,9 +112,7 @@ def encode_stream(rows: Iterator[tuple[int, dict]], tokenizer: Any, options: dic
         return
     import multiprocessing
 
-    # spawn, not fork: the tokenizer's Rust thread pool does not survive a fork. Each process tokenises on
-    # one thread, as there is a process per core.
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    # spawn, not fork: the tokenizer's Rust thread pool does not survive a fork.
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_worker_init, initargs=(tokenizer, options))
     pending: deque[Future] = deque()
@@ -131,7 +131,6 @@ def encode_stream(rows: Iterator[tuple[int, dict]], tokenizer: Any, options: dic
         for future in pending:
             future.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
-        os.environ.pop("TOKENIZERS_PARALLELISM", None)
 
 
 def streamed_examples(manifest: dict[str, Any], split: str, tokenizer: Any,
