@@ -30,22 +30,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.common import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _Server:
     def __init__(self, home: Path, env: dict[str, str]) -> None:
         from tuneyard.client import wait_healthy
 
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "TUNEYARD_HOME": str(home), "TUNEYARD_PORT": str(self.port),
                     "TUNEYARD_LOG_LEVEL": "warning", "TUNEYARD_RATE_LIMIT_PER_SECOND": "0",

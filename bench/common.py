@@ -11,6 +11,15 @@ from typing import Any
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
+def free_port() -> int:
+    """A free TCP port on loopback, for a server a benchmark starts."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def device_name() -> str:
     """The accelerator the benchmark ran on, or the CPU model."""
     try:

@@ -25,7 +25,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,13 +33,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from bench.common import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _Server:
@@ -48,7 +44,7 @@ class _Server:
 
     def __init__(self, home: Path, env: dict[str, str]) -> None:
         self.home = home
-        self.port = _free_port()
+        self.port = free_port()
         self.env = {**os.environ, **env, "TUNEYARD_HOME": str(home), "TUNEYARD_PORT": str(self.port),
                     "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
         self.url = f"http://127.0.0.1:{self.port}"

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from tests.conftest import Server
-from tests.faults.test_kill import _wait_steps
+from tests.faults.helpers import wait_steps
 from tuneyard.demo.tiny import write_sample_jsonl
 from tuneyard.scheduler.local import job_processes
 
@@ -32,7 +32,7 @@ def test_cancel_queued_and_paused_jobs(tmp_path, tiny_model_dir):
         make = {"model": str(srv.local / "tiny-llama"), "training_file": f.id,
                 "hyperparameters": {"n_epochs": 50, "batch_size": 1}}
         running = client.fine_tuning.jobs.create(**make)
-        _wait_steps(client, running.id, 1)
+        wait_steps(client, running.id, 1)
         queued = client.fine_tuning.jobs.create(**make)  # the only CPU slot is taken
         _wait_status(client, queued.id, "queued")
         assert client.fine_tuning.jobs.cancel(queued.id).status == "cancelled"

@@ -2,30 +2,24 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 
 import pytest
 
 from tests.conftest import Server
-from tests.faults.test_kill import _train_steps, _wait_done, _wait_steps
-from tuneyard.demo.tiny import write_sample_jsonl
+from tests.faults.helpers import train_steps, wait_done, wait_steps
 from tuneyard.scheduler.local import job_processes
 
 pytestmark = pytest.mark.slow
 
 
-def test_sigterm_checkpoints_running_jobs_and_the_next_server_resumes_them(tmp_path, tiny_model_dir):
-    home = tmp_path / "home"
-    srv = Server(home, {})
-    shutil.copytree(tiny_model_dir, srv.local / "tiny-llama")
-    key = srv.key("acme")
-    client = srv.openai(key)
-    f = client.files.create(file=write_sample_jsonl(tmp_path / "t.jsonl").open("rb"), purpose="fine-tune")
+def test_sigterm_checkpoints_running_jobs_and_the_next_server_resumes_them(setup):
+    srv, key, client, f = setup
+    home = srv.home
     # 12 steps an epoch, checkpoints at epoch ends: step 4 is far from the next one.
     job = client.fine_tuning.jobs.create(model=str(srv.local / "tiny-llama"), training_file=f.id,
                                          hyperparameters={"n_epochs": 6, "batch_size": 1})
-    _wait_steps(client, job.id, 4)
+    wait_steps(client, job.id, 4)
     jd = home / "jobs" / "acme" / job.id
     t0 = time.time()
     srv.stop()  # SIGTERM, as systemd or Kubernetes stop it
@@ -41,7 +35,7 @@ def test_sigterm_checkpoints_running_jobs_and_the_next_server_resumes_them(tmp_p
     srv2 = Server(home, {})
     try:
         client = srv2.openai(key)
-        j = _wait_done(client, job.id)
+        j = wait_done(client, job.id)
         assert j.status == "succeeded", j.error
         assert j.trained_steps == j.total_steps == 72
         messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=1000)]
@@ -50,7 +44,7 @@ def test_sigterm_checkpoints_running_jobs_and_the_next_server_resumes_them(tmp_p
         assert any(m.startswith(f"Training resumed at step {drained_at}/") for m in messages), messages[:15]
         # A drain is not a failed attempt: the job counts one attempt and no crash.
         assert not any("exited unexpectedly" in m for m in messages)
-        steps = _train_steps(client, job.id)
+        steps = train_steps(client, job.id)
         every = steps[0]
         assert steps == list(range(every, 73, every)), "metrics lost or duplicated across the drain"
     finally:

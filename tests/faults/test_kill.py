@@ -3,57 +3,23 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import time
 
 import pytest
 
 from tests.conftest import Server
-from tuneyard.demo.tiny import write_sample_jsonl
+from tests.faults.helpers import train_steps, wait_done, wait_steps
 from tuneyard.scheduler.local import pid_alive
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture()
-def setup(tmp_path, tiny_model_dir):
-    home = tmp_path / "home"
-    srv = Server(home, {})
-    shutil.copytree(tiny_model_dir, srv.local / "tiny-llama")
-    key = srv.key("acme")
-    client = srv.openai(key)
-    f = client.files.create(file=write_sample_jsonl(tmp_path / "t.jsonl").open("rb"), purpose="fine-tune")
-    state = {"srv": srv}
-    yield srv, key, client, f
-    state["srv"].stop()
-
-
-def _wait_steps(client, job_id: str, steps: int, timeout: float = 120):
-    deadline = time.time() + timeout
-    while (client.fine_tuning.jobs.retrieve(job_id).trained_steps or 0) < steps:
-        assert time.time() < deadline, "the trainer did not reach the step in time"
-        time.sleep(0.3)
-
-
-def _wait_done(client, job_id: str, timeout: float = 300):
-    deadline = time.time() + timeout
-    while (j := client.fine_tuning.jobs.retrieve(job_id)).status not in ("succeeded", "failed", "cancelled"):
-        assert time.time() < deadline, f"still {j.status}"
-        time.sleep(0.5)
-    return j
-
-
-def _train_steps(client, job_id: str) -> list[int]:
-    return sorted(e.data["step"] for e in client.fine_tuning.jobs.list_events(job_id, limit=1000)
-                  if e.type == "metrics" and "train_loss" in e.data)
 
 
 def test_kill_9_of_the_server_loses_nothing(setup, tmp_path):
     srv, key, client, f = setup
     job = client.fine_tuning.jobs.create(model=str(srv.local / "tiny-llama"), training_file=f.id,
                                          hyperparameters={"n_epochs": 30, "batch_size": 1})
-    _wait_steps(client, job.id, 3)
+    wait_steps(client, job.id, 3)
     pid = int((srv.home / "jobs" / "acme" / job.id / "train.pid").read_text())
     srv.proc.send_signal(signal.SIGKILL)
     srv.proc.wait(10)
@@ -62,9 +28,9 @@ def test_kill_9_of_the_server_loses_nothing(setup, tmp_path):
     srv2 = Server(srv.home, {})
     srv.proc, srv.log = srv2.proc, srv2.log  # the fixture stops whichever server runs last
     client = srv2.openai(key)
-    j = _wait_done(client, job.id)
+    j = wait_done(client, job.id)
     assert j.status == "succeeded", j.error
-    steps = _train_steps(client, job.id)
+    steps = train_steps(client, job.id)
     every = steps[0]
     assert steps == list(range(every, j.total_steps + 1, every)), "metrics lost or duplicated across the kill"
 
@@ -89,11 +55,11 @@ def test_kill_9_of_a_trainer_retries_from_the_latest_checkpoint(setup):
             "hyperparameters": {"n_epochs": 20, "batch_size": 4}}
     reference = client.fine_tuning.jobs.create(**make)
     job = client.fine_tuning.jobs.create(**make)  # runs once the reference is done (one CPU slot)
-    _wait_steps(client, job.id, 8, timeout=300)  # past the checkpoints of epochs 1 and 2 (3 steps an epoch)
+    wait_steps(client, job.id, 8, timeout=300)  # past the checkpoints of epochs 1 and 2 (3 steps an epoch)
     jd = srv.home / "jobs" / "acme" / job.id
     pid = int((jd / "train.pid").read_text())
     os.killpg(pid, signal.SIGKILL)  # torchrun and its trainer, as an OOM kill or a reboot would
-    j = _wait_done(client, job.id)
+    j = wait_done(client, job.id)
     assert j.status == "succeeded", j.error
     assert j.trained_steps == j.total_steps == 60
     messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=1000)]
@@ -111,7 +77,7 @@ def test_kill_9_of_a_trainer_retries_from_the_latest_checkpoint(setup):
     assert sorted(steps) == list(range(1, 61)), "a step is reported twice (or not at all) after the retry"
 
     # Deterministic resume: optimizer, scheduler, RNG and data position came back with the checkpoint.
-    assert _wait_done(client, reference.id).status == "succeeded"
+    assert wait_done(client, reference.id).status == "succeeded"
     want, got = _losses(client, reference.id), _losses(client, job.id)
     assert sorted(got) == sorted(want) == list(range(1, 61))
     for k in range(1, 61):

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests.conftest import Server
-from tests.faults.test_kill import _wait_done, _wait_steps
+from tests.faults.helpers import wait_done, wait_steps
 from tuneyard.demo.tiny import write_sample_jsonl
 from tuneyard.scheduler.local import job_processes
 
@@ -43,7 +43,7 @@ def test_a_job_over_its_memory_limit_fails_and_the_server_stays_up(tmp_path, tin
     try:
         job = client.fine_tuning.jobs.create(model=str(model), training_file=f.id,
                                              hyperparameters={"n_epochs": 3, "batch_size": 1})
-        j = _wait_done(client, job.id)
+        j = wait_done(client, job.id)
         assert j.status == "failed" and j.error.code == "out_of_memory", j.error
         assert "over this installation's limit of 200 MiB per job (TUNEYARD_JOB_MEMORY_BYTES)" in j.error.message
         assert not job_processes(srv.home / "jobs" / "acme" / job.id)
@@ -82,11 +82,11 @@ def test_a_full_disk_while_checkpointing_fails_the_job_and_keeps_earlier_checkpo
         # 3 steps an epoch, a checkpoint at each epoch end.
         job = client.fine_tuning.jobs.create(model=str(model), training_file=f.id,
                                              hyperparameters={"n_epochs": 40, "batch_size": 4})
-        _wait_steps(client, job.id, 4)  # the first checkpoint is complete
+        wait_steps(client, job.id, 4)  # the first checkpoint is complete
         before = [c.fine_tuned_model_checkpoint for c in client.fine_tuning.jobs.checkpoints.list(job.id).data]
         assert before
         _fill(small_disk)
-        j = _wait_done(client, job.id)
+        j = wait_done(client, job.id)
         assert j.status == "failed" and j.error.code == "disk_full", j.error
         assert "full" in j.error.message or "No space left" in j.error.message
         assert not job_processes(srv.home / "jobs" / "acme" / job.id)
@@ -110,7 +110,7 @@ def test_a_model_that_disappears_before_training_fails_the_job_clearly(tmp_path,
         # The only CPU slot is busy, so the second job waits in the queue after its data was prepared.
         busy = client.fine_tuning.jobs.create(model=str(model), training_file=f.id,
                                               hyperparameters={"n_epochs": 50, "batch_size": 1})
-        _wait_steps(client, busy.id, 1)
+        wait_steps(client, busy.id, 1)
         job = client.fine_tuning.jobs.create(model=str(doomed), training_file=f.id,
                                              hyperparameters={"n_epochs": 1, "batch_size": 1})
         deadline = time.time() + 120
@@ -119,7 +119,7 @@ def test_a_model_that_disappears_before_training_fails_the_job_clearly(tmp_path,
             time.sleep(0.2)
         shutil.rmtree(doomed)
         client.fine_tuning.jobs.cancel(busy.id)
-        j = _wait_done(client, job.id)
+        j = wait_done(client, job.id)
         assert j.status == "failed" and j.error.code == "model_load_error", j.error
         assert str(doomed) in j.error.message
         _healthy(srv, client)
