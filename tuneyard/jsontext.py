@@ -17,7 +17,8 @@ def loads(text: str | bytes) -> Any:
         value = json.loads(text)
     except RecursionError:
         raise json.JSONDecodeError(f"nested more than {MAX_DEPTH} levels deep", text, 0) from None
-    if _too_deep(value, MAX_DEPTH):
+    # Nesting needs an opening bracket per level: most texts cannot be too deep, and counting is cheap.
+    if text.count("{") + text.count("[") > MAX_DEPTH and _too_deep(value, MAX_DEPTH):
         raise json.JSONDecodeError(f"nested more than {MAX_DEPTH} levels deep", text, 0)
     return value
 
