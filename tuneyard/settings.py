@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     job_log_bytes: int = 64 * 1024**2
     # A worker renews its jobs' leases every tick; a job whose lease lapsed this long ago has lost its worker.
     lease_seconds: float = 30.0
+    # torch.compile every job's model (resources.torch_compile): faster steps after a compile of a minute or more.
+    torch_compile: bool = False
     # Limits
     max_upload_bytes: int = 512 * 1024 * 1024
     # Any other request body (JSON, forms without files); larger bodies get a 413 before they are read.

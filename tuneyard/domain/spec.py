@@ -144,6 +144,9 @@ class ResourceSpec(_Strict):
     node_count: int = Field(1, ge=1)
     gpu_type: str | None = None
     distributed: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    # torch.compile the model (TUNEYARD_TORCH_COMPILE sets it for every job): faster steps after a compile
+    # of a minute or more, worth it for long runs.
+    torch_compile: bool = False
 
 
 class IntegrationSpec(_Strict):

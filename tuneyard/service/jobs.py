@@ -127,7 +127,9 @@ class JobService:
         valid = self._resolve_source(who, spec.data.validation) if spec.data.validation else None
         self._check_resources(spec)
         data = spec.data.model_copy(update={"train": train, "validation": valid})
-        return spec.model_copy(update={"model": model, "data": data})
+        resources = spec.resources.model_copy(
+            update={"torch_compile": spec.resources.torch_compile or self.settings.torch_compile})
+        return spec.model_copy(update={"model": model, "data": data, "resources": resources})
 
     def _resolve_source(self, who: Principal, src: DataSource) -> DataSource:
         if src.file_id is not None:

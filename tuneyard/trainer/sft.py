@@ -34,7 +34,7 @@ import datasets
 import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PrinterCallback, set_seed
-from transformers.utils import is_bitsandbytes_available, is_flash_attn_2_available
+from transformers.utils import is_bitsandbytes_available
 from trl import SFTConfig, SFTTrainer
 
 from tuneyard.data.splits import LAZY_COLUMN, load_split
@@ -42,6 +42,8 @@ from tuneyard.domain.errors import InvalidRequest
 from tuneyard.domain.hparams import micro_batching
 from tuneyard.domain.spec import TrainingSpec
 from tuneyard.jobdir import JobDir, read_json
+from tuneyard.trainer import fastpath
+from tuneyard.trainer.fastpath import Batching
 from tuneyard.trainer.progress import (
     CHECKPOINT_MARKER,
     SAVING_STOPS,
@@ -77,15 +79,18 @@ def run(spec: TrainingSpec, job: JobDir, ranks: Ranks, reporter: Reporter,
     model = load_model(spec, device, precision, ranks)
     # A KV cache would switch off transformers' packed-sequence mask (padding-free needs it).
     model.config.use_cache = False
+    batching = fastpath.choose_batching(spec, model)
     config = build_config(spec, job, device, precision, per_device, accum, has_eval=eval_ds is not None,
-                          moe=_is_moe(model), world_size=ranks.world_size)
+                          moe=_is_moe(model), world_size=ranks.world_size, batching=batching)
+    log.info("sft: batches %s, attention %s%s%s", batching.why, model.config._attn_implementation,
+             ", Liger kernels" if config.use_liger_kernel else "", ", torch.compile" if config.torch_compile else "")
     if spec.data.streaming:
         # The Trainer refuses a dataset without a length unless max_steps is set before it is built.
         finalise_schedule(config, spec, n_train, per_device, accum, ranks.world_size)
     progress = ProgressCallback(reporter, describe="", n_epochs=int(spec.hyperparameters.n_epochs),
                                 spec_json=spec.model_dump(mode="json"))
     stop = StopCallback(job)
-    trainer = SFTTrainer(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
+    trainer = Trainer(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, peft_config=lora_config(spec),
                          callbacks=[progress, stop],
                          optimizer_cls_and_kwargs=optimizer_override(spec, device))
@@ -340,8 +345,7 @@ def load_model(spec: TrainingSpec, device: str, precision: dict[str, Any], ranks
     m = spec.model
     kwargs: dict[str, Any] = {"dtype": precision["load"], "revision": m.revision,
                               "trust_remote_code": m.trust_remote_code}
-    packed = spec.data.padding_free or spec.data.packing
-    if device == "cuda" and packed and precision["load"] != torch.float32 and is_flash_attn_2_available():
+    if fastpath.flash_attention(device, spec.data.padding_free or spec.data.packing, precision["load"]):
         # Varlen kernels attend within each packed example without the dense block mask sdpa needs.
         kwargs["attn_implementation"] = "flash_attention_2"
     if m.quant_bits in (4, 8):
@@ -391,16 +395,22 @@ def optimizer_override(spec: TrainingSpec, device: str):
 
 
 def build_config(spec: TrainingSpec, job: JobDir, device: str, precision: dict[str, Any], per_device: int,
-                 accum: int, *, has_eval: bool, moe: bool = False, world_size: int = 1) -> SFTConfig:
+                 accum: int, *, has_eval: bool, moe: bool = False, world_size: int = 1,
+                 batching: Batching | None = None) -> SFTConfig:
     """Map the spec onto SFTConfig (steps that depend on the prepared data are set in finalise_schedule)."""
     hp, sched, data = spec.hyperparameters, spec.schedule, spec.data
+    if batching is None:  # as the spec asks, for a model that is safe with padding-free batches
+        batching = Batching(data.padding_free and not data.packing, "random" if data.shuffle else "sequential",
+                            "as the spec asks")
+    if spec.resources.torch_compile and (blocker := fastpath.compile_blocker(device)) is not None:
+        raise TrainerError("unsupported", f"resources.torch_compile: {blocker}")
     optim = {"adamw": "adamw_torch_fused" if device == "cuda" else "adamw_torch", "adam": "adamw_torch",
              "sgd": "sgd"}[hp.optimizer]
     # An epoch capped by max_steps_per_epoch ends after `cap` steps: evaluate and save on that rhythm.
     epoch_steps = hp.max_steps_per_epoch if hp.max_steps_per_epoch and not hp.max_steps else None
     eval_steps = sched.eval_steps or epoch_steps
     save_steps = sched.save_steps or epoch_steps
-    padding_free = data.padding_free and not data.packing
+    padding_free = batching.padding_free
     return SFTConfig(
         output_dir=str(job.checkpoints),
         num_train_epochs=float(hp.n_epochs),
@@ -426,7 +436,7 @@ def build_config(spec: TrainingSpec, job: JobDir, device: str, precision: dict[s
         metric_for_best_model="eval_loss" if sched.keep_best_checkpoint and has_eval else None,
         greater_is_better=False if sched.keep_best_checkpoint and has_eval else None,
         dataloader_num_workers=sched.dataloader_num_workers,
-        train_sampling_strategy="random" if data.shuffle else "sequential",
+        train_sampling_strategy=batching.sampling,
         bf16=precision["bf16"],
         fp16=precision["fp16"],
         use_cpu=device == "cpu",
@@ -448,9 +458,24 @@ def build_config(spec: TrainingSpec, job: JobDir, device: str, precision: dict[s
         # collated (padding-free, single-row) batches from rank 0 cannot split them.
         accelerator_config={"dispatch_batches": False} if data.streaming and world_size > 1 else None,
         packing_strategy="bfd",
+        use_liger_kernel=fastpath.liger(device),
+        torch_compile=spec.resources.torch_compile,
         # The prepare step already truncated to max_length; TRL refuses a max_length with padding-free alone.
         max_length=None if padding_free else data.max_length,
     )
+
+
+class Trainer(SFTTrainer):
+    """TRL's SFTTrainer, with length-grouped sampling that reads row lengths from Arrow."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        ds = self.train_dataset if train_dataset is None else train_dataset
+        if self.args.train_sampling_strategy == "group_by_length":
+            sampler = fastpath.length_grouped_sampler(
+                ds, self.args.train_batch_size * self.args.gradient_accumulation_steps)
+            if sampler is not None:
+                return sampler
+        return super()._get_train_sampler(train_dataset)
 
 
 def finalise_schedule(args: SFTConfig, spec: TrainingSpec, n_rows: int, per_device: int, accum: int,

@@ -1,0 +1,117 @@
+"""The trainer's speed choices in one place, each made only where it leaves the loss unchanged.
+
+- Batches: padding-free (examples concatenated, positions restart per example, no pad computed) when the
+  model is attention-only and takes ``position_ids``; otherwise padded batches of similar lengths
+  (``group_by_length``), which waste little padding without changing any example's loss.
+- The LM head: TRL's fused, chunked head scores only the positions with a label and never builds the
+  (tokens x vocabulary) logits (always on in ``SFTTrainer``).
+- On a GPU: FlashAttention varlen kernels for packed half-precision batches when ``flash_attn`` is
+  installed, Liger's fused RMSNorm/SwiGLU/RoPE kernels when ``liger_kernel`` is installed, bf16 and
+  fused AdamW (see ``sft.pick_precision`` and ``sft.build_config``).
+- ``torch.compile`` of the model when the spec's ``resources.torch_compile`` asks for it.
+
+``tests/trainer/test_fastpath.py`` holds each of them to the loss of the plain path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Any
+
+import datasets
+import pyarrow.compute as pc
+import torch
+from transformers import PreTrainedModel
+from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.utils import is_flash_attn_2_available
+
+from tuneyard.data.splits import LAZY_COLUMN
+from tuneyard.domain.spec import TrainingSpec
+
+# Per-layer kinds in a config's ``layer_types`` that are plain (masked) attention: a packed row's block mask
+# or varlen kernel keeps its examples apart. Anything else (mamba, conv, linear attention...) carries a state
+# along the row, from one example into the next.
+ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "chunked_attention", "attention",
+                                   "global_attention", "local_attention"})
+# Families with recurrent or state-space layers that do not list them in ``layer_types``.
+RECURRENT_MODEL_TYPES = frozenset({"mamba", "mamba2", "falcon_mamba", "falcon_h1", "jamba", "zamba", "zamba2",
+                                   "bamba", "nemotron_h", "granitemoehybrid", "recurrent_gemma", "rwkv", "xlstm",
+                                   "lfm2", "qwen3_next", "minimax", "plamo2"})
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How the trainer forms batches: padding-free, or padded with a sampler ("random", "group_by_length"...)."""
+
+    padding_free: bool
+    sampling: str
+    why: str
+
+
+def padding_free_blocker(model: PreTrainedModel) -> str | None:
+    """Why padding-free batches would change this model's loss, or None when they are safe."""
+    cfg = model.config.get_text_config()
+    if cfg.model_type in RECURRENT_MODEL_TYPES:
+        return f"{cfg.model_type} has recurrent (state-space) layers"
+    other = sorted({str(t) for t in (getattr(cfg, "layer_types", None) or [])} - ATTENTION_LAYER_TYPES)
+    if other:
+        return f"{cfg.model_type} has {', '.join(other)} layers"
+    if "position_ids" not in inspect.signature(model.forward).parameters:
+        return f"{type(model).__name__}.forward takes no position_ids"
+    return None
+
+
+def choose_batching(spec: TrainingSpec, model: PreTrainedModel) -> Batching:
+    """Padding-free when the spec allows it and the model is safe with it; else length-grouped padded batches."""
+    data = spec.data
+    order = "random" if data.shuffle else "sequential"
+    if data.packing:
+        return Batching(False, order, "packing")
+    blocker = padding_free_blocker(model) if data.padding_free else "padding_free is off"
+    if blocker is None:
+        return Batching(True, order, "padding-free")
+    # Grouping needs every row's length up front: lazily tokenised and streamed rows do not have it.
+    if data.shuffle and not (data.lazy_tokenize or data.streaming):
+        return Batching(False, "group_by_length", f"padded, length-grouped ({blocker})")
+    return Batching(False, order, f"padded ({blocker})")
+
+
+def row_lengths(ds: Any) -> list[int] | None:
+    """Token count of every row, read from the Arrow list offsets (no row is decoded); None if not tokenised."""
+    if not isinstance(ds, datasets.Dataset) or LAZY_COLUMN in ds.column_names or "input_ids" not in ds.column_names:
+        return None
+    # A memory-mapped split gives a zero-copy Arrow slice (a select()ed view maps through its indices).
+    column = ds.select_columns(["input_ids"]).with_format("arrow")[:]["input_ids"]
+    return pc.list_value_length(column).to_pylist()
+
+
+def length_grouped_sampler(ds: Any, batch_size: int) -> LengthGroupedSampler | None:
+    """transformers' LengthGroupedSampler over the Arrow lengths (it would otherwise decode every row)."""
+    lengths = row_lengths(ds)
+    if lengths is None:
+        return None
+    # No generator of its own: it draws from torch's global RNG, which the Trainer seeds and restores on resume.
+    return LengthGroupedSampler(batch_size, lengths=lengths)
+
+
+def flash_attention(device: str, packed: bool, dtype: torch.dtype) -> bool:
+    """FlashAttention-2 varlen kernels: on CUDA, packed half-precision batches, with flash_attn installed."""
+    return device == "cuda" and packed and dtype in (torch.float16, torch.bfloat16) and is_flash_attn_2_available()
+
+
+def liger(device: str) -> bool:
+    """Liger's fused kernels (RMSNorm, SwiGLU, RoPE): on CUDA when the liger_kernel package is installed."""
+    return device == "cuda" and importlib.util.find_spec("liger_kernel") is not None
+
+
+def compile_blocker(device: str) -> str | None:
+    """Why torch.compile cannot run here (Inductor builds C++ on CPU, Triton kernels on GPU), or None."""
+    if device == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++")):
+        return "torch.compile needs a C++ compiler (g++) on CPU; none is installed"
+    if device == "cuda" and importlib.util.find_spec("triton") is None:
+        return "torch.compile needs the triton package on GPU; it is not installed"
+    return None
