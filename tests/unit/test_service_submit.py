@@ -89,8 +89,10 @@ def test_a_good_submission_writes_the_spec_with_resolved_paths(svc, file_id, tmp
 
 
 def test_the_api_process_does_not_import_torch():
-    code = "import sys, tuneyard.api.app, tuneyard.scheduler.worker; sys.exit('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    code = ("import sys, tuneyard.api.app, tuneyard.scheduler.worker, tuneyard.cli; "
+            "print(sorted({'torch', 'transformers', 'datasets', 'trl', 'peft'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_unfinished_jobs_per_org_are_capped(svc, file_id):
@@ -104,3 +106,9 @@ def test_unfinished_jobs_per_org_are_capped(svc, file_id):
     assert e.value.status_code == 429 and e.value.code == "quota_exceeded" and e.value.headers["retry-after"]
     svc.jobs.cancel(WHO, first.id)  # a finished job frees its place
     submit(svc, file_id)
+
+
+def test_the_operator_turns_torch_compile_on_for_every_job(tmp_path, file_id, svc):
+    assert TrainingSpec.model_validate(submit(svc, file_id).spec).resources.torch_compile is False
+    svc.jobs.settings = svc.jobs.settings.model_copy(update={"torch_compile": True})
+    assert TrainingSpec.model_validate(submit(svc, file_id).spec).resources.torch_compile is True
