@@ -157,9 +157,10 @@ class LocalLauncher:
 
     def train(self, job_id: str, jd: JobDir, attempt: int, nproc: int, gpus: list[int],
               env: dict[str, str] | None = None) -> Proc:
-        """Start ``torchrun`` with ``nproc`` ranks on the given GPUs (none: CPU ranks on gloo)."""
-        cmd = [self.python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "tuneyard.trainer", str(jd.root)]
+        """Start ``torchrun`` with ``nproc`` ranks on the given GPUs (none: CPU ranks on gloo); one rank runs alone."""
+        # One process needs no rendezvous: torchrun would only add its own start-up (~1.5 s of imports) first.
+        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+        cmd = [self.python, *launcher, "-m", "tuneyard.trainer", str(jd.root)]
         env = {**(env or {}), "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in gpus)}
         if not gpus:
             # Ranks share the cores: without this each would start one thread per core.
