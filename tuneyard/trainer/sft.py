@@ -460,8 +460,9 @@ def build_config(spec: TrainingSpec, job: JobDir, device: str, precision: dict[s
         packing_strategy="bfd",
         use_liger_kernel=fastpath.liger(device),
         torch_compile=spec.resources.torch_compile,
-        # The prepare step already truncated to max_length; TRL refuses a max_length with padding-free alone.
-        max_length=None if padding_free else data.max_length,
+        # The prepare step already truncated to max_length: without it TRL skips a per-row truncation pass over
+        # the whole set at start-up. Packing needs it (the length of a pack).
+        max_length=data.max_length if data.packing else None,
     )
 
 
