@@ -10,7 +10,9 @@ short rows and a few long ones, as real chat data has.
 (a) baseline: what a user writes by hand: ``transformers.Trainer`` + PEFT, ``DataCollatorForSeq2Seq``
     padding every batch to its longest row;
 (b) tuneyard: the job's trainer process (``python -m tuneyard.trainer JOBDIR``), exactly as the local
-    launcher runs it, on a job directory holding the same rows.
+    launcher runs it, on a job directory holding the same rows; with FlashAttention off for the ratio
+    (the baseline has none) and, on a GPU where ``flash-attn`` is installed, once more with it
+    (``ratio_flash``).
 
 Each runs in its own process (so peak memory is its own). Throughput counts useful (non-pad) tokens
 only, between the end of the warm-up steps and the last step; the ratio is (b)/(a). On a GPU, MFU uses
@@ -89,13 +91,13 @@ def build_inputs(work: Path, p: dict[str, Any]) -> tuple[Path, Path]:
     return model_dir, data_dir
 
 
-def tuneyard_job(work: Path, model_dir: Path, data_dir: Path, p: dict[str, Any]) -> Path:
+def tuneyard_job(work: Path, model_dir: Path, data_dir: Path, p: dict[str, Any], name: str = "ftjob-bench") -> Path:
     """A job directory as the prepare step leaves it: resolved spec + the tokenised rows."""
     from tuneyard.domain.hparams import resolve
     from tuneyard.domain.spec import TrainingSpec
     from tuneyard.jobdir import JobDir, write_json_atomic
 
-    job = JobDir(work / "ftjob-bench").create()
+    job = JobDir(work / name).create()
     spec = TrainingSpec.model_validate({
         "model": {"name": str(model_dir), "source": "local"},
         "data": {"train": {"path": str(data_dir)}, "max_length": p["max_len"]},
@@ -167,12 +169,12 @@ def run_baseline(work: Path, model_dir: Path, data_dir: Path, p: dict[str, Any])
     return _rate(marks)
 
 
-def run_tuneyard(job_root: Path) -> dict[str, Any]:
+def run_tuneyard(job_root: Path, env_over: dict[str, str] | None = None) -> dict[str, Any]:
     """(b) the trainer process on the job directory; rates from its own metrics events."""
     from tuneyard.jobdir import iter_events, read_json
 
-    peak_file = job_root.parent / "peak-tuneyard.json"
-    env = {**_env(), "TUNEYARD_JOB_ID": job_root.name}
+    peak_file = job_root.parent / f"peak-{job_root.name}.json"
+    env = {**_env(), "TUNEYARD_JOB_ID": job_root.name, **(env_over or {})}
     proc = subprocess.run([sys.executable, "-m", "bench._peak", str(peak_file), "tuneyard.trainer", str(job_root)],
                           cwd=REPO, env=env, capture_output=True, text=True)
     result = read_json(job_root / "result.json") or {}
@@ -207,6 +209,7 @@ def bench(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     args = ap.parse_args(argv or [])
     import torch
+    from transformers.utils import is_flash_attn_2_available
 
     preset = args.preset or ("gpu" if torch.cuda.is_available() else "cpu")
     p = dict(PRESETS[preset])
@@ -223,7 +226,11 @@ def bench(argv: list[str] | None = None) -> dict[str, Any]:
         if proc.returncode != 0:
             raise RuntimeError(f"baseline failed: {proc.stderr[-3000:]}")
         base = {**json.loads((work / "baseline.json").read_text()), **json.loads(peak_file.read_text())}
-        ours = run_tuneyard(tuneyard_job(work, model_dir, data_dir, p))
+        # The issue's ratio is with FlashAttention off (the baseline has none); with it, a figure of its own.
+        ours = run_tuneyard(tuneyard_job(work, model_dir, data_dir, p), {"TUNEYARD_FLASH_ATTENTION": "false"})
+        flash = None
+        if p["device"] == "cuda" and is_flash_attn_2_available():
+            flash = run_tuneyard(tuneyard_job(work, model_dir, data_dir, p, "ftjob-bench-flash"))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -242,11 +249,18 @@ def bench(argv: list[str] | None = None) -> dict[str, Any]:
     targets: dict[str, Any] = {"ratio": ">= 1.8" if preset == "cpu" else ">= 1.5"}
     if p["device"] == "cuda":
         name = torch.cuda.get_device_name(0)
+        figures["device"] = name
         token_mean_len = sum(x * x for x in lengths) / sum(lengths)  # the length an average token sees
-        for side, r in (("baseline", base), ("tuneyard", ours)):
+        sides = [("baseline", base), ("tuneyard", ours)]
+        if flash is not None:
+            figures["tuneyard_flash_tokens_per_s"] = round(flash["tokens_per_s"], 1)
+            figures["ratio_flash"] = round(flash["tokens_per_s"] / base["tokens_per_s"], 3)
+            figures["tuneyard_flash_peak_cuda_peak_mb"] = round(flash.get(mem_key, 0.0))
+            sides.append(("tuneyard_flash", flash))
+        for side, r in sides:
             m = mfu(r["tokens_per_s"], p, token_mean_len, name)
             figures[f"{side}_mfu"] = None if m is None else round(m, 4)
-        targets["tuneyard_mfu"] = ">= 0.40"
+        targets["tuneyard_flash_mfu" if flash is not None else "tuneyard_mfu"] = ">= 0.40"
     write_result("train_throughput", figures, targets, {"preset_config": p})
     print_table(f"train_throughput ({preset})", [(k, v, targets.get(k)) for k, v in figures.items()])
     return {"figures": figures, "targets": targets}

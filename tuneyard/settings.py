@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     lease_seconds: float = 30.0
     # torch.compile every job's model (resources.torch_compile): faster steps after a compile of a minute or more.
     torch_compile: bool = False
+    # GPU kernels a trainer uses when their package is installed (flash-attn, liger-kernel); false: never.
+    flash_attention: bool = True
+    liger_kernels: bool = True
     # Limits
     max_upload_bytes: int = 512 * 1024 * 1024
     # Any other request body (JSON, forms without files); larger bodies get a 413 before they are read.

@@ -181,9 +181,25 @@ def test_torch_compile_keeps_the_first_losses(tmp_path, tiny_model_dir, tiny_tok
     assert losses[True] == pytest.approx(losses[False], abs=2e-4)
 
 
-def test_liger_only_on_cuda_with_the_package():
+def test_gpu_kernels_only_on_cuda_with_their_package_unless_turned_off(monkeypatch):
+    from transformers.utils import is_flash_attn_2_available
+
+    from tuneyard.settings import reset_settings
+
     assert fastpath.liger("cpu") is False
     assert fastpath.liger("cuda") is (importlib.util.find_spec("liger_kernel") is not None)
+    assert fastpath.flash_attention("cpu", True, torch.bfloat16) is False
+    assert fastpath.flash_attention("cuda", True, torch.float32) is False
+    assert fastpath.flash_attention("cuda", True, torch.bfloat16) is is_flash_attn_2_available()
+    monkeypatch.setenv("TUNEYARD_LIGER_KERNELS", "false")
+    monkeypatch.setenv("TUNEYARD_FLASH_ATTENTION", "false")
+    reset_settings()
+    try:
+        assert fastpath.liger("cuda") is False
+        assert fastpath.flash_attention("cuda", True, torch.bfloat16) is False
+    finally:
+        monkeypatch.undo()
+        reset_settings()
 
 
 @pytest.mark.slow

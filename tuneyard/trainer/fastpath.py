@@ -6,8 +6,9 @@
 - The LM head: TRL's fused, chunked head scores only the positions with a label and never builds the
   (tokens x vocabulary) logits (always on in ``SFTTrainer``).
 - On a GPU: FlashAttention varlen kernels for packed half-precision batches when ``flash_attn`` is
-  installed, Liger's fused RMSNorm/SwiGLU/RoPE kernels when ``liger_kernel`` is installed, bf16 and
-  fused AdamW (see ``sft.pick_precision`` and ``sft.build_config``).
+  installed, Liger's fused RMSNorm/SwiGLU/RoPE kernels when ``liger_kernel`` is installed (an operator
+  turns either off with TUNEYARD_FLASH_ATTENTION / TUNEYARD_LIGER_KERNELS=false), bf16 and fused AdamW
+  (see ``sft.pick_precision`` and ``sft.build_config``).
 - ``torch.compile`` of the model when the spec's ``resources.torch_compile`` asks for it.
 
 ``tests/trainer/test_fastpath.py`` holds each of them to the loss of the plain path.
@@ -31,6 +32,7 @@ from transformers.utils import is_flash_attn_2_available
 
 from tuneyard.data.splits import LAZY_COLUMN
 from tuneyard.domain.spec import TrainingSpec
+from tuneyard.settings import get_settings
 
 # Per-layer kinds in a config's ``layer_types`` that are plain (masked) attention: a packed row's block mask
 # or varlen kernel keeps its examples apart. Anything else (mamba, conv, linear attention...) carries a state
@@ -100,12 +102,13 @@ def length_grouped_sampler(ds: Any, batch_size: int) -> LengthGroupedSampler | N
 
 def flash_attention(device: str, packed: bool, dtype: torch.dtype) -> bool:
     """FlashAttention-2 varlen kernels: on CUDA, packed half-precision batches, with flash_attn installed."""
-    return device == "cuda" and packed and dtype in (torch.float16, torch.bfloat16) and is_flash_attn_2_available()
+    return (device == "cuda" and packed and dtype in (torch.float16, torch.bfloat16)
+            and get_settings().flash_attention and is_flash_attn_2_available())
 
 
 def liger(device: str) -> bool:
     """Liger's fused kernels (RMSNorm, SwiGLU, RoPE): on CUDA when the liger_kernel package is installed."""
-    return device == "cuda" and importlib.util.find_spec("liger_kernel") is not None
+    return device == "cuda" and get_settings().liger_kernels and importlib.util.find_spec("liger_kernel") is not None
 
 
 def compile_blocker(device: str) -> str | None:
