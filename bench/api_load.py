@@ -59,7 +59,8 @@ class _Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "TUNEYARD_HOME": str(home), "TUNEYARD_PORT": str(self.port),
                     "TUNEYARD_LOG_LEVEL": "warning", "TUNEYARD_RATE_LIMIT_PER_SECOND": "0",
-                    "TUNEYARD_MAX_ACTIVE_JOBS_PER_ORG": "0", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", **env}
+                    "TUNEYARD_MAX_ACTIVE_JOBS_PER_ORG": "0", "HF_HUB_OFFLINE": "1",
+                    "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p), **env}
         self.log = (home / "server.log").open("ab")
         t0 = time.perf_counter()
         self.proc = subprocess.Popen([sys.executable, "-m", "tuneyard.cli", "serve"], env=self.env, cwd=REPO,
