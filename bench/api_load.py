@@ -1,6 +1,6 @@
 """The control plane under load: a store of 100,000 jobs, 200 clients, submit rate, submit-to-running.
 
-    python -m bench api_load                          # the issue's figures (about 3 minutes)
+    python -m bench api_load                          # the issue's figures (about 2 minutes)
     python -m bench api_load --jobs 20000 --seconds 15 --open-seconds 15
     python -m bench api_load --api-workers 1          # one API process (the default is the server's own)
 
