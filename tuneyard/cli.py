@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import signal
 import sys
 import tarfile
@@ -31,24 +30,23 @@ FINAL = ("succeeded", "failed", "cancelled")
 
 
 def _logging() -> None:
-    logging.basicConfig(level=get_settings().log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    from tuneyard.api.serve import configure_logging
+
+    configure_logging(get_settings())
 
 
 @app.command()
 def serve(host: Annotated[str | None, typer.Option(help="Bind address (default TUNEYARD_HOST or 127.0.0.1)")] = None,
           port: Annotated[int | None, typer.Option(help="Port (default TUNEYARD_PORT or 8000)")] = None,
-          worker: Annotated[bool, typer.Option(help="Run the job worker inside the server")] = True) -> None:
+          worker: Annotated[bool, typer.Option(help="Run the job worker inside the server")] = True,
+          api_workers: Annotated[int | None, typer.Option(
+              help="HTTP processes sharing the port (default TUNEYARD_API_WORKERS; 0: one per core, at most 4); "
+                   "the job worker runs once, in the serving process")] = None) -> None:
     """Serve the HTTP API (and, by default, run jobs on this machine)."""
-    import uvicorn
-
-    from tuneyard.api.app import create_app
+    from tuneyard.api.serve import serve
 
     _logging()
-    s = get_settings()
-    uvicorn.run(create_app(s, run_worker=worker), host=host or s.host, port=port or s.port,
-                log_level=s.log_level.lower(), timeout_graceful_shutdown=5)
+    raise typer.Exit(serve(get_settings(), host=host, port=port, run_worker=worker, api_workers=api_workers))
 
 
 @app.command("worker")

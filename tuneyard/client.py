@@ -101,7 +101,7 @@ class Client:
             time.sleep(interval)
 
 
-def wait_healthy(base_url: str, timeout: float = 60.0) -> None:
+def wait_healthy(base_url: str, timeout: float = 60.0, interval: float = 0.2) -> None:
     """Block until the server answers /healthz."""
     deadline = time.time() + timeout
     while True:
@@ -112,4 +112,4 @@ def wait_healthy(base_url: str, timeout: float = 60.0) -> None:
             pass
         if time.time() > deadline:
             raise TimeoutError(f"tuneyard server at {base_url} did not start within {timeout:.0f} s")
-        time.sleep(0.2)
+        time.sleep(interval)

@@ -98,8 +98,10 @@ class JobDir:
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON so that readers see the old file or the whole new one, never a part."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # Compact: json only uses its C encoder without indentation, and every submit writes spec.json.
+    text = json.dumps(obj, default=str)
     with tmp.open("w") as f:
-        json.dump(obj, f, indent=2, default=str)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

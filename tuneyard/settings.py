@@ -24,6 +24,9 @@ class Settings(BaseSettings):
     local_roots: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
+    # HTTP server processes sharing the port (the job worker runs in the serving process, once); 0: one per
+    # core, at most 4.
+    api_workers: int = 1
     # Worker / launcher
     run_worker: bool = True
     cpu_slots: int = 1
@@ -31,6 +34,9 @@ class Settings(BaseSettings):
     gpu_count: int | None = None
     poll_interval: float = 0.5
     prepare_slots: int = 2
+    # Keep one prepare process started ahead of the next job, its imports done: a job's prepare step then
+    # starts in milliseconds instead of seconds, for the memory of one idle Python process with transformers.
+    prepare_standby: bool = True
     cancel_grace_seconds: float = 3.0
     # On SIGTERM a worker asks its trainers to checkpoint and requeues their jobs, waiting this long;
     # 0: it stops at once and leaves them running, to be re-adopted by its next start on this machine.
@@ -54,6 +60,9 @@ class Settings(BaseSettings):
     # Per API key (or JWT subject) token bucket: sustained requests/s and burst; 0 switches it off.
     rate_limit_per_second: float = 50.0
     rate_limit_burst: int = 200
+    # A verified API key is trusted for this long without looking it up again, so a revoked key keeps working
+    # for at most this many seconds; 0: every request looks its key up.
+    auth_cache_seconds: float = 5.0
     # Unfinished (validating, queued, running, paused) jobs an organisation may have at once; 0: no limit.
     max_active_jobs_per_org: int = 100
     # JWT bearer tokens (Simplismart-style clients): HS* shared secret or an RS*/ES* public key (PEM or a path).

@@ -132,3 +132,56 @@ def test_pages_are_scoped_and_ordered(store):
     with store.session() as s:
         q = select(Job).where(Job.org_id == "acme", Job.metadata_["i"].as_string() == "3")
         assert [j.id for j in s.scalars(q)] == [mine[3]]
+
+
+def test_a_store_at_the_newest_schema_starts_without_alembic(tmp_path):
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    Store(url).dispose()  # migrates a new database
+    code = f"import sys; from tuneyard.store.db import Store; Store({url!r}); sys.exit('alembic' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0, "a second start ran the migrations again"
+
+
+def test_a_store_behind_the_newest_schema_is_migrated(tmp_path):
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import inspect
+
+    from tuneyard.store.db import MIGRATIONS, head_revision, make_engine
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0004")
+    engine.dispose()
+    st = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    with st.engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == head_revision()
+    assert "ix_jobs_org_status" in {ix["name"] for ix in inspect(st.engine).get_indexes("jobs")}
+    st.dispose()
+
+
+@pytest.mark.parametrize(("what", "index"), [
+    ("member", "ix_jobs_org_owner_pk"), ("admin", "ix_jobs_org_pk"), ("quota", "ix_jobs_org_status")])
+def test_list_and_quota_queries_use_an_index(tmp_path, what, index):
+    from sqlalchemy import text
+
+    from tuneyard.service.auth import Principal, visible
+    from tuneyard.service.jobs import ACTIVE
+
+    st = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    who = Principal("acme", "k1", "member" if what == "member" else "admin")
+    if what == "quota":
+        q = select(func.count()).select_from(Job).where(Job.org_id == "acme",
+                                                          Job.status.in_([s.value for s in ACTIVE]))
+    else:
+        q = select(Job).where(visible(Job, who), Job.pk < 100).order_by(Job.pk.desc()).limit(21)
+    sql = str(q.compile(st.engine, compile_kwargs={"literal_binds": True}))
+    with st.engine.connect() as conn:
+        plan = " | ".join(r[-1] for r in conn.execute(text("EXPLAIN QUERY PLAN " + sql)))
+    st.dispose()
+    assert f"INDEX {index} " in plan and "SCAN" not in plan, plan

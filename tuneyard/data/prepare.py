@@ -491,9 +491,46 @@ def run(root: str | Path) -> int:
     return 0
 
 
+def standby() -> int:
+    """Import what a prepare step needs, then wait for the worker to name a job; prepare it as ``run`` does.
+
+    The worker keeps one such process ready (``scheduler/local.py``), so a job's prepare step starts
+    without the seconds of importing transformers. The order comes as one JSON line on stdin:
+    ``{"root": JOBDIR, "log": LOGFILE, "env": {...}}``; end of input (the worker is gone) ends the process.
+    """
+    import os
+
+    # What a prepare step loads on its way (loading a model's config alone pulls in torch through transformers'
+    # activations), so that the step itself imports next to nothing.
+    import datasets  # noqa: F401
+    import torch  # noqa: F401
+    import transformers.activations  # noqa: F401
+    from transformers import AutoConfig, AutoTokenizer  # noqa: F401
+
+    import tuneyard.data.cache  # noqa: F401
+    import tuneyard.data.sources  # noqa: F401
+    import tuneyard.data.splits  # noqa: F401
+
+    line = sys.stdin.readline()
+    if not line.strip():
+        return 0
+    order = json.loads(line)
+    # The job's own environment (its sources' credentials among them): set before any of it is read.
+    os.environ.update(order["env"])
+    fd = os.open(order["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    # The job directory as working directory is how the worker recognises this process as the job's.
+    os.chdir(order["root"])
+    return run(order["root"])
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry: ``python -m tuneyard.data.prepare JOBDIR``."""
+    """Command-line entry: ``python -m tuneyard.data.prepare JOBDIR`` (or ``--standby``, for the worker)."""
     args = sys.argv[1:] if argv is None else argv
+    if args == ["--standby"]:
+        return standby()
     if len(args) != 1:
         print("usage: python -m tuneyard.data.prepare JOBDIR", file=sys.stderr)
         return 2
@@ -501,4 +538,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    # Tearing down an interpreter that holds torch and transformers takes about a second, and the worker waits
+    # for this exit to queue the job: every result is written, fsynced and closed by now.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    import os
+
+    os._exit(status)

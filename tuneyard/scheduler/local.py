@@ -7,6 +7,7 @@ Processes start in their own session (process group) so that a restart or crash 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ from pathlib import Path
 from tuneyard.jobdir import JobDir
 
 PRIVATE_ENV = frozenset({"TUNEYARD_SECRET_KEY", "TUNEYARD_SOURCE_CREDENTIALS"})
+PREPARE_MODULE = b"tuneyard.data.prepare"
 
 
 @dataclass
@@ -74,9 +76,18 @@ def job_processes(root: Path) -> list[int]:
                 state = f.read().rsplit(")", 1)[1].split()[0]
         except (OSError, IndexError):
             continue
-        if needle in args and state != "Z":
+        if state != "Z" and (needle in args or PREPARE_MODULE in args and _cwd(int(name)) == needle):
             found.append(int(name))
     return found
+
+
+def _cwd(pid: int) -> bytes | None:
+    # A standby prepare process (see LocalLauncher.warm) names no job on its command line: once given one, it
+    # works in the job's directory.
+    try:
+        return os.readlink(f"/proc/{pid}/cwd").encode()
+    except OSError:
+        return None
 
 
 def rotate_logs(logs: Path, max_bytes: int) -> list[Path]:
@@ -124,23 +135,69 @@ def pid_alive(pid: int, job_id: str) -> bool:
             state = f.read().rsplit(")", 1)[1].split()[0]
     except (FileNotFoundError, ProcessLookupError, IndexError):
         return False
-    return state != "Z" and job_id.encode() in cmd
+    if state == "Z":
+        return False
+    if job_id.encode() in cmd:
+        return True
+    cwd = _cwd(pid)
+    return PREPARE_MODULE in cmd.split(b"\0") and cwd is not None and cwd.rsplit(b"/", 1)[-1] == job_id.encode()
 
 
 class LocalLauncher:
     """Runs the prepare step and the torchrun trainer as subprocesses on this machine."""
 
-    def __init__(self, python: str | None = None) -> None:
+    def __init__(self, python: str | None = None, *, standby: bool = False) -> None:
         self.python = python or sys.executable
+        # With ``standby``, one prepare process is kept started ahead of need, its imports done (~3 s of
+        # transformers): the next job's prepare step is handed to it instead of starting from nothing.
+        self.standby = standby
+        self._standby: subprocess.Popen | None = None
+
+    @staticmethod
+    def _inherited() -> dict[str, str]:
+        # The job's processes get the credentials the worker passes in and nothing else secret: not the key that
+        # decrypts every organisation's secrets, nor source credentials this process may have inherited.
+        return {k: v for k, v in os.environ.items() if k not in PRIVATE_ENV}
+
+    def warm(self) -> None:
+        """Start a standby prepare process if standby is on and none is waiting."""
+        if not self.standby or self._standby is not None and self._standby.poll() is None:
+            return
+        # No GPU, like every prepare step; its own session, so that a server restart leaves a running step alone.
+        env = {**self._inherited(), "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
+        self._standby = subprocess.Popen([self.python, "-m", PREPARE_MODULE.decode(), "--standby"],
+                                         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL, start_new_session=True, env=env)
+
+    def close(self) -> None:
+        """End the standby prepare process, if any (it holds no job)."""
+        if self._standby is not None and self._standby.poll() is None:
+            self._standby.kill()
+            self._standby.wait()
+        self._standby = None
+
+    def _hand_to_standby(self, job_id: str, jd: JobDir, attempt: int, env: dict[str, str]) -> Proc | None:
+        proc, self._standby = self._standby, None
+        if proc is None or proc.poll() is not None or proc.stdin is None:
+            return None
+        jd.logs.mkdir(parents=True, exist_ok=True)
+        order = {"root": str(jd.root), "log": str(jd.logs / f"prepare-{attempt}.log"),
+                 "env": {"TUNEYARD_JOB_ID": job_id, **env}}
+        try:
+            proc.stdin.write((json.dumps(order) + "\n").encode())
+            proc.stdin.close()
+        except OSError:  # it died meanwhile
+            proc.kill()
+            proc.wait()
+            return None
+        (jd.root / "prepare.pid").write_text(str(proc.pid))
+        return Proc(job_id=job_id, phase="prepare", pid=proc.pid, popen=proc, root=jd.root, attempt=attempt)
 
     def _spawn(self, job_id: str, phase: str, cmd: list[str], jd: JobDir, attempt: int, env: dict[str, str]
                ) -> Proc:
         jd.logs.mkdir(parents=True, exist_ok=True)
         log = (jd.logs / f"{phase}-{attempt}.log").open("ab")
-        # The job's processes get the credentials the worker passes in ``env`` and nothing else secret: not the
-        # key that decrypts every organisation's secrets, nor source credentials this process may have inherited.
-        inherited = {k: v for k, v in os.environ.items() if k not in PRIVATE_ENV}
-        full_env = {**inherited, "PYTHONUNBUFFERED": "1", "TUNEYARD_JOB_ID": job_id, **env}
+        full_env = {**self._inherited(), "PYTHONUNBUFFERED": "1", "TUNEYARD_JOB_ID": job_id, **env}
         try:
             p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                  start_new_session=True, env=full_env, cwd=str(jd.root))
@@ -151,6 +208,9 @@ class LocalLauncher:
 
     def prepare(self, job_id: str, jd: JobDir, attempt: int, env: dict[str, str] | None = None) -> Proc:
         """Start the validation + tokenisation step of a job (``env``: e.g. the credentials of its sources)."""
+        proc = self._hand_to_standby(job_id, jd, attempt, env or {})
+        if proc is not None:
+            return proc
         # The prepare step never needs a GPU.
         return self._spawn(job_id, "prepare", [self.python, "-m", "tuneyard.data.prepare", str(jd.root)], jd,
                            attempt, {**(env or {}), "CUDA_VISIBLE_DEVICES": ""})

@@ -64,7 +64,7 @@ class Worker:
         self.store = store
         self.settings = settings
         self.files = files
-        self.launcher = launcher or LocalLauncher()
+        self.launcher = launcher or LocalLauncher(standby=settings.prepare_standby)
         self.worker_id = worker_id or default_worker_id(settings)
         self.capacity: Capacity = detect(settings)
         self.secrets = SecretService(store, settings)
@@ -86,6 +86,7 @@ class Worker:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        self.launcher.close()
         if self.settings.drain_seconds > 0 and self.procs:
             self.drain(self.settings.drain_seconds)
 
@@ -133,6 +134,9 @@ class Worker:
         self._start_prepares()
         self._start_trainers()
         self._renew_leases()
+        # The standby is for the next job: started while no prepare step runs, it takes no core from one.
+        if not self._draining and not any(p.phase == "prepare" for p in self.procs.values()):
+            self.launcher.warm()
 
     # ----- adoption after a restart -----------------------------------------------------------
     def _adopt(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tuneyard.service.audit import AuditService
+from tuneyard.service.auth import KeyCache
 from tuneyard.service.datasets import DatasetService
 from tuneyard.service.files import FileService
 from tuneyard.service.jobs import JobService
@@ -24,6 +25,7 @@ class Services:
     datasets: DatasetService
     secrets: SecretService
     audit: AuditService
+    keys: KeyCache
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -33,4 +35,5 @@ class Services:
         files = FileService(store, settings)
         secrets = SecretService(store, settings)
         return cls(settings=settings, store=store, files=files, jobs=JobService(store, settings, files, secrets),
-                   datasets=DatasetService(store, settings, files), secrets=secrets, audit=AuditService(store))
+                   datasets=DatasetService(store, settings, files), secrets=secrets, audit=AuditService(store),
+                   keys=KeyCache(settings.auth_cache_seconds))

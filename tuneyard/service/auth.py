@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import re
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,14 +103,63 @@ def revoke_key(store: Store, org_id: str, key_id: str) -> bool:
         return True
 
 
-def authenticate(store: Store, authorization: str | None, settings: Settings | None = None) -> Principal:
-    """The principal for an ``Authorization: Bearer <key or JWT>`` header, or Unauthorized."""
+class KeyCache:
+    """API keys verified in the last ``ttl`` seconds, so a client polling a job does not cost a key lookup a
+    request. A revoked key (revoked by the CLI, maybe in another process) stops working within ``ttl``;
+    only successes are kept, so a new key works at once. Entries are keyed by a hash of the whole token."""
+
+    MAX_ENTRIES = 10_000
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self._entries: dict[bytes, tuple[Principal, float]] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(token: str) -> bytes:
+        return hashlib.sha256(token.encode()).digest()
+
+    def get(self, token: str) -> Principal | None:
+        """The principal the token was verified as, if that was less than ``ttl`` seconds ago."""
+        if self.ttl <= 0:
+            return None
+        hit = self._entries.get(self._key(token))
+        if hit is None or hit[1] < time.monotonic():
+            return None
+        return hit[0]
+
+    def put(self, token: str, who: Principal) -> None:
+        """Remember a successful verification for ``ttl`` seconds."""
+        if self.ttl <= 0:
+            return
+        now = time.monotonic()
+        with self._lock:
+            if len(self._entries) >= self.MAX_ENTRIES:
+                self._entries = {k: v for k, v in self._entries.items() if v[1] >= now}
+                if len(self._entries) >= self.MAX_ENTRIES:
+                    self._entries.clear()
+            self._entries[self._key(token)] = (who, now + self.ttl)
+
+
+def bearer_token(authorization: str | None) -> str:
+    """The token of an ``Authorization: Bearer <token>`` header, or Unauthorized."""
     if not authorization:
         raise Unauthorized("You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.")
     scheme, _, token = authorization.partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
         raise Unauthorized("Malformed Authorization header: expected 'Bearer <key>'.")
+    return token
+
+
+def authenticate(store: Store, authorization: str | None, settings: Settings | None = None,
+                 cache: KeyCache | None = None) -> Principal:
+    """The principal for an ``Authorization: Bearer <key or JWT>`` header, or Unauthorized."""
+    token = bearer_token(authorization)
+    if cache is not None:
+        who = cache.get(token)
+        if who is not None:
+            return who
     m = KEY_PATTERN.match(token)
     if m is None:
         if settings is not None and jwt_configured(settings) and token.count(".") == 2:
@@ -121,7 +171,10 @@ def authenticate(store: Store, authorization: str | None, settings: Settings | N
         if key is None or key.revoked_at is not None or not hmac.compare_digest(
                 key.secret_hash, _hash(key.salt, secret)):
             raise Unauthorized("Incorrect API key provided.")
-        return Principal(org_id=key.org_id, key_id=key.id, role=key.role)
+        who = Principal(org_id=key.org_id, key_id=key.id, role=key.role)
+    if cache is not None:
+        cache.put(token, who)
+    return who
 
 
 ROLES = ("admin", "member")

@@ -1,7 +1,9 @@
 """Tables. Alembic migrations (store/migrations) are the only source of the schema; these mirror them.
 
-Every row that belongs to a tenant carries ``org_id``; every list query is keyed by it and paged by
-the integer ``pk`` (insertion order), so pagination never scans.
+Every row that belongs to a tenant carries ``org_id``; every list query is keyed by it (and, for a member,
+by ``created_by``) and paged by the integer ``pk`` (insertion order), so pagination never scans. The one
+exception: a list filtered by metadata values walks the organisation's jobs, newest first, until a page is
+full.
 """
 
 from __future__ import annotations
@@ -41,7 +43,11 @@ class ApiKey(Base):
 
 class File(Base):
     __tablename__ = "files"
-    __table_args__ = (Index("ix_files_org_pk", "org_id", "pk"),)
+    __table_args__ = (
+        Index("ix_files_org_pk", "org_id", "pk"),
+        Index("ix_files_org_owner_pk", "org_id", "created_by", "pk"),
+        Index("ix_files_org_purpose_pk", "org_id", "purpose", "pk"),
+    )
 
     pk: Mapped[int] = mapped_column(PK, primary_key=True, autoincrement=True)
     id: Mapped[str] = mapped_column(String(64), unique=True)
@@ -67,6 +73,8 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_org_pk", "org_id", "pk"),
         Index("ix_jobs_status", "status"),
+        Index("ix_jobs_org_owner_pk", "org_id", "created_by", "pk"),
+        Index("ix_jobs_org_status", "org_id", "status"),
         UniqueConstraint("org_id", "external_id", name="uq_jobs_org_external"),
         UniqueConstraint("org_id", "idempotency_key", name="uq_jobs_org_idempotency"),
     )
@@ -158,6 +166,7 @@ class Dataset(Base):
     __tablename__ = "datasets"
     __table_args__ = (
         Index("ix_datasets_org_pk", "org_id", "pk"),
+        Index("ix_datasets_org_owner_pk", "org_id", "created_by", "pk"),
         UniqueConstraint("org_id", "dataset_id", name="uq_datasets_org_dataset"),
     )
 

@@ -1,0 +1,62 @@
+"""The worker keeps a prepare process ready, imports done; a job's prepare step is handed to it."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from tuneyard.demo.tiny import write_sample_jsonl
+from tuneyard.scheduler.local import job_processes, pid_alive
+
+
+def standby_pids(parent: int) -> list[int]:
+    """The standby prepare processes the server ``parent`` started."""
+    out = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            args = (p / "cmdline").read_bytes().split(b"\0")
+            ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and b"tuneyard.data.prepare" in args and b"--standby" in args:
+            out.append(int(p.name))
+    return out
+
+
+def wait_for(cond, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while not (value := cond()):
+        assert time.time() < deadline, what
+        time.sleep(0.1)
+    return value
+
+
+def test_a_jobs_prepare_step_runs_in_the_standby_process(server, tmp_path):
+    pid = server.proc.pid
+    client = server.openai(server.key("standby"))
+    f = client.files.create(file=write_sample_jsonl(tmp_path / "t.jsonl").open("rb"), purpose="fine-tune")
+    # The worker starts one when it has no prepare step running; give it time to import.
+    ready = wait_for(lambda: standby_pids(pid), 60, "no standby prepare process")
+    assert len(ready) == 1
+    standby = ready[0]
+    time.sleep(5)
+    job = client.fine_tuning.jobs.create(model=server.model_dir, training_file=f.id,
+                                         hyperparameters={"n_epochs": 1})
+    jd = server.home / "jobs" / "standby" / job.id
+    # The standby, given the job, works in its directory: the worker knows it as the job's process.
+    wait_for(lambda: (jd / "prepare.pid").exists(), 30, "no prepare step started")
+    assert int((jd / "prepare.pid").read_text()) == standby
+    if pid_alive(standby, job.id):
+        assert standby in job_processes(jd)
+    deadline = time.time() + 60
+    while (j := client.fine_tuning.jobs.retrieve(job.id)).status == "validating_files":
+        assert time.time() < deadline
+        time.sleep(0.1)
+    assert j.status in ("queued", "running", "succeeded"), j.error
+    log = (jd / "logs" / "prepare-0.log").read_text()
+    assert "Validating training file" in log and "Resolved hyperparameters" in log, log
+    # Another one is made ready for the next job.
+    wait_for(lambda: [p for p in standby_pids(pid) if p != standby], 60, "no new standby")
+    client.fine_tuning.jobs.cancel(job.id)
