@@ -93,6 +93,9 @@ def build_inputs(work: Path, p: dict[str, Any]) -> tuple[Path, Path]:
 
 def tuneyard_job(work: Path, model_dir: Path, data_dir: Path, p: dict[str, Any], name: str = "ftjob-bench") -> Path:
     """A job directory as the prepare step leaves it: resolved spec + the tokenised rows."""
+    import datasets
+
+    from tuneyard.data.splits import write_rows
     from tuneyard.domain.hparams import resolve
     from tuneyard.domain.spec import TrainingSpec
     from tuneyard.jobdir import JobDir, write_json_atomic
@@ -112,7 +115,8 @@ def tuneyard_job(work: Path, model_dir: Path, data_dir: Path, p: dict[str, Any],
     })
     spec = resolve(spec, p["batch"] * p["steps"])  # as the prepare step does
     write_json_atomic(job.resolved_spec, spec.model_dump(mode="json"))
-    shutil.copytree(data_dir, job.data / "train")
+    # In the prepare step's split format (one memory-mapped Arrow file), which the trainer reads.
+    write_rows(job.data / "train", datasets.load_from_disk(str(data_dir)).to_list())
     return job.root
 
 
