@@ -62,6 +62,14 @@ def main() -> None:
     """Entry point: register the dump, then hand the process over to the module."""
     out, module, *args = sys.argv[1:]
     atexit.register(_dump, out)
+    # A module that ends with os._exit (the prepare step skips interpreter teardown) runs no atexit hooks.
+    real_exit = os._exit
+
+    def _exit(status: int) -> None:
+        _dump(out)
+        real_exit(status)
+
+    os._exit = _exit
     threading.Thread(target=_watch_children, daemon=True).start()
     sys.argv = [module, *args]
     runpy.run_module(module, run_name="__main__", alter_sys=True)

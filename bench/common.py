@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from pathlib import Path
 from typing import Any
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# TUNEYARD_BENCH_RESULTS_DIR elsewhere: the smoke runs of the test suite leave bench/results alone.
+RESULTS_DIR = Path(os.environ.get("TUNEYARD_BENCH_RESULTS_DIR") or Path(__file__).resolve().parent / "results")
 
 
 def free_port() -> int:

@@ -43,6 +43,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # ~34M parameters: big enough that matmuls, not Python, dominate a CPU step.
     "cpu": {"hidden": 512, "layers": 8, "heads": 8, "kv_heads": 8, "intermediate": 1408, "vocab": 8192,
             "tie": False, "max_len": 512, "batch": 8, "steps": 14, "device": "cpu"},
+    # Seconds, for the test suite's smoke run: the figures mean nothing.
+    "smoke": {"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 4, "intermediate": 128, "vocab": 1024,
+              "tie": False, "max_len": 128, "batch": 4, "steps": 6, "device": "cpu"},
     # Llama-3.2-1B's shape (random weights): 16 layers, 2048 wide, GQA 32/8, 128k vocabulary, tied head.
     "gpu": {"hidden": 2048, "layers": 16, "heads": 32, "kv_heads": 8, "intermediate": 8192, "vocab": 128256,
             "tie": True, "max_len": 2048, "batch": 8, "steps": 24, "device": "cuda"},
@@ -250,7 +253,7 @@ def bench(argv: list[str] | None = None) -> dict[str, Any]:
         f"tuneyard_peak_{mem_key}": round(ours.get(mem_key, 0.0)),
         "mean_row_tokens": round(sum(lengths) / len(lengths), 1),
     }
-    targets: dict[str, Any] = {"ratio": ">= 1.8" if preset == "cpu" else ">= 1.5"}
+    targets: dict[str, Any] = {"ratio": ">= 1.5" if p["device"] == "cuda" else ">= 1.8"}
     if p["device"] == "cuda":
         name = torch.cuda.get_device_name(0)
         figures["device"] = name

@@ -1,0 +1,44 @@
+"""Every benchmark of ``python -m bench`` still runs end to end, at a size that takes seconds.
+
+The figures of these runs mean nothing (a tiny model, a few steps, loaded CI cores); what is checked is that
+each benchmark finishes and writes ``{"figures": ..., "targets": ...}`` with the figures its targets name.
+The results go to a temporary directory (TUNEYARD_BENCH_RESULTS_DIR), not to bench/results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import tuneyard
+
+REPO = os.path.dirname(os.path.dirname(tuneyard.__file__))
+
+SMOKE = {
+    "train_throughput": ["--preset", "smoke"],
+    "data_prep": ["--mb", "2", "--sample-mb", "1"],
+    "api_load": ["--jobs", "300", "--clients", "10", "--seconds", "2", "--open-seconds", "2", "--submits", "20"],
+    "time_to_first_step": ["--runs", "1"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(SMOKE))
+def test_benchmark_runs_and_writes_its_figures(tmp_path, name):
+    from bench.__main__ import BENCHMARKS
+
+    assert set(SMOKE) == set(BENCHMARKS)  # a new benchmark gets a smoke run here too
+    env = {**os.environ, "TUNEYARD_BENCH_RESULTS_DIR": str(tmp_path), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.run([sys.executable, "-m", "bench", name, *SMOKE[name]], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / f"{name}.json").read_text())
+    figures, targets = result["figures"], result["targets"]
+    assert targets and set(targets) <= set(figures), (targets, figures)
+    assert all(figures[k] is not None for k in targets)
+    assert name in proc.stdout  # the printed table's title
