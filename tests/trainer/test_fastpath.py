@@ -110,6 +110,11 @@ def test_length_grouped_batches_keep_every_loss(tmp_path, tiny_model_dir, tiny_t
     assert grouped.args.train_sampling_strategy == "group_by_length" and not grouped.padding_free
     sampler = grouped._get_train_sampler()
     assert sorted(sampler) == list(range(len(rows)))  # a permutation: nothing dropped or repeated
+    # Each epoch's order follows from the seed and the epoch alone, so a resumed epoch sees the same rows.
+    again = grouped._get_train_sampler()
+    sampler.set_epoch(1)
+    again.set_epoch(1)
+    assert list(sampler) == list(again) != list(grouped._get_train_sampler())
     assert fastpath.row_lengths(grouped.train_dataset) == [len(r["input_ids"]) for r in rows]
 
     model = grouped.model.eval()
@@ -218,12 +223,14 @@ def test_liger_keeps_the_first_losses(tmp_path, tiny_model_dir, tiny_tokenizer, 
 
 
 @pytest.mark.slow
-def test_a_padded_length_grouped_job_trains(make_job, tokenised_rows):
-    """The trainer process on a job whose batches must be padded: grouped by length, every token counted once."""
-    from tests.trainer.trainer_helpers import TRAIN_REPEAT, events, run_trainer, train_losses
+def test_a_padded_length_grouped_job_trains_and_resumes_exactly(make_job, tokenised_rows):
+    """The trainer process on a job whose batches must be padded: grouped by length, every token counted once,
+    and a run paused mid-epoch goes on with the very batches the uninterrupted run had."""
+    from tests.trainer.test_stop_resume import start_and_stop_at
+    from tests.trainer.trainer_helpers import TRAIN_REPEAT, events, result, run_trainer, train_losses
 
-    job = make_job("ftjob-grouped", validation=False, data={"padding_free": False},
-                   hyperparameters={"n_epochs": 2})
+    spec = {"data": {"padding_free": False}, "hyperparameters": {"n_epochs": 2}}
+    job = make_job("ftjob-grouped", validation=False, **spec)
     proc = run_trainer(job)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "batches padded, length-grouped (padding_free is off)" in proc.stderr
@@ -231,3 +238,16 @@ def test_a_padded_length_grouped_job_trains(make_job, tokenised_rows):
     assert len(losses) == 24 and sum(losses[-4:]) < sum(losses[:4]) - 4.0, losses
     tokens = [e["data"]["trained_tokens"] for e in events(job, "metrics") if "trained_tokens" in e["data"]]
     assert tokens[-1] == 2 * TRAIN_REPEAT * sum(len(r["input_ids"]) for r in tokenised_rows)
+
+    paused_job = make_job("ftjob-grouped-paused", validation=False, **spec)
+    # In the second epoch: its order must not depend on what the RNG went through before the pause.
+    code, _ = start_and_stop_at(paused_job, "pause", after_step=14)
+    assert code == 0 and result(paused_job)["reason"] == "pause"
+    paused = result(paused_job)["step"]
+    assert 14 <= paused < 24, "the pause should land inside the second epoch"
+    (paused_job.control / "stop").unlink()
+    assert run_trainer(paused_job).returncode == 0
+    reference = dict(train_losses(job))
+    resumed = [(s, loss) for s, loss in train_losses(paused_job) if s > paused]
+    assert resumed and resumed[0][0] == paused + 1 and resumed[-1][0] == 24
+    assert max(abs(loss - reference[s]) for s, loss in resumed) < 1e-4

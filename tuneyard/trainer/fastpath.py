@@ -27,7 +27,7 @@ import datasets
 import pyarrow.compute as pc
 import torch
 from transformers import PreTrainedModel
-from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 from transformers.utils import is_flash_attn_2_available
 
 from tuneyard.data.splits import LAZY_COLUMN
@@ -91,13 +91,33 @@ def row_lengths(ds: Any) -> list[int] | None:
     return pc.list_value_length(column).to_pylist()
 
 
-def length_grouped_sampler(ds: Any, batch_size: int) -> LengthGroupedSampler | None:
-    """transformers' LengthGroupedSampler over the Arrow lengths (it would otherwise decode every row)."""
+class EpochLengthGroupedSampler(LengthGroupedSampler):
+    """transformers' length-grouped order, drawn from (seed, epoch): a resumed epoch repeats its order exactly.
+
+    The stock sampler draws from torch's global RNG, whose state after a resume (restored from the checkpoint,
+    mid-epoch) differs from the one the epoch started with: the rest of the epoch would see other rows.
+    """
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int) -> None:
+        super().__init__(batch_size, lengths=lengths)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the Trainer before each epoch (also the resumed one)."""
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+
+def length_grouped_sampler(ds: Any, batch_size: int, seed: int) -> EpochLengthGroupedSampler | None:
+    """A length-grouped sampler over the Arrow lengths (transformers' would decode every row to get them)."""
     lengths = row_lengths(ds)
     if lengths is None:
         return None
-    # No generator of its own: it draws from torch's global RNG, which the Trainer seeds and restores on resume.
-    return LengthGroupedSampler(batch_size, lengths=lengths)
+    return EpochLengthGroupedSampler(batch_size, lengths, seed)
 
 
 def flash_attention(device: str, packed: bool, dtype: torch.dtype) -> bool:

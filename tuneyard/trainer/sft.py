@@ -473,7 +473,8 @@ class Trainer(SFTTrainer):
         ds = self.train_dataset if train_dataset is None else train_dataset
         if self.args.train_sampling_strategy == "group_by_length":
             sampler = fastpath.length_grouped_sampler(
-                ds, self.args.train_batch_size * self.args.gradient_accumulation_steps)
+                ds, self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                self.args.data_seed if self.args.data_seed is not None else self.args.seed)
             if sampler is not None:
                 return sampler
         return super()._get_train_sampler(train_dataset)
