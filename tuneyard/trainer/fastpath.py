@@ -3,8 +3,8 @@
 - Batches: padding-free (examples concatenated, positions restart per example, no pad computed) when the
   model is attention-only and takes ``position_ids``; otherwise padded batches of similar lengths
   (``group_by_length``), which waste little padding without changing any example's loss.
-- The LM head: TRL's fused, chunked head scores only the positions with a label and never builds the
-  (tokens x vocabulary) logits (always on in ``SFTTrainer``).
+- The LM head: TRL's fused, chunked head never builds the (tokens x vocabulary) logits, and on GPU scores
+  only the positions with a label (always on in ``SFTTrainer``).
 - On a GPU: FlashAttention varlen kernels for packed half-precision batches when ``flash_attn`` is
   installed, Liger's fused RMSNorm/SwiGLU/RoPE kernels when ``liger_kernel`` is installed (an operator
   turns either off with TUNEYARD_FLASH_ATTENTION / TUNEYARD_LIGER_KERNELS=false), bf16 and fused AdamW
