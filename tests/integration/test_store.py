@@ -185,3 +185,30 @@ def test_list_and_quota_queries_use_an_index(tmp_path, what, index):
         plan = " | ".join(r[-1] for r in conn.execute(text("EXPLAIN QUERY PLAN " + sql)))
     st.dispose()
     assert f"INDEX {index} " in plan and "SCAN" not in plan, plan
+
+
+def test_sqlite_writers_of_one_process_queue_instead_of_polling(tmp_path):
+    """Write sessions wait on a lock in turn (SQLite's busy handler would sleep up to 100 ms a try); reads don't."""
+    store = Store(f"sqlite:///{tmp_path / 'w.db'}")
+    inside, order = threading.Event(), []
+
+    def first() -> None:
+        with store.session(write=True) as s:
+            s.execute(select(func.count()).select_from(Job))
+            inside.set()
+            time.sleep(0.3)
+            order.append("first")
+
+    t = threading.Thread(target=first)
+    t.start()
+    inside.wait(5)
+    t0 = time.monotonic()
+    with store.session() as s:  # a read goes ahead
+        s.execute(select(func.count()).select_from(Job))
+        order.append("read")
+    assert time.monotonic() - t0 < 0.25
+    with store.session(write=True):
+        order.append("second")
+    t.join()
+    assert order == ["read", "first", "second"]
+    store.dispose()

@@ -294,7 +294,7 @@ class Worker:
         if not new:
             return 0
         updates: dict[str, Any] = {}
-        with self.store.session() as s:
+        with self.store.session(write=True) as s:
             saved = False
             for ev in new:
                 data = ev.get("data") or {}

@@ -76,7 +76,7 @@ class JobService:
                   spec=spec.model_dump(mode="json"), output_dir=str(jd.root), result_files=[], attempt=0,
                   events_seq=0)
         try:
-            with self.store.session() as s:
+            with self.store.session(write=True) as s:
                 s.add(job)
                 s.flush()
                 add_event(s, job_id, f"Created fine-tuning job: {job_id}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -92,10 +93,17 @@ class Store:
         if run_migrations:
             migrate(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # SQLite takes one writer at a time, and a writer that finds the database locked sleeps in steps of up
+        # to 100 ms (its busy handler) however soon the lock is free: threads of this process that write queue
+        # on this lock instead. Other processes still meet the busy handler.
+        self._write_lock = threading.RLock() if self.engine.dialect.name == "sqlite" else None
 
     @contextmanager
-    def session(self) -> Iterator[Session]:
-        """A session committed on success and rolled back on error."""
+    def session(self, *, write: bool = False) -> Iterator[Session]:
+        """A session committed on success and rolled back on error (``write``: one that writes, on a hot path)."""
+        lock = self._write_lock if write else None
+        if lock is not None:
+            lock.acquire()
         s = self._sessions()
         try:
             yield s
@@ -105,6 +113,8 @@ class Store:
             raise
         finally:
             s.close()
+            if lock is not None:
+                lock.release()
 
     def dispose(self) -> None:
         self.engine.dispose()
