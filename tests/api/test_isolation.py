@@ -51,7 +51,8 @@ def test_every_object_endpoint_is_404_for_another_org(world):
         assert g.status_code == 404
         assert r.text.replace(file_id, ghost_file).replace(job_id, ghost_job) == g.text, (path, r.text, g.text)
     # Nothing changed for the owner.
-    assert a.fine_tuning.jobs.retrieve(job_id).status == "validating_files"
+    # (The worker may have moved it on meanwhile: the standby prepare step takes a fraction of a second.)
+    assert a.fine_tuning.jobs.retrieve(job_id).status in ("validating_files", "queued", "running", "succeeded")
     assert a.files.retrieve(file_id).id == file_id
 
 
