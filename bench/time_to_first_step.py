@@ -5,7 +5,9 @@
 Each run starts a fresh ``tuneyard serve`` (worker on, CPU), uploads the sample data, creates a job with
 the OpenAI API and polls it every 20 ms. Printed, as the median of the runs: seconds to ``queued``
 (validation and tokenisation), to ``running`` (the trainer launched) and to the first step (``trained_steps``
->= 1: torch, transformers and the model loaded, the first batch trained).
+>= 1: torch, transformers and the model loaded, the first batch trained). The job is the fresh server's
+first, so it also waits for the worker's standby prepare process to finish its imports (about 2 s); the
+warm submit-to-running figure is api_load's.
 """
 
 from __future__ import annotations
@@ -68,7 +70,9 @@ def bench(argv: list[str] | None = None) -> dict[str, Any]:
         runs = [_one(work, model, data) for _ in range(args.runs)]
     figures = {"runs": args.runs, **{f"to_{k}_s": round(statistics.median(r[k] for r in runs), 2)
                                      for k in ("queued", "running", "first_step")}}
-    targets = {"to_running_s": "< 2 + model load"}
+    # The issue sets no target here; its submit-to-running target (< 2 s + model load, on an idle server) is
+    # api_load's figure. A fresh server's first job also waits for the standby prepare process to import.
+    targets: dict[str, Any] = {}
     write_result("time_to_first_step", figures, targets)
     print_table("time_to_first_step", [(k, v, targets.get(k)) for k, v in figures.items()])
     return {"figures": figures, "targets": targets}
