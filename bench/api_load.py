@@ -45,7 +45,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bench.common import free_port
+from bench.common import free_port, stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 OPS = ("retrieve", "list", "events")
@@ -74,11 +74,7 @@ class _Server:
         return out.stdout.strip().splitlines()[-1]
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop_process(self.proc, 60)
         self.log.close()
 
 

@@ -33,7 +33,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from bench.common import free_port
+from bench.common import free_port, stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -75,12 +75,8 @@ class _Server:
 
     def stop(self) -> None:
         """SIGTERM (drains) and wait."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(120)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        if self.proc is not None:
+            stop_process(self.proc, 120)
         self.log.close()
 
     def cli(self, *args: str) -> str:
