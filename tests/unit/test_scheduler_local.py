@@ -1,4 +1,4 @@
-"""Job process helpers: log rotation under a live writer, and the memory a job's processes hold."""
+"""Job process helpers: log rotation under a live writer, the memory a job's processes hold, the trainer's command."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ import subprocess
 import sys
 import time
 
-from tuneyard.scheduler.local import resident_bytes, rotate_logs
+import pytest
+
+from tuneyard.jobdir import JobDir
+from tuneyard.scheduler.local import LocalLauncher, resident_bytes, rotate_logs
 
 
 def test_a_log_over_its_size_is_rotated_while_its_writer_goes_on(tmp_path):
@@ -45,3 +48,18 @@ def test_resident_bytes_of_live_processes(tmp_path):
     finally:
         child.kill()
         child.wait()
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_one_process_runs_the_trainer_itself_several_run_under_torchrun(tmp_path, nproc):
+    """A one-process job skips torchrun's own start-up; more processes need its rendezvous."""
+    python = tmp_path / "python"  # stands in for the interpreter: records how it was called
+    python.write_text('#!/bin/sh\necho "$@" > "$PWD/argv"\necho "$OMP_NUM_THREADS" > "$PWD/omp"\n')
+    python.chmod(0o755)
+    jd = JobDir(tmp_path / "ftjob-x").create()
+    proc = LocalLauncher(python=str(python)).train("ftjob-x", jd, 1, nproc, gpus=[])
+    assert proc.popen.wait(10) == 0
+    argv = (jd.root / "argv").read_text().split()
+    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    assert argv == [*launcher, "-m", "tuneyard.trainer", str(jd.root)]
+    assert int((jd.root / "omp").read_text()) == max(1, (os.cpu_count() or 1) // nproc)
