@@ -12,9 +12,10 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from tuneyard.api.deps import Caller, Svc
+from tuneyard.api.jsonbody import StrictJSONRoute
 from tuneyard.service.secrets import SecretInfo
 
-router = APIRouter(tags=["tuneyard"])
+router = APIRouter(tags=["tuneyard"], route_class=StrictJSONRoute)
 
 
 class SecretIn(BaseModel):

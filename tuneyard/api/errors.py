@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from tuneyard.api.jsonbody import MalformedBody
 from tuneyard.domain.errors import TuneyardError
 
 log = logging.getLogger("tuneyard.api")
@@ -71,12 +72,17 @@ def install(app: FastAPI) -> None:
         errors = [e for group in by_param.values() for e in
                   ([x for x in group if x.get("type") != "literal_error"] or group)]
         first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        if first.get("type") == "json_invalid":
+            return _body_not_json(request, first)
         param = _loc_to_param(tuple(first.get("loc", ())))
         msgs = []
         for e in errors[:5]:
             p = _loc_to_param(tuple(e.get("loc", ())))
             msg = e.get("msg", "invalid")
-            if e.get("type") == "missing":
+            if p is None:
+                # The body as a whole: a form or text sent where a JSON object is expected.
+                msgs.append(f"The request body must be a JSON object (Content-Type: application/json): {msg}.")
+            elif e.get("type") == "missing":
                 msgs.append(f"Missing required parameter: '{p}'.")
             elif e.get("type") == "extra_forbidden":
                 msgs.append(f"Unrecognized request argument supplied: '{p}'.")
@@ -85,9 +91,18 @@ def install(app: FastAPI) -> None:
         return _renderer(request)(request, 400, " ".join(dict.fromkeys(msgs)), "invalid_request_error", param,
                                   "invalid_request")
 
+    def _body_not_json(request: Request, error: dict) -> JSONResponse:
+        # Only routes outside StrictJSONRoute get here: theirs raise MalformedBody.
+        reason = str((error.get("ctx") or {}).get("error") or "JSON decode error")
+        return _renderer(request)(request, 400, f"The request body is not valid JSON: {reason}.",
+                                  "invalid_request_error", None, "invalid_json")
+
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(exc.status_code)
+        if isinstance(exc, MalformedBody):
+            return _renderer(request)(request, 400, str(exc.detail), "invalid_request_error", exc.param,
+                                      "invalid_request_body")
         message = str(exc.detail)
         if exc.status_code == 404:
             message = f"Unknown endpoint: {request.method} {request.url.path}"

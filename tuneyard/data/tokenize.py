@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from tuneyard import jsontext
 from tuneyard.data.formats import is_preference_row
 from tuneyard.data.templates import resolve_template
 
@@ -81,7 +82,7 @@ def _template_messages(messages: list[dict]) -> list[dict]:
                 fn = dict(call.get("function", {}))
                 if isinstance(fn.get("arguments"), str):
                     try:
-                        parsed = json.loads(fn["arguments"])
+                        parsed = jsontext.loads(fn["arguments"])
                     except json.JSONDecodeError:
                         parsed = None
                     if isinstance(parsed, dict):

@@ -184,6 +184,9 @@ def _whole_file_parses(path: Path) -> bool:
 def _json_error(e: json.JSONDecodeError, text: str, *, lines: bool) -> str:
     """An OpenAI-style message for a JSON syntax error, naming the column (and the line in a whole document)."""
     where = f"line {e.lineno} column {e.colno}" if lines else f"column {e.colno}"
+    if isinstance(e, jsontext.JSONValueError):
+        # Well-formed JSON holding a value that cannot be kept: the message already names the field.
+        return f"{e.msg} (at {where})"
     before = text[: e.pos].rstrip()
     if e.msg == "Expecting value" and text[e.pos: e.pos + 1] in ("]", "}") and before.endswith(","):
         return f"invalid JSON (a trailing comma before '{text[e.pos]}' at {where})"

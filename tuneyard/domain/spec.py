@@ -7,11 +7,16 @@ what the resolved spec says. Nothing here imports torch.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Auto = Literal["auto"]
+# Upper bounds of what a run can mean: past them a value is a mistake (or an attack on what stores it), and
+# every dialect's bounds are at most these, so a spec a dialect accepted is always a valid spec.
+MAX_COUNT = 1_000_000_000  # steps, limits, examples
+MAX_BATCH = 65_536  # examples per step, per device or in all
+MAX_LENGTH = 1_048_576  # tokens per example
 
 
 class _Strict(BaseModel):
@@ -69,7 +74,7 @@ class DataSpec(_Strict):
     # None: the tokenizer's chat template (or the documented default when it has none);
     # else a built-in template name or a Jinja string.
     template: str | None = None
-    max_length: int = Field(2048, ge=8)
+    max_length: int = Field(2048, ge=8, le=MAX_LENGTH)
     truncation: Literal["truncate", "drop"] = "truncate"
     train_on_input: bool = False
     last_turn_only: bool = False
@@ -81,7 +86,7 @@ class DataSpec(_Strict):
     streaming: bool = False
     # False: examples in file order every epoch (Llama Stack's data_config.shuffle), else a seeded shuffle.
     shuffle: bool = True
-    min_examples: int = Field(1, ge=1)
+    min_examples: int = Field(1, ge=1, le=MAX_COUNT)
 
 
 class AdapterSpec(_Strict):
@@ -89,7 +94,7 @@ class AdapterSpec(_Strict):
 
     type: Literal["lora", "full"] = "lora"
     r: int = Field(8, ge=1, le=1024)
-    alpha: float = Field(16, gt=0)
+    alpha: float = Field(16, gt=0, le=4096)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     # "all-linear" or explicit module names (e.g. ["q_proj", "v_proj"]).
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
@@ -101,21 +106,21 @@ class AdapterSpec(_Strict):
 class Hyperparameters(_Strict):
     """Optimisation. ``batch_size`` is global: examples per optimizer step across all ranks."""
 
-    n_epochs: int | Auto = "auto"
-    batch_size: int | Auto = "auto"
+    n_epochs: Annotated[int, Field(ge=1, le=1000)] | Auto = "auto"
+    batch_size: Annotated[int, Field(ge=1, le=MAX_BATCH)] | Auto = "auto"
     # Multiplies the recipe's base learning rate unless ``learning_rate`` is given.
-    learning_rate_multiplier: float | Auto = "auto"
-    learning_rate: float | None = Field(None, gt=0)
+    learning_rate_multiplier: Annotated[float, Field(gt=0, le=100)] | Auto = "auto"
+    learning_rate: float | None = Field(None, gt=0, le=1)
     # Micro-batch per device; None: chosen from batch_size and the world size.
-    per_device_batch_size: int | None = Field(None, ge=1)
-    per_device_eval_batch_size: int | None = Field(None, ge=1)
-    gradient_accumulation_steps: int | None = Field(None, ge=1)
-    max_steps: int | None = Field(None, ge=1)
-    max_steps_per_epoch: int | None = Field(None, ge=1)
+    per_device_batch_size: int | None = Field(None, ge=1, le=MAX_BATCH)
+    per_device_eval_batch_size: int | None = Field(None, ge=1, le=MAX_BATCH)
+    gradient_accumulation_steps: int | None = Field(None, ge=1, le=MAX_BATCH)
+    max_steps: int | None = Field(None, ge=1, le=MAX_COUNT)
+    max_steps_per_epoch: int | None = Field(None, ge=1, le=MAX_COUNT)
     warmup_ratio: float = Field(0.0, ge=0.0, le=1.0)
-    warmup_steps: int | None = Field(None, ge=0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    max_grad_norm: float = Field(1.0, ge=0.0)
+    warmup_steps: int | None = Field(None, ge=0, le=MAX_COUNT)
+    weight_decay: float = Field(0.0, ge=0.0, le=10)
+    max_grad_norm: float = Field(1.0, ge=0.0, le=1e9)
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
     gradient_checkpointing: bool = False
@@ -125,14 +130,14 @@ class Hyperparameters(_Strict):
 class ScheduleSpec(_Strict):
     """When the trainer logs, evaluates and checkpoints (in optimizer steps; None: the default rule)."""
 
-    logging_steps: int | None = Field(None, ge=1)
-    eval_steps: int | None = Field(None, ge=1)
-    save_steps: int | None = Field(None, ge=1)
-    save_total_limit: int | None = Field(None, ge=1)
+    logging_steps: int | None = Field(None, ge=1, le=MAX_COUNT)
+    eval_steps: int | None = Field(None, ge=1, le=MAX_COUNT)
+    save_steps: int | None = Field(None, ge=1, le=MAX_COUNT)
+    save_total_limit: int | None = Field(None, ge=1, le=MAX_COUNT)
     # Keep the checkpoint with the lowest validation loss too, beyond the save_total_limit newest ones.
     keep_best_checkpoint: bool = False
-    max_validation_steps: int | None = Field(None, ge=1)
-    dataloader_num_workers: int = Field(0, ge=0)
+    max_validation_steps: int | None = Field(None, ge=1, le=MAX_COUNT)
+    dataloader_num_workers: int = Field(0, ge=0, le=64)
 
 
 class ResourceSpec(_Strict):
@@ -140,8 +145,8 @@ class ResourceSpec(_Strict):
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Processes per node (one per GPU; on CPU, gloo processes).
-    nproc_per_node: int = Field(1, ge=1)
-    node_count: int = Field(1, ge=1)
+    nproc_per_node: int = Field(1, ge=1, le=1024)
+    node_count: int = Field(1, ge=1, le=1024)
     gpu_type: str | None = None
     distributed: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
     # torch.compile the model (TUNEYARD_TORCH_COMPILE sets it for every job): faster steps after a compile

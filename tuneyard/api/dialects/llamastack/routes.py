@@ -26,13 +26,14 @@ from tuneyard.api.dialects.llamastack.schemas import (
     RegisterDatasetIn,
     SupervisedFineTuneIn,
 )
+from tuneyard.api.jsonbody import StrictJSONRoute
 from tuneyard.domain.errors import InvalidRequest, NotFound, TuneyardError
 from tuneyard.service.auth import Principal
 
 POST_TRAINING_PREFIXES = ("/v1/post-training", "/v1alpha/post-training")
 DATASET_PREFIXES = ("/v1/datasets", "/v1beta/datasets")
-post_training = APIRouter(tags=["llama-stack"])
-datasets = APIRouter(tags=["llama-stack"])
+post_training = APIRouter(tags=["llama-stack"], route_class=StrictJSONRoute)
+datasets = APIRouter(tags=["llama-stack"], route_class=StrictJSONRoute)
 
 
 def render_error(request: Request, status: int, message: str, type_: str, param: str | None,

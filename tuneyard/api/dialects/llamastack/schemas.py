@@ -9,6 +9,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tuneyard.domain.spec import MAX_COUNT
+
 
 class _Closed(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -27,8 +29,8 @@ class DataConfig(_Closed):
 class OptimizerConfig(_Closed):
     optimizer_type: Literal["adam", "adamw", "sgd"] = "adamw"
     lr: float = Field(gt=0, le=1)
-    weight_decay: float = Field(0.0, ge=0)
-    num_warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, le=10)
+    num_warmup_steps: int = Field(0, ge=0, le=MAX_COUNT)
 
 
 class EfficiencyConfig(_Closed):
@@ -40,9 +42,9 @@ class EfficiencyConfig(_Closed):
 
 class TrainingConfig(_Closed):
     n_epochs: int = Field(ge=1, le=1000)
-    max_steps_per_epoch: int = Field(1, ge=1)
+    max_steps_per_epoch: int = Field(1, ge=1, le=MAX_COUNT)
     gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
-    max_validation_steps: int | None = Field(None, ge=1)
+    max_validation_steps: int | None = Field(None, ge=1, le=MAX_COUNT)
     data_config: DataConfig | None = None
     optimizer_config: OptimizerConfig | None = None
     efficiency_config: EfficiencyConfig | None = None
@@ -55,7 +57,7 @@ class LoraConfig(_Closed):
     apply_lora_to_mlp: bool = False
     apply_lora_to_output: bool = False
     rank: int = Field(ge=1, le=1024)
-    alpha: float = Field(gt=0)
+    alpha: float = Field(gt=0, le=4096)
     use_dora: bool = False
     quantize_base: bool = False
 

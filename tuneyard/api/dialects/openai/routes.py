@@ -23,9 +23,10 @@ from tuneyard.api.dialects.openai.schemas import (
     ListOut,
     ModelOut,
 )
+from tuneyard.api.jsonbody import StrictJSONRoute
 from tuneyard.domain.errors import InvalidRequest
 
-router = APIRouter(tags=["openai"])
+router = APIRouter(tags=["openai"], route_class=StrictJSONRoute)
 # Served at /v1 (OpenAI, Nebius) and at /api/llm (TrueFoundry's path for the same API).
 PREFIXES = ("/v1", "/api/llm")
 

@@ -25,7 +25,7 @@ class HyperparametersIn(_In):
     learning_rate: Annotated[Number, Field(gt=0, le=1)] | None = None
     warmup_ratio: Annotated[Number, Field(ge=0, le=1)] | None = None
     weight_decay: Annotated[Number, Field(ge=0, le=10)] | None = None
-    max_grad_norm: Annotated[Number, Field(ge=0)] | None = None
+    max_grad_norm: Annotated[Number, Field(ge=0, le=1e9)] | None = None
     context_length: Annotated[StrictInt, Field(ge=8, le=1_048_576)] | None = None
     packing: StrictBool | None = None
     lora: StrictBool | None = None

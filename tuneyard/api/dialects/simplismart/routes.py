@@ -13,10 +13,11 @@ from fastapi.responses import JSONResponse
 from tuneyard.api.deps import Caller, Svc
 from tuneyard.api.dialects.simplismart import translate as tr
 from tuneyard.api.dialects.simplismart.schemas import CancelOut, CreateOut, JobList, JobRecord, MetricsOut
+from tuneyard.api.jsonbody import StrictJSONRoute
 from tuneyard.domain.errors import NotFound, TuneyardError
 from tuneyard.service.auth import Principal
 
-router = APIRouter(prefix="/job", tags=["simplismart"])
+router = APIRouter(prefix="/job", tags=["simplismart"], route_class=StrictJSONRoute)
 PREFIX = "/job"
 
 

@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from tuneyard.domain.spec import MAX_COUNT
+
 
 class _Closed(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -70,19 +72,19 @@ class TrainHyperparameters(_Closed):
     per_device_train_batch_size: int = Field(1, ge=1, le=4096)
     per_device_eval_batch_size: int | None = Field(None, ge=1, le=4096)
     gradient_checkpointing: bool = False
-    save_steps: int | None = Field(None, ge=1)
-    save_total_limit: int | None = Field(None, ge=1)
+    save_steps: int | None = Field(None, ge=1, le=MAX_COUNT)
+    save_total_limit: int | None = Field(None, ge=1, le=MAX_COUNT)
     # tuneyard extension: also keep the checkpoint with the lowest validation loss.
     keep_best_checkpoint: bool = False
-    eval_steps: int | None = Field(None, ge=1)
-    logging_steps: int | None = Field(None, ge=1)
+    eval_steps: int | None = Field(None, ge=1, le=MAX_COUNT)
+    logging_steps: int | None = Field(None, ge=1, le=MAX_COUNT)
     learning_rate: float | None = Field(None, gt=0, le=1)
     dataloader_num_workers: int = Field(0, ge=0, le=64)
 
 
 class AdapterConfig(_Closed):
     r: int = Field(8, ge=1, le=1024)
-    alpha: float = Field(16, gt=0)
+    alpha: float = Field(16, gt=0, le=4096)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     targets: list[str] = Field(default_factory=lambda: ["all-linear"], min_length=1)
 

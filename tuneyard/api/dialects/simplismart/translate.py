@@ -89,6 +89,8 @@ def parse_configs(form: dict[str, str]) -> dict[str, Any]:
         raw = form[name]
         try:
             value = jsontext.loads(raw) if raw.strip() else {}
+        except jsontext.JSONValueError as e:
+            raise InvalidRequest(f"{name}.{e.msg}" if e.path else f"{name}: {e.msg}", param=name) from None
         except json.JSONDecodeError as e:
             raise InvalidRequest(f"{name} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}",
                                  param=name) from None
