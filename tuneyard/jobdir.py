@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tuneyard import jsontext
+
 EVENT_TYPES = ("message", "metrics", "checkpoint", "progress")
 
 
@@ -127,8 +129,10 @@ class EventWriter:
         """Append one event (flushed and fsynced: it must survive a crash of this process)."""
         assert type in EVENT_TYPES, type
         self.seq += 1
+        # A diverging loss (NaN) or an error naming a file whose name is not UTF-8 must still be recordable
+        # by every store: PostgreSQL's json takes no NaN, and no UTF-8 text holds a lone surrogate.
         rec = {"seq": self.seq, "ts": time.time(), "source": self.source, "type": type, "level": level,
-               "message": message, "data": data or {}}
+               "message": jsontext.storable(message), "data": jsontext.storable(data or {})}
         line = json.dumps(rec, default=_json_default) + "\n"
         with self.path.open("a") as f:
             f.write(line)
@@ -138,7 +142,7 @@ class EventWriter:
 
 def _json_default(o: Any) -> Any:
     try:
-        return float(o)
+        return jsontext.storable(float(o))
     except (TypeError, ValueError):
         return str(o)
 

@@ -79,13 +79,22 @@ def loads(text: str | bytes) -> Any:
     return value
 
 
-def check_text(value: Any, what: str) -> None:
-    """Refuse a value already parsed elsewhere (e.g. by pydantic) whose text could not be stored as UTF-8."""
-    found = _find(value, _has_surrogate, keys=True)
-    if found is not None:
-        path, bad = found
-        raise JSONValueError(f"{what}{'.' + path if path else ''}: text is not valid Unicode (a lone UTF-16 "
-                             f"surrogate {_first_surrogate(bad)}); send UTF-8 text", "", 0, path)
+def storable(value: Any) -> Any:
+    """``value`` with what no UTF-8 store keeps made keepable: lone surrogates as U+FFFD, NaN and infinities None.
+
+    For values we produce ourselves (a trainer's metrics, an error text holding a file name that was not UTF-8),
+    which must be recorded, not refused.
+    """
+    if isinstance(value, str):
+        return value if value.isascii() or _encodes(value) else "".join(
+            "\ufffd" if 0xD800 <= ord(c) <= 0xDFFF else c for c in value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {storable(k): storable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [storable(v) for v in value]
+    return value
 
 
 def _number_hooks(refused: list[_Refused]) -> dict[str, Any]:
@@ -177,10 +186,12 @@ def _too_deep(value: Any, budget: int) -> str | None:
         v, depth, path = stack.pop()
         if depth > budget:
             return path
-        # The field is named by its keys down to the first list: "[0][0][0]..." a hundred times says nothing.
+        # The field is named down to where lists start nesting in lists: "[0][0][0]..." a hundred times says
+        # nothing, and the path stops growing there ("\0" marks it stopped).
         if isinstance(v, dict):
-            stack.extend((x, depth + 1, path if "\0" in path else f"{path}.{k}" if path else str(k))
+            stack.extend((x, depth + 1, path if path.endswith("\0") else f"{path}.{k}" if path else str(k))
                          for k, x in v.items())
         elif isinstance(v, list):
-            stack.extend((x, depth + 1, path if "\0" in path else path + "\0") for x in v)
+            stack.extend((x, depth + 1, path if path.endswith("\0") else
+                          path + "\0" if path.endswith("]") else f"{path}[{i}]") for i, x in enumerate(v))
     return None

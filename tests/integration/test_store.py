@@ -212,3 +212,29 @@ def test_sqlite_writers_of_one_process_queue_instead_of_polling(tmp_path):
     t.join()
     assert order == ["read", "first", "second"]
     store.dispose()
+
+
+def test_rows_stored_with_lone_surrogates_are_repaired_on_upgrade(store):
+    """Before the API refused them, a "\\ud800" escape could be stored and then break every read of its row."""
+    from tuneyard.store.db import migrate
+
+    create_key(store, "acme")
+    jid = _job(store, "acme")
+    with store.session() as s:
+        job = s.scalar(select(Job).where(Job.id == jid))
+        job.metadata_ = {"team": "x\ud800y", "ok": "fine \U0001f600"}
+        job.request = {"suffix": ["\udc00"]}
+        add_event(s, jid, "event", data={"k\ud801": 1})
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE alembic_version SET version_num = '0005'")
+    migrate(store.engine)
+    with store.session() as s:
+        job = s.scalar(select(Job).where(Job.id == jid))
+        events = list(s.scalars(select(JobEvent).where(JobEvent.job_id == jid)))
+    assert job.metadata_ == {"team": "x\ufffdy", "ok": "fine \U0001f600"}
+    assert job.request == {"suffix": ["\ufffd"]}
+    assert {"k\ufffd": 1} in [e.data for e in events]
+    import json
+
+    for value in (job.metadata_, job.request, *[e.data for e in events]):
+        json.dumps(value, ensure_ascii=False).encode("utf-8")  # every row reads back as UTF-8

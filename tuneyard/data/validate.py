@@ -185,7 +185,11 @@ def _json_error(e: json.JSONDecodeError, text: str, *, lines: bool) -> str:
     """An OpenAI-style message for a JSON syntax error, naming the column (and the line in a whole document)."""
     where = f"line {e.lineno} column {e.colno}" if lines else f"column {e.colno}"
     if isinstance(e, jsontext.JSONValueError):
-        # Well-formed JSON holding a value that cannot be kept: the message already names the field.
+        # Well-formed JSON holding a value that cannot be kept: the message already names the field; in an
+        # array of examples, "[4].messages" is example 5's "messages".
+        m = re.match(r"\[(\d+)\]\.?", e.path) if lines else None
+        if m:
+            return f"Example {int(m.group(1)) + 1}: {e.msg.removeprefix(m.group(0))} (at {where})"
         return f"{e.msg} (at {where})"
     before = text[: e.pos].rstrip()
     if e.msg == "Expecting value" and text[e.pos: e.pos + 1] in ("]", "}") and before.endswith(","):
