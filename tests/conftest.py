@@ -39,9 +39,10 @@ def sample_jsonl(tmp_path) -> Path:
 
 
 class Server:
-    """A real `tuneyard serve` process on a free loopback port, with its own state directory."""
+    """A real `tuneyard serve` process (with command-line ``args``) on a free loopback port, with its own state
+    directory."""
 
-    def __init__(self, home: Path, env: dict[str, str]) -> None:
+    def __init__(self, home: Path, env: dict[str, str], args: tuple[str, ...] = ()) -> None:
         import socket
         import subprocess
         import sys
@@ -57,7 +58,7 @@ class Server:
                     "TUNEYARD_HOST": "127.0.0.1", "TUNEYARD_LOCAL_ROOTS": str(self.local),
                     "TUNEYARD_POLL_INTERVAL": "0.2", "TUNEYARD_LOG_LEVEL": "warning", **env}
         self.log = (home / "server.log").open("ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "tuneyard.cli", "serve"], env=self.env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "tuneyard.cli", "serve", *args], env=self.env,
                                      stdout=self.log, stderr=subprocess.STDOUT)
         from tuneyard.client import wait_healthy
 
