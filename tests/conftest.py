@@ -38,18 +38,24 @@ def sample_jsonl(tmp_path) -> Path:
     return write_sample_jsonl(tmp_path / "train.jsonl")
 
 
-class Server:
-    """A real `tuneyard serve` process (with command-line ``args``) on a free loopback port, with its own state
-    directory."""
+def free_port() -> int:
+    """A loopback port nothing listens on."""
+    import socket
 
-    def __init__(self, home: Path, env: dict[str, str], args: tuple[str, ...] = ()) -> None:
-        import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A real `tuneyard serve` process (with command-line ``args``) on a free loopback port (or ``port``), with its
+    own state directory."""
+
+    def __init__(self, home: Path, env: dict[str, str], args: tuple[str, ...] = (), port: int | None = None) -> None:
         import subprocess
         import sys
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = port or free_port()
         self.home = home
         self.local = home / "local"
         self.local.mkdir(parents=True, exist_ok=True)
