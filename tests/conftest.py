@@ -38,17 +38,24 @@ def sample_jsonl(tmp_path) -> Path:
     return write_sample_jsonl(tmp_path / "train.jsonl")
 
 
-class Server:
-    """A real `tuneyard serve` process on a free loopback port, with its own state directory."""
+def free_port() -> int:
+    """A loopback port nothing listens on."""
+    import socket
 
-    def __init__(self, home: Path, env: dict[str, str]) -> None:
-        import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A real `tuneyard serve` process (with command-line ``args``) on a free loopback port (or ``port``), with its
+    own state directory."""
+
+    def __init__(self, home: Path, env: dict[str, str], args: tuple[str, ...] = (), port: int | None = None) -> None:
         import subprocess
         import sys
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = port or free_port()
         self.home = home
         self.local = home / "local"
         self.local.mkdir(parents=True, exist_ok=True)
@@ -57,7 +64,7 @@ class Server:
                     "TUNEYARD_HOST": "127.0.0.1", "TUNEYARD_LOCAL_ROOTS": str(self.local),
                     "TUNEYARD_POLL_INTERVAL": "0.2", "TUNEYARD_LOG_LEVEL": "warning", **env}
         self.log = (home / "server.log").open("ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "tuneyard.cli", "serve"], env=self.env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "tuneyard.cli", "serve", *args], env=self.env,
                                      stdout=self.log, stderr=subprocess.STDOUT)
         from tuneyard.client import wait_healthy
 

@@ -38,7 +38,10 @@ def _logging() -> None:
 @app.command()
 def serve(host: Annotated[str | None, typer.Option(help="Bind address (default TUNEYARD_HOST or 127.0.0.1)")] = None,
           port: Annotated[int | None, typer.Option(help="Port (default TUNEYARD_PORT or 8000)")] = None,
-          worker: Annotated[bool, typer.Option(help="Run the job worker inside the server")] = True,
+          # None when neither flag is given: TUNEYARD_RUN_WORKER decides (a plain True here overrode it).
+          worker: Annotated[bool | None, typer.Option(
+              "--worker/--no-worker",
+              help="Run the job worker inside the server (default TUNEYARD_RUN_WORKER or true)")] = None,
           api_workers: Annotated[int | None, typer.Option(
               help="HTTP processes sharing the port (default TUNEYARD_API_WORKERS; 0: one per core, at most 4); "
                    "the job worker runs once, in the serving process")] = None) -> None:

@@ -15,7 +15,7 @@ def _default_home() -> Path:
 
 
 class Settings(BaseSettings):
-    """Every knob of a tuneyard process; see the configuration table in the README."""
+    """Every knob of a tuneyard process; the table of them (default, effect, test) is in docs/operations.md."""
 
     model_config = SettingsConfigDict(env_prefix="TUNEYARD_", extra="ignore")
 
