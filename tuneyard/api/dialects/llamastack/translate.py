@@ -57,9 +57,7 @@ SERVICE_PARAMS = {
 
 def dialect_error(e: TuneyardError) -> TuneyardError:
     """The same error with its field named the Llama Stack way."""
-    if e.param in SERVICE_PARAMS:
-        e.param = SERVICE_PARAMS[e.param]
-    return e
+    return e.rename_params(SERVICE_PARAMS)
 
 
 def to_submission(req: SupervisedFineTuneIn, who: Principal, datasets: DatasetService,
