@@ -221,7 +221,8 @@ SEED_FORM = {
                      '  }\n}\n',
     "train_config": '{\n  "type": "sft",\n  "torch_dtype": "bfloat16",\n  "task_type": "causal_lm",\n'
                     '  "train_type": "lora",\n  "tuner_backend": "simplismart",\n  "hyperparameters": {\n'
-                    '    "num_epochs": 1,\n    "per_device_train_batch_size": 8,\n    "per_device_eval_batch_size": 8,\n'
+                    '    "num_epochs": 1,\n    "per_device_train_batch_size": 8,\n'
+                    '    "per_device_eval_batch_size": 8,\n'
                     '    "gradient_checkpointing": true,\n    "save_steps": 500,\n    "save_total_limit": 2,\n'
                     '    "eval_steps": 500,\n    "logging_steps": 5,\n    "learning_rate": 0.0001,\n'
                     '    "dataloader_num_workers": 1\n  },\n  "adapter_config": {\n    "r": 16,\n    "alpha": 16,\n'
