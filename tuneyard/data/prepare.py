@@ -11,9 +11,10 @@ writes ``prepared.json`` (atomically, last, so that its presence means the step 
     {"ok": false, "error": {"code", "message", "param"}}
 
 The training file, the validation file and the model are tried independently: when several fail, the error is
-the first one's code and param, its message listing them all. Error codes: ``invalid_training_file``, ``invalid_validation_file``, ``invalid_n_examples``,
-``model_not_found``, ``invalid_request`` (a setting that cannot work, e.g. an unknown template) and
-``internal_error`` (a bug: exit status 1). A failure the caller can fix exits 0: the step did its job.
+the first one's code and param, its message listing them all. Error codes: ``invalid_training_file``,
+``invalid_validation_file``, ``invalid_n_examples``, ``model_not_found``, ``invalid_request`` (a setting that
+cannot work, e.g. an unknown template) and ``internal_error`` (a bug: exit status 1). A failure the caller can
+fix exits 0: the step did its job.
 Nothing from the environment or the spec's integrations is ever printed.
 """
 

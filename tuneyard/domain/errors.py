@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -17,7 +18,8 @@ class Problem:
 
     def text(self) -> str:
         """The message, prefixed with the field unless the message starts by naming it."""
-        if not self.param or self.message.startswith(self.param):
+        # "node_count 2: ..." names its field; "organisation ..." does not name "org".
+        if not self.param or re.match(re.escape(self.param) + r"(?![\w.])", self.message):
             return self.message
         return f"{self.param}: {self.message}"
 
