@@ -218,3 +218,32 @@ def test_other_orgs_see_nothing(api, client, dataset):
     assert other.post_training.job.list() == [] and other.datasets.list() == []
     with pytest.raises(llama_stack_client.BadRequestError):  # training on another org's dataset
         other.post_training.supervised_fine_tune(**request(api, job_uuid="steal"))
+
+
+def test_several_bad_values_are_one_400_with_all_in_detail(api, client, dataset):
+    before = len(client.post_training.job.list())
+    h = {"Authorization": f"Bearer {api.token}"}
+    url = f"{api.base_url}/v1/post-training/supervised-fine-tune"
+    # Translation's checks: all of them.
+    body = request(api, job_uuid="many-1", training_config__dtype="int8",
+                   training_config__data_config__dataset_id="missing", hyperparam_search_config={"lr": [1e-4]},
+                   training_config__efficiency_config__fsdp_cpu_offload=True,
+                   algorithm_config__lora_attn_modules=["attention"])
+    r = httpx.post(url, json=body, headers=h)
+    assert r.status_code == 400, r.text
+    detail = r.json()["detail"]
+    assert detail.startswith("5 problems:"), detail
+    for field in ("training_config.dtype", "dataset_id", "hyperparam_search_config", "fsdp_cpu_offload",
+                  "lora_attn_modules"):
+        assert field in detail, (field, detail)
+    # The service's checks, named the Llama Stack way: a model that is not one, 4-bit on a CPU machine.
+    r = httpx.post(url, json=request(api, job_uuid="many-2", model="/etc", algorithm_config__quantize_base=True),
+                   headers=h)
+    assert r.status_code == 400 and r.json()["detail"].startswith("2 problems:"), r.text
+    assert "model" in r.json()["detail"] and "algorithm_config.quantize_base" in r.json()["detail"]
+    # pydantic's errors, every one.
+    r = httpx.post(url, json=request(api, job_uuid="many-3", training_config__n_epochs=0,
+                                     training_config__data_config__batch_size=0), headers=h)
+    assert r.status_code == 400 and r.json()["detail"].startswith("2 problems:"), r.text
+    assert "n_epochs" in r.json()["detail"] and "batch_size" in r.json()["detail"]
+    assert len(client.post_training.job.list()) == before

@@ -272,3 +272,31 @@ def test_truefoundry_prefix_serves_the_same_api(api, acme, train_file):
         tf.fine_tuning.jobs.retrieve("ftjob-nope")
     spec = httpx.get(f"{api.base_url}/openapi.json").json()
     assert not any(p.startswith("/api/llm") for p in spec["paths"])  # one schema entry per operation
+
+
+def test_several_bad_fields_are_one_400_listing_them_all(acme, api, train_file):
+    before = len(list(acme.fine_tuning.jobs.list(limit=100)))
+    with pytest.raises(openai.BadRequestError) as e:
+        acme.fine_tuning.jobs.create(
+            model="not a model id", training_file="file-doesnotexist", validation_file="file-nope",
+            method={"type": "supervised", "supervised": {"hyperparameters": {"lora": False, "lora_r": 8}}})
+    body = e.value.body
+    # The first problem is param; the message names every one (translation's and the service's).
+    assert e.value.status_code == 400 and body["param"] == "hyperparameters.lora", body
+    assert body["message"].startswith("4 problems:"), body
+    for part in ("hyperparameters.lora", "model 'not a model id'", "file-doesnotexist", "file-nope"):
+        assert part in body["message"], (part, body)
+    # pydantic's own errors: every one, the same way.
+    with pytest.raises(openai.BadRequestError) as e:
+        acme.fine_tuning.jobs.create(model=api.model_dir, training_file=train_file.id, suffix="x" * 65, seed=-1,
+                                     hyperparameters={"n_epochs": 0, "batch_size": "big"})
+    body = e.value.body
+    assert body["message"].startswith("4 problems:") and body["param"] in ("suffix", "seed"), body
+    for part in ("suffix", "seed", "hyperparameters.n_epochs", "hyperparameters.batch_size"):
+        assert part in body["message"], (part, body)
+    # A refused method does not hide a bad file, and a free-form reinforcement body is no 500.
+    with pytest.raises(openai.BadRequestError) as e:
+        acme.fine_tuning.jobs.create(model=api.model_dir, training_file="file-doesnotexist",
+                                     method={"type": "reinforcement", "reinforcement": {"grader": {}}})
+    assert e.value.body["param"] == "method.type" and "file-doesnotexist" in e.value.body["message"]
+    assert len(list(acme.fine_tuning.jobs.list(limit=100))) == before

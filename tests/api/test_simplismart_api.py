@@ -207,3 +207,88 @@ def test_malformed_form_fields(api):
     r = post_job(api, _set(configs(api), "train_config.hyperparameters.warmup", 3))
     assert r.status_code == 400 and r.json()["field"] == "train_config.hyperparameters.warmup"
     assert "Unrecognized field" in r.json()["detail"]
+
+
+# The seed page's POST /job/ example, form values verbatim (only the URL and the token are this server's).
+SEED_FORM = {
+    "org": "0bf00b43-430a-4ca3-a8b3-b13cc8dc6d4f",
+    "experiment_name": "launch-simplismart-causal_lm-lora",
+    "dataset_config": '{\n  "preprocessing": {\n    "lazy_tokenize": true,\n    "streaming": false,\n    "prompt": {\n'
+                      '      "system": null,\n      "max_length": 4096,\n      "template": null\n    }\n  },\n'
+                      '  "split": {\n    "type": "random",\n    "ratios": [0.9, 0.1]\n  }\n}\n',
+    "model_details": '{\n  "base_model": "meta-llama/Llama-3.2-1B-Instruct",\n  "ownership": "public",\n'
+                     '  "source_type": "hf",\n  "model_type": "llm",\n  "quantization": {\n    "quant_bits": 4\n'
+                     '  }\n}\n',
+    "train_config": '{\n  "type": "sft",\n  "torch_dtype": "bfloat16",\n  "task_type": "causal_lm",\n'
+                    '  "train_type": "lora",\n  "tuner_backend": "simplismart",\n  "hyperparameters": {\n'
+                    '    "num_epochs": 1,\n    "per_device_train_batch_size": 8,\n'
+                    '    "per_device_eval_batch_size": 8,\n'
+                    '    "gradient_checkpointing": true,\n    "save_steps": 500,\n    "save_total_limit": 2,\n'
+                    '    "eval_steps": 500,\n    "logging_steps": 5,\n    "learning_rate": 0.0001,\n'
+                    '    "dataloader_num_workers": 1\n  },\n  "adapter_config": {\n    "r": 16,\n    "alpha": 16,\n'
+                    '    "dropout": 0.1,\n    "targets": ["all-linear"]\n  },\n  "distributed": {\n'
+                    '    "type": "ddp"\n  }\n}\n',
+    "dataset_details": '{\n  "dataset_name": "dataset-name",\n'
+                       '  "dataset_path": "s3://training-dev-datasets/ds/sharegpt_ds_half.jsonl",\n'
+                       '  "dataset_description": "",\n  "dataset_type": "jsonl",\n  "dataset_format": "sharegpt",\n'
+                       '  "source_type": "s3",\n  "ownership": "private",\n  "secret_id": "<your-secret-key>",\n'
+                       '  "region": "us-west-2"\n}\n',
+    "infra_config": '{\n  "gpu_type": "h100",\n  "gpu_count": 2,\n  "infra_type": "simplismart",\n'
+                    '  "node_count": 2\n}\n',
+}
+
+
+def test_the_seed_curl_as_written_gets_one_400_listing_every_problem(api):
+    before = n_jobs(api)
+    args = ["curl", "-sS", "-w", "\n%{http_code}", "--request", "POST", "--url", f"{api.base_url}/job/",
+            "--header", f"Authorization: Bearer {api.token}", "--header", "Content-Type: multipart/form-data"]
+    for k, v in SEED_FORM.items():
+        args += ["--form", f"{k}={v}"]
+    raw, status = subprocess.run(args, capture_output=True, text=True, check=True).stdout.rsplit("\n", 1)
+    assert status == "400", raw
+    body = json.loads(raw)
+    fields = [e["field"] for e in body["errors"]]
+    # Someone else's organisation, a secret this one does not have, and three things a CPU machine cannot do.
+    assert sorted(fields) == sorted(["org", "dataset_details.secret_id", "infra_config.node_count",
+                                     "infra_config.gpu_type", "model_details.quantization.quant_bits"]), body
+    assert body["field"] == fields[0] == "org" and body["code"] == "org_not_found"
+    assert body["detail"].startswith("5 problems:")
+    for e in body["errors"]:
+        assert e["message"] and e["field"] in body["detail"], e
+    assert n_jobs(api) == before
+
+
+def test_independent_config_problems_are_all_reported(api):
+    before = n_jobs(api)
+    # Schema errors in several configs at once.
+    cfg = _set(_set(configs(api), "train_config.hyperparameters.num_epochs", 0), "infra_config.gpu_count", 0)
+    cfg = _set(cfg, "dataset_details.dataset_type", "xml")
+    r = post_job(api, cfg)
+    assert r.status_code == 400, r.text
+    assert {e["field"] for e in r.json()["errors"]} == {
+        "train_config.hyperparameters.num_epochs", "infra_config.gpu_count", "dataset_details.dataset_type"}
+    # A config that is not JSON does not hide a problem in another one.
+    form = {"org": "acme", "experiment_name": "x", **{k: json.dumps(v) for k, v in configs(api).items()},
+            "train_config": "{not json"}
+    form["infra_config"] = json.dumps({**configs(api)["infra_config"], "gpu_count": 0})
+    r = httpx.post(f"{api.base_url}/job/", data=form, headers={"Authorization": f"Bearer {api.token}"})
+    assert r.status_code == 400 and [e["field"] for e in r.json()["errors"]] == ["train_config",
+                                                                                 "infra_config.gpu_count"], r.text
+    # Translation checks: each refused value is named.
+    cfg = _set(_set(configs(api), "train_config.tuner_backend", "unsloth"), "train_config.task_type", "seq2seq")
+    cfg = _set(_set(cfg, "dataset_details.region", "us-west-2"), "train_config.type", "ppo")
+    r = post_job(api, cfg)
+    assert r.status_code == 400 and {e["field"] for e in r.json()["errors"]} == {
+        "train_config.tuner_backend", "train_config.task_type", "dataset_details.region", "train_config.type"}
+    # Service checks: what this installation cannot run, all at once.
+    cfg = _set(_set(configs(api), "train_config.distributed.type", "fsdp"), "model_details.model_type", "vlm")
+    cfg = _set(_set(cfg, "train_config.torch_dtype", "float16"), "infra_config.node_count", 3)
+    r = post_job(api, cfg)
+    assert r.status_code == 400 and {e["field"] for e in r.json()["errors"]} == {
+        "train_config.distributed.type", "model_details.model_type", "train_config.torch_dtype",
+        "infra_config.node_count"}, r.text
+    # One problem keeps its own status and body (with a one-item list).
+    r = post_job(api, configs(api), org="globex")
+    assert r.status_code == 404 and r.json()["errors"] == [{"field": "org", "message": r.json()["detail"],
+                                                            "code": "org_not_found"}]
+    assert n_jobs(api) == before

@@ -133,7 +133,9 @@ def test_invalid_training_and_validation_files(tmp_path, tiny_model_dir, sample_
     assert (err["code"], err["param"]) == ("invalid_validation_file", "validation_file")
     assert err["message"] == "Example 2, message 1: unknown role 'bot'"
     # The scheduler reports the failure from prepared.json; the events only tell the progress.
-    assert [e["message"] for e in iter_events(job.events)][-1] == "Validating validation file"
+    events = list(iter_events(job.events))
+    assert "Validating validation file" in [e["message"] for e in events]
+    assert not [e for e in events if e["level"] == "error"]
 
 
 def test_every_row_dropped(tmp_path, tiny_model_dir, sample_jsonl):
@@ -264,3 +266,41 @@ def test_per_job_limits(tmp_path, monkeypatch, tiny_model_dir, env, data, code, 
     prepared = read_json(job.prepared)
     assert prepared["ok"] is False and prepared["error"]["code"] == code
     assert fragment in prepared["error"]["message"] and prepared["error"]["param"] == "training_file"
+
+
+def test_unreadable_s3_data_does_not_hide_a_model_that_cannot_be_loaded(tmp_path, monkeypatch):
+    from tests.unit.test_data_sources import BUCKET, handing_over, moto_s3
+    from tuneyard.settings import get_settings
+
+    with moto_s3({}) as s3:
+        monkeypatch.setenv("TUNEYARD_S3_ENDPOINT_URL", s3["url"])
+        handing_over(monkeypatch, s3["reader"], param="dataset_details.dataset_path")
+        get_settings.cache_clear()
+        try:
+            spec = TrainingSpec(model=ModelSpec(name=str(tmp_path / "no-such-model"), source="local"),
+                                data=DataSpec(train=DataSource(path=f"s3://{BUCKET}/ds/missing.jsonl",
+                                                               param="dataset_details.dataset_path")))
+            job = JobDir(tmp_path / "job").create()
+            job.spec.write_text(spec.model_dump_json())
+            assert run(job.root) == 0
+        finally:
+            get_settings.cache_clear()
+    err = failure(job)
+    # The job's error has one param: the first failure's; its message holds both.
+    assert (err["code"], err["param"]) == ("invalid_training_file", "dataset_details.dataset_path"), err
+    assert err["message"].startswith("2 problems: "), err
+    assert "no such key" in err["message"] and "; model '" in err["message"]
+    assert "could not be loaded" in err["message"]
+
+
+def test_bad_files_and_a_missing_model_are_reported_together(tmp_path, sample_jsonl):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(sample_rows()[0]) + "\n" + '{"messages": [{"role": "bot", "content": "x"}]}\n')
+    job = make_job(tmp_path, tmp_path / "no-such-model", bad, validation=tmp_path / "gone.jsonl")
+    assert run(job.root) == 0
+    err = failure(job)
+    assert (err["code"], err["param"]) == ("invalid_training_file", "training_file"), err
+    assert err["message"].startswith("3 problems: training_file: Example 2, message 1: unknown role 'bot'; "
+                                     "validation_file: "), err
+    assert "; model '" in err["message"]
+    assert not job.resolved_spec.exists()

@@ -81,3 +81,44 @@ def test_micro_batching_keeps_the_global_batch():
 def test_quantised_full_fine_tune_is_refused():
     with pytest.raises(ValueError, match="QLoRA"):
         spec(model={"name": "m", "quant_bits": 4}, adapter={"type": "full"})
+
+
+def test_problems_are_collected_and_raised_as_one():
+    from tuneyard.domain.errors import InvalidRequest, NotFound, Problems
+
+    problems = Problems()
+    with problems.check():
+        raise NotFound("organisation 'x' not found", param="org", code="org_not_found")
+    with problems.check():
+        pass
+    inner = Problems()
+    inner.add(InvalidRequest("node_count 2: one node only", param="node_count"))
+    inner.add(InvalidRequest("a GPU was asked for", param="device"))
+    with problems.check():
+        inner.raise_if_any()
+    with pytest.raises(InvalidRequest) as e:
+        problems.raise_if_any()
+    err = e.value
+    # Nested collections flatten; several problems are a 400 with the first one's field and code.
+    assert err.status_code == 400 and (err.param, err.code) == ("org", "org_not_found")
+    assert [p.param for p in err.problems] == ["org", "node_count", "device"]
+    assert err.message == ("3 problems: org: organisation 'x' not found; node_count 2: one node only; "
+                           "device: a GPU was asked for.")
+    # A dialect's names reach every problem and the message.
+    err.rename_params({"device": "infra_config.gpu_type", "node_count": "infra_config.node_count"})
+    assert [p.param for p in err.problems] == ["org", "infra_config.node_count", "infra_config.gpu_type"]
+    assert "infra_config.gpu_type: a GPU was asked for" in err.message
+
+
+def test_a_single_problem_keeps_its_own_error():
+    from tuneyard.domain.errors import NotFound, Problems
+
+    problems = Problems()
+    problems.raise_if_any()  # nothing found: nothing raised
+    with problems.check():
+        raise NotFound("organisation 'x' not found", param="org")
+    with pytest.raises(NotFound) as e:
+        problems.raise_if_any()
+    assert e.value.status_code == 404 and e.value.message == "organisation 'x' not found"
+    e.value.rename_params({"org": "org_id"})
+    assert e.value.problems[0].param == "org_id" and e.value.message == "organisation 'x' not found"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from typing import Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -11,16 +11,25 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tuneyard.api.jsonbody import MalformedBody
-from tuneyard.domain.errors import TuneyardError
+from tuneyard.domain.errors import InvalidRequest, Problem, TuneyardError, combine
 
 log = logging.getLogger("tuneyard.api")
-# (message, type, param, code, status) -> response
-Renderer = Callable[[Request, int, str, str, str | None, str | None], JSONResponse]
+
+
+class Renderer(Protocol):
+    """(request, status, message, type, param, code, problems) -> the dialect's error response.
+
+    ``message`` already lists every problem and ``param``/``code`` are the first one's; ``problems`` (None: just
+    the one in message/param) is for dialects whose body lists them one by one.
+    """
+
+    def __call__(self, request: Request, status: int, message: str, type_: str, param: str | None,
+                 code: str | None, problems: list[Problem] | None = None) -> JSONResponse: ...
 
 
 def openai_error(request: Request, status: int, message: str, type_: str, param: str | None,
-                 code: str | None) -> JSONResponse:
-    """OpenAI's ``{"error": {message, type, param, code}}``."""
+                 code: str | None, problems: list[Problem] | None = None) -> JSONResponse:
+    """OpenAI's ``{"error": {message, type, param, code}}``: several problems are all in the message."""
     headers = {"x-should-retry": "false"} if 400 <= status < 500 and status not in (408, 429) else None
     return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
                         status_code=status, headers=headers)
@@ -53,43 +62,49 @@ def _loc_to_param(loc: tuple) -> str | None:
     return ".".join(parts) or None
 
 
+def validation_error(errors: list[dict]) -> TuneyardError:
+    """pydantic's errors (every one of them) as one 400 listing each field and what is wrong with it."""
+    # A value tried against `"auto" | int` fails both; the literal's complaint only hides the real one.
+    by_param: dict[str | None, list[dict]] = {}
+    for e in errors:
+        by_param.setdefault(_loc_to_param(tuple(e.get("loc", ()))), []).append(e)
+    errors = [e for group in by_param.values() for e in
+              ([x for x in group if x.get("type") != "literal_error"] or group)]
+    found: list[TuneyardError] = []
+    seen: set[str] = set()
+    for e in errors or [{"loc": (), "msg": "invalid request"}]:
+        p = _loc_to_param(tuple(e.get("loc", ())))
+        if p is None:
+            # The body as a whole: a form or text sent where a JSON object is expected.
+            msg = f"The request body must be a JSON object (Content-Type: application/json): {e.get('msg')}."
+        elif e.get("type") == "missing":
+            msg = f"Missing required parameter: '{p}'."
+        elif e.get("type") == "extra_forbidden":
+            msg = f"Unrecognized request argument supplied: '{p}'."
+        else:
+            msg = f"Invalid value for '{p}': {e.get('msg', 'invalid')}."
+        if msg not in seen:
+            seen.add(msg)
+            found.append(InvalidRequest(msg, param=p))
+    return combine(found)
+
+
 def install(app: FastAPI) -> None:
     """Register the exception handlers on ``app``."""
 
     @app.exception_handler(TuneyardError)
     async def _tuneyard(request: Request, exc: TuneyardError):
-        response = _renderer(request)(request, exc.status_code, exc.message, exc.type, exc.param, exc.code)
+        response = _renderer(request)(request, exc.status_code, exc.message, exc.type, exc.param, exc.code,
+                                      exc.problems)
         response.headers.update(exc.headers)
         return response
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
         errors = list(exc.errors())
-        # A value tried against `"auto" | int` fails both; the literal's complaint only hides the real one.
-        by_param: dict[str | None, list[dict]] = {}
-        for e in errors:
-            by_param.setdefault(_loc_to_param(tuple(e.get("loc", ()))), []).append(e)
-        errors = [e for group in by_param.values() for e in
-                  ([x for x in group if x.get("type") != "literal_error"] or group)]
-        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-        if first.get("type") == "json_invalid":
-            return _body_not_json(request, first)
-        param = _loc_to_param(tuple(first.get("loc", ())))
-        msgs = []
-        for e in errors[:5]:
-            p = _loc_to_param(tuple(e.get("loc", ())))
-            msg = e.get("msg", "invalid")
-            if p is None:
-                # The body as a whole: a form or text sent where a JSON object is expected.
-                msgs.append(f"The request body must be a JSON object (Content-Type: application/json): {msg}.")
-            elif e.get("type") == "missing":
-                msgs.append(f"Missing required parameter: '{p}'.")
-            elif e.get("type") == "extra_forbidden":
-                msgs.append(f"Unrecognized request argument supplied: '{p}'.")
-            else:
-                msgs.append(f"Invalid value for '{p}': {msg}.")
-        return _renderer(request)(request, 400, " ".join(dict.fromkeys(msgs)), "invalid_request_error", param,
-                                  "invalid_request")
+        if errors and errors[0].get("type") == "json_invalid":
+            return _body_not_json(request, errors[0])
+        return await _tuneyard(request, validation_error(errors))
 
     def _body_not_json(request: Request, error: dict) -> JSONResponse:
         # Only routes outside StrictJSONRoute get here: theirs raise MalformedBody.

@@ -10,14 +10,17 @@ writes ``prepared.json`` (atomically, last, so that its presence means the step 
      "truncated", "dropped", "total_steps", "format", "template", "hyperparameters": {...}}
     {"ok": false, "error": {"code", "message", "param"}}
 
-Error codes: ``invalid_training_file``, ``invalid_validation_file``, ``invalid_n_examples``,
-``model_not_found``, ``invalid_request`` (a setting that cannot work, e.g. an unknown template) and
-``internal_error`` (a bug: exit status 1). A failure the caller can fix exits 0: the step did its job.
+The training file, the validation file and the model are tried independently: when several fail, the error is
+the first one's code and param, its message listing them all. Error codes: ``invalid_training_file``,
+``invalid_validation_file``, ``invalid_n_examples``, ``model_not_found``, ``invalid_request`` (a setting that
+cannot work, e.g. an unknown template) and ``internal_error`` (a bug: exit status 1). A failure the caller can
+fix exits 0: the step did its job.
 Nothing from the environment or the spec's integrations is ever printed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -33,7 +36,7 @@ from tuneyard.data.pipeline import split_positions
 from tuneyard.data.templates import resolve_template, template_label
 from tuneyard.data.tokenize import EncodeStats
 from tuneyard.data.validate import CODE_N_EXAMPLES, ValidationReport, iter_examples, validate_file
-from tuneyard.domain.errors import TuneyardError
+from tuneyard.domain.errors import Problem, TuneyardError, combined_message
 from tuneyard.domain.hparams import resolve, total_steps
 from tuneyard.domain.spec import DataSource, TrainingSpec
 from tuneyard.jobdir import EventWriter, JobDir, write_json_atomic
@@ -52,6 +55,32 @@ class PrepareFailure(Exception):
 
     def to_dict(self) -> dict:
         return {"code": self.code, "message": self.message, "param": self.param}
+
+    @classmethod
+    def combine(cls, failures: list[PrepareFailure]) -> PrepareFailure:
+        """One failure reporting all of ``failures``: the first one's code and param, every message."""
+        if len(failures) == 1:
+            return failures[0]
+        message = combined_message([Problem(f.param, f.message, f.code) for f in failures])
+        return cls(failures[0].code, message, failures[0].param)
+
+
+class _Failures:
+    """The failures of independent steps (the data, the model), so that one does not hide another."""
+
+    def __init__(self) -> None:
+        self.found: list[PrepareFailure] = []
+
+    @contextlib.contextmanager
+    def step(self) -> Iterator[None]:
+        try:
+            yield
+        except PrepareFailure as f:
+            self.found.append(f)
+
+    def raise_if_any(self) -> None:
+        if self.found:
+            raise PrepareFailure.combine(self.found)
 
 
 class _Log:
@@ -170,20 +199,34 @@ def prepare(jobdir: JobDir, events: EventWriter | None = None, *, max_errors: in
         raise PrepareFailure("invalid_request", "the prepare step handles supervised fine-tuning ('sft') "
                                                 f"only, not '{spec.method}'", "method")
 
-    train_src, val_src = _fetch(data.train, jobdir, log), _fetch(data.validation, jobdir, log)
     from tuneyard.settings import get_settings
 
+    # The data and the model are independent: a source that cannot be read must not hide a model that cannot
+    # be loaded (nor the training file the validation file), so each is tried and every failure reported.
+    failures = _Failures()
+    train_src = val_src = train_report = val_report = None
+    with failures.step():
+        train_src = _fetch(data.train, jobdir, log)
+    if data.validation is not None:
+        with failures.step():
+            val_src = _fetch(data.validation, jobdir, log)
     # The server's floor applies to every job; a dialect may ask for more (never fewer).
     min_examples = max(data.min_examples, get_settings().min_examples)
-    train_report = _validate(train_src, validation=False, min_examples=min_examples,
-                             max_errors=max_errors, log=log)
-    val_report = None
+    if train_src is not None:
+        with failures.step():
+            train_report = _validate(train_src, validation=False, min_examples=min_examples,
+                                     max_errors=max_errors, log=log)
+            _check_rows_limit(spec, train_report.n_examples)
     if val_src is not None:
-        val_report = _validate(val_src, validation=True, min_examples=1, max_errors=max_errors, log=log)
-    _check_rows_limit(spec, train_report.n_examples)
+        with failures.step():
+            val_report = _validate(val_src, validation=True, min_examples=1, max_errors=max_errors, log=log)
 
     log(f"Loading the tokenizer of {spec.model.name}")
-    config, tokenizer = load_tokenizer(spec)
+    config = tokenizer = None
+    with failures.step():
+        config, tokenizer = load_tokenizer(spec)
+    failures.raise_if_any()
+    assert train_src is not None and train_report is not None  # else a failure was raised just above
     try:
         template = resolve_template(tokenizer, data.template)
     except ValueError as e:

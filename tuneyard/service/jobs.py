@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from tuneyard.data.sources import SECRET_TYPES, check_uri, hub_local_dir, is_uri, kind_of, parse_hub
-from tuneyard.domain.errors import Conflict, InvalidRequest, NotFound, RateLimited
+from tuneyard.domain.errors import Conflict, InvalidRequest, NotFound, Problems, RateLimited
 from tuneyard.domain.jobs import JobStatus
 from tuneyard.domain.spec import DataSource, TrainingSpec
 from tuneyard.ids import new_id
@@ -55,13 +55,17 @@ class JobService:
         self.secrets = secrets
 
     # ----- submission -------------------------------------------------------------------------
-    def submit(self, who: Principal, sub: Submission) -> Job:
-        """Check a submission, store the job in ``validating_files`` and write its job directory."""
-        if sub.idempotency_key:
+    def submit(self, who: Principal, sub: Submission, problems: Problems | None = None) -> Job:
+        """Check a submission, store the job in ``validating_files`` and write its job directory.
+
+        Every problem found is raised as one error, with ``problems`` (what the dialect found already) first;
+        nothing is stored then.
+        """
+        if sub.idempotency_key and not problems:
             existing = self._by_idempotency_key(who, sub.idempotency_key)
             if existing is not None:
                 return existing
-        spec = self._check_spec(who, sub.spec)
+        spec = self._check_spec(who, sub.spec, problems or Problems())
         self._check_quota(who)
         job_id = new_id("ftjob")
         jd = JobDir(self.settings.jobs_dir / who.org_id / job_id).create()
@@ -114,18 +118,27 @@ class JobService:
                            param="Idempotency-Key", code="idempotency_key_reused")
         return job
 
-    def _check_spec(self, who: Principal, spec: TrainingSpec) -> TrainingSpec:
+    def _check_spec(self, who: Principal, spec: TrainingSpec, problems: Problems) -> TrainingSpec:
+        """The spec with its model and data sources resolved; every independent problem raised at once."""
         roots = self.settings.allowed_roots
-        name, source = check_model_name(spec.model.name, roots)
+        name, source = spec.model.name, spec.model.source
+        with problems.check():
+            name, source = check_model_name(spec.model.name, roots)
         if spec.model.secret_id is not None:
-            row = self.secrets.check(who, spec.model.secret_id, param="model_secret_id")
-            if row.type != "hf":
-                raise InvalidRequest(f"secret '{spec.model.secret_id}' is a '{row.type}' secret; reading a hub model "
-                                     "needs an 'hf' secret (a token)", param="model_secret_id")
+            with problems.check():
+                row = self.secrets.check(who, spec.model.secret_id, param="model_secret_id")
+                if row.type != "hf":
+                    raise InvalidRequest(f"secret '{spec.model.secret_id}' is a '{row.type}' secret; reading a hub "
+                                         "model needs an 'hf' secret (a token)", param="model_secret_id")
         model = spec.model.model_copy(update={"name": name, "source": source})
-        train = self._resolve_source(who, spec.data.train)
-        valid = self._resolve_source(who, spec.data.validation) if spec.data.validation else None
-        self._check_resources(spec)
+        train = valid = None
+        with problems.check():
+            train = self._resolve_source(who, spec.data.train)
+        if spec.data.validation:
+            with problems.check():
+                valid = self._resolve_source(who, spec.data.validation)
+        self._check_resources(spec, problems)
+        problems.raise_if_any()
         data = spec.data.model_copy(update={"train": train, "validation": valid})
         resources = spec.resources.model_copy(
             update={"torch_compile": spec.resources.torch_compile or self.settings.torch_compile})
@@ -133,6 +146,7 @@ class JobService:
 
     def _resolve_source(self, who: Principal, src: DataSource) -> DataSource:
         if src.file_id is not None:
+            # Each step needs the one before: the file must exist to have a purpose, and so on.
             try:
                 f = self.files.get(who, src.file_id)
             except NotFound as e:
@@ -156,76 +170,85 @@ class JobService:
             split = parse_hub(src.path, src).split
             src = src.model_copy(update={"path": local_dir, "split": split})
             kind = None
+        # Once the path's kind is known, its options, its secret and its place are independent checks.
+        problems = Problems()
         for name, applies, what in (("region", kind == "s3", "s3:// sources"),
                                      ("subset", kind == "hf", "hub datasets (hf://owner/name)"),
                                      ("revision", kind == "hf", "hub datasets (hf://owner/name)"),
                                      ("split", kind in ("hf", None), "hub datasets and local dataset directories")):
             if getattr(src, name) is not None and not applies:
-                raise InvalidRequest(f"{src.param}: {name} applies to {what} only", param=name)
+                problems.add(InvalidRequest(f"{src.param}: {name} applies to {what} only", param=name))
         if src.secret_id is not None:
-            # The same answer whether or not another organisation has a secret of that name.
-            row = self.secrets.check(who, src.secret_id, param="secret_id")
-            want = SECRET_TYPES.get(kind or "")
-            if want is None:
-                raise InvalidRequest(f"{src.param}: secret_id applies to s3:// sources and hub datasets only",
-                                     param="secret_id")
-            if row.type != want:
-                raise InvalidRequest(f"secret '{src.secret_id}' has type '{row.type}'; {kind}:// sources need a secret "
-                                     f"of type '{want}'", param="secret_id")
+            with problems.check():
+                # The same answer whether or not another organisation has a secret of that name.
+                row = self.secrets.check(who, src.secret_id, param="secret_id")
+                want = SECRET_TYPES.get(kind or "")
+                if want is None:
+                    raise InvalidRequest(f"{src.param}: secret_id applies to s3:// sources and hub datasets only",
+                                         param="secret_id")
+                if row.type != want:
+                    raise InvalidRequest(f"secret '{src.secret_id}' has type '{row.type}'; {kind}:// sources need a "
+                                         f"secret of type '{want}'", param="secret_id")
         if kind is not None:
+            problems.raise_if_any()
             return src
-        path = confine(src.path, self.settings.allowed_roots, param=src.param, want_dir=None)
-        if src.split is not None and not path.is_dir():
-            raise InvalidRequest(f"{src.param}: split applies to hub datasets and dataset directories, not to one "
-                                 "file", param="split")
+        path = None
+        with problems.check():
+            path = confine(src.path, self.settings.allowed_roots, param=src.param, want_dir=None)
+            if src.split is not None and not path.is_dir():
+                raise InvalidRequest(f"{src.param}: split applies to hub datasets and dataset directories, not to "
+                                     "one file", param="split")
+        problems.raise_if_any()
         return src.model_copy(update={"path": str(path)})
 
-    def _check_resources(self, spec: TrainingSpec) -> None:
+    def _check_resources(self, spec: TrainingSpec, problems: Problems) -> None:
+        """Record each thing this installation cannot honour (they are independent: all are reported)."""
         cap = detect(self.settings)
         res = spec.resources
+        add = problems.add
         if res.node_count > 1:
-            raise InvalidRequest(f"node_count {res.node_count}: this installation runs jobs on one node with the "
-                                 "local launcher; a multi-node launcher is not configured", param="node_count")
+            add(InvalidRequest(f"node_count {res.node_count}: this installation runs jobs on one node with the "
+                               "local launcher; a multi-node launcher is not configured", param="node_count"))
         if res.device == "cuda" and not cap.has_cuda:
-            raise InvalidRequest("a GPU was asked for, but this installation has none", param="device")
+            add(InvalidRequest("a GPU was asked for, but this installation has none", param="device"))
         if cap.has_cuda and res.device != "cpu" and res.nproc_per_node > cap.gpus:
-            raise InvalidRequest(f"{res.nproc_per_node} GPUs per node asked for, but this installation has "
-                                 f"{cap.gpus}", param="gpu_count")
+            add(InvalidRequest(f"{res.nproc_per_node} GPUs per node asked for, but this installation has "
+                               f"{cap.gpus}", param="gpu_count"))
         if res.gpu_type and res.device != "cpu" and cap.gpu_name and \
                 res.gpu_type.lower() not in cap.gpu_name.lower().replace(" ", ""):
-            raise InvalidRequest(f"gpu_type '{res.gpu_type}' asked for, but this installation has "
-                                 f"{cap.gpus} x {cap.gpu_name}", param="gpu_type")
+            add(InvalidRequest(f"gpu_type '{res.gpu_type}' asked for, but this installation has "
+                               f"{cap.gpus} x {cap.gpu_name}", param="gpu_type"))
         if spec.model.quant_bits in (4, 8):
             if not cap.has_cuda:
-                raise InvalidRequest(f"{spec.model.quant_bits}-bit quantisation (QLoRA) needs a CUDA GPU with "
-                                     "bitsandbytes; this installation has no GPU", param="quant_bits")
-            if not bitsandbytes_available():
-                raise InvalidRequest(f"{spec.model.quant_bits}-bit quantisation (QLoRA) needs the bitsandbytes "
-                                     "package, which is not installed", param="quant_bits")
+                add(InvalidRequest(f"{spec.model.quant_bits}-bit quantisation (QLoRA) needs a CUDA GPU with "
+                                   "bitsandbytes; this installation has no GPU", param="quant_bits"))
+            elif not bitsandbytes_available():
+                add(InvalidRequest(f"{spec.model.quant_bits}-bit quantisation (QLoRA) needs the bitsandbytes "
+                                   "package, which is not installed", param="quant_bits"))
         if spec.model.model_type != "llm":
-            raise InvalidRequest("vision-language models are not supported by the trainer in this installation "
-                                 "yet", param="model_type", code="unsupported_model_type")
+            add(InvalidRequest("vision-language models are not supported by the trainer in this installation "
+                               "yet", param="model_type", code="unsupported_model_type"))
         if res.distributed != "ddp":
-            raise InvalidRequest(f"distributed strategy '{res.distributed}' is not available in this installation; "
-                                 "use 'ddp'", param="distributed", code="unsupported_strategy")
+            add(InvalidRequest(f"distributed strategy '{res.distributed}' is not available in this installation; "
+                               "use 'ddp'", param="distributed", code="unsupported_strategy"))
         if spec.model.torch_dtype == "float16" and (res.device == "cpu" or not cap.has_cuda):
-            raise InvalidRequest("torch_dtype 'float16' needs a CUDA GPU; use 'float32' or 'bfloat16' on CPU",
-                                 param="torch_dtype")
+            add(InvalidRequest("torch_dtype 'float16' needs a CUDA GPU; use 'float32' or 'bfloat16' on CPU",
+                               param="torch_dtype"))
         if spec.schedule.keep_best_checkpoint and spec.data.validation is None and not spec.data.split.validation_ratio:
-            raise InvalidRequest("keep_best_checkpoint needs validation data: a validation file or a split that "
-                                 "holds some rows out", param="keep_best_checkpoint")
+            add(InvalidRequest("keep_best_checkpoint needs validation data: a validation file or a split that "
+                               "holds some rows out", param="keep_best_checkpoint"))
         if spec.data.streaming and spec.data.packing:
-            raise InvalidRequest("packing needs every row's length before training; it cannot be combined with "
-                                 "streaming (padding-free batches need no packing)", param="streaming")
+            add(InvalidRequest("packing needs every row's length before training; it cannot be combined with "
+                               "streaming (padding-free batches need no packing)", param="streaming"))
         if spec.data.lazy_tokenize and spec.data.packing:
-            raise InvalidRequest("packing needs every row's length before training; it cannot be combined with "
-                                 "lazy_tokenize", param="lazy_tokenize")
+            add(InvalidRequest("packing needs every row's length before training; it cannot be combined with "
+                               "lazy_tokenize", param="lazy_tokenize"))
         if spec.data.lazy_tokenize and spec.data.truncation == "drop":
-            raise InvalidRequest("lazy_tokenize keeps every row (too-long rows are truncated); truncation 'drop' "
-                                 "needs the up-front tokenisation", param="lazy_tokenize")
+            add(InvalidRequest("lazy_tokenize keeps every row (too-long rows are truncated); truncation 'drop' "
+                               "needs the up-front tokenisation", param="lazy_tokenize"))
         if spec.method == "dpo":
-            raise InvalidRequest("the DPO recipe is not available in this installation yet", param="method",
-                                 code="unsupported_method")
+            add(InvalidRequest("the DPO recipe is not available in this installation yet", param="method",
+                               code="unsupported_method"))
 
     # ----- reading ----------------------------------------------------------------------------
     def get(self, who: Principal, job_id: str) -> Job:

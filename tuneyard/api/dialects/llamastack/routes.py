@@ -27,7 +27,7 @@ from tuneyard.api.dialects.llamastack.schemas import (
     SupervisedFineTuneIn,
 )
 from tuneyard.api.jsonbody import StrictJSONRoute
-from tuneyard.domain.errors import InvalidRequest, NotFound, TuneyardError
+from tuneyard.domain.errors import InvalidRequest, NotFound, Problem, TuneyardError
 from tuneyard.service.auth import Principal
 
 POST_TRAINING_PREFIXES = ("/v1/post-training", "/v1alpha/post-training")
@@ -37,9 +37,12 @@ datasets = APIRouter(tags=["llama-stack"], route_class=StrictJSONRoute)
 
 
 def render_error(request: Request, status: int, message: str, type_: str, param: str | None,
-                 code: str | None) -> JSONResponse:
-    """``{status, title, detail, instance}``; the detail names the offending field when there is one."""
-    detail = message if not param or param in message else f"{message} (field: {param})"
+                 code: str | None, problems: list[Problem] | None = None) -> JSONResponse:
+    """``{status, title, detail, instance}``; the detail names the offending field(s) and lists every problem."""
+    if problems and len(problems) > 1:
+        detail = message  # combined_message: each problem already prefixed with its field
+    else:
+        detail = message if not param or param in message else f"{message} (field: {param})"
     try:
         title = HTTPStatus(status).phrase
     except ValueError:

@@ -17,7 +17,7 @@ from tuneyard.api.dialects.llamastack.schemas import (
     SupervisedFineTuneIn,
     TrainingMetrics,
 )
-from tuneyard.domain.errors import InvalidRequest, TuneyardError
+from tuneyard.domain.errors import InvalidRequest, Problems, TuneyardError
 from tuneyard.domain.jobs import JobStatus
 from tuneyard.domain.spec import (
     AdapterSpec,
@@ -57,41 +57,54 @@ SERVICE_PARAMS = {
 
 def dialect_error(e: TuneyardError) -> TuneyardError:
     """The same error with its field named the Llama Stack way."""
-    if e.param in SERVICE_PARAMS:
-        e.param = SERVICE_PARAMS[e.param]
-    return e
+    return e.rename_params(SERVICE_PARAMS)
 
 
 def to_submission(req: SupervisedFineTuneIn, who: Principal, datasets: DatasetService,
                   settings: Settings) -> Submission:
-    """Translate POST /post-training/supervised-fine-tune into the dialect-neutral submission."""
+    """Translate POST /post-training/supervised-fine-tune into the dialect-neutral submission.
+
+    Every independent field problem is raised in one 400 (the service's checks follow once these pass).
+    """
+    problems = Problems()
     if not req.model:
-        raise InvalidRequest("model is required: a hub id or a local model directory", param="model")
+        problems.add(InvalidRequest("model is required: a hub id or a local model directory", param="model"))
     if req.hyperparam_search_config:
-        raise InvalidRequest("hyperparam_search_config: tuneyard runs one configuration per job; send it empty",
-                             param="hyperparam_search_config")
+        problems.add(InvalidRequest("hyperparam_search_config: tuneyard runs one configuration per job; send it "
+                                    "empty", param="hyperparam_search_config"))
     tc = req.training_config
     dc = tc.data_config
     if dc is None:
-        raise InvalidRequest("training_config.data_config is required (dataset_id, batch_size, data_format...)",
-                             param=DATA)
+        problems.add(InvalidRequest("training_config.data_config is required (dataset_id, batch_size, "
+                                    "data_format...)", param=DATA))
     eff = tc.efficiency_config
     if eff is not None:
         for name in ("enable_activation_offloading", "memory_efficient_fsdp_wrap", "fsdp_cpu_offload"):
             if getattr(eff, name):
-                raise InvalidRequest(f"training_config.efficiency_config.{name} is not available in this "
-                                     "installation (it trains with DDP, without offloading)",
-                                     param=f"training_config.efficiency_config.{name}")
+                problems.add(InvalidRequest(f"training_config.efficiency_config.{name} is not available in this "
+                                            "installation (it trains with DDP, without offloading)",
+                                            param=f"training_config.efficiency_config.{name}"))
     dtype = "auto" if tc.dtype is None else DTYPES.get(tc.dtype.lower())
     if dtype is None:
-        raise InvalidRequest(f"training_config.dtype '{tc.dtype}' is not one of {sorted(DTYPES)}",
-                             param="training_config.dtype")
-    adapter, quant = _adapter(req.algorithm_config)
-    train = datasets.source_for(who, dc.dataset_id, data_format=dc.data_format, param=f"{DATA}.dataset_id")
-    valid = None
-    if dc.validation_dataset_id:
-        valid = datasets.source_for(who, dc.validation_dataset_id, data_format=dc.data_format,
-                                    param=f"{DATA}.validation_dataset_id")
+        problems.add(InvalidRequest(f"training_config.dtype '{tc.dtype}' is not one of {sorted(DTYPES)}",
+                                    param="training_config.dtype"))
+    adapter, quant = AdapterSpec(type="full"), None
+    with problems.check():
+        adapter, quant = _adapter(req.algorithm_config)
+    train = valid = None
+    if dc is not None:
+        with problems.check():
+            train = datasets.source_for(who, dc.dataset_id, data_format=dc.data_format, param=f"{DATA}.dataset_id")
+        if dc.validation_dataset_id:
+            with problems.check():
+                valid = datasets.source_for(who, dc.validation_dataset_id, data_format=dc.data_format,
+                                            param=f"{DATA}.validation_dataset_id")
+    export = None
+    if req.checkpoint_dir:
+        with problems.check():
+            export = str(confine(req.checkpoint_dir, settings.allowed_roots, param="checkpoint_dir", want_dir=True))
+    problems.raise_if_any()
+    assert dc is not None and train is not None  # both recorded a problem otherwise, raised just above
     opt = tc.optimizer_config
     hyper = Hyperparameters(
         n_epochs=tc.n_epochs, batch_size=dc.batch_size * tc.gradient_accumulation_steps,
@@ -100,9 +113,6 @@ def to_submission(req: SupervisedFineTuneIn, who: Principal, datasets: DatasetSe
         optimizer=opt.optimizer_type if opt else "adamw", weight_decay=opt.weight_decay if opt else 0.0,
         warmup_steps=opt.num_warmup_steps if opt else None, max_steps_per_epoch=tc.max_steps_per_epoch,
         gradient_checkpointing=bool(eff and eff.enable_activation_checkpointing))
-    export = None
-    if req.checkpoint_dir:
-        export = str(confine(req.checkpoint_dir, settings.allowed_roots, param="checkpoint_dir", want_dir=True))
     spec = TrainingSpec(
         model=ModelSpec(name=req.model, torch_dtype=dtype, quant_bits=quant),
         data=DataSpec(train=train, validation=valid, packing=dc.packed, train_on_input=dc.train_on_input,

@@ -24,7 +24,7 @@ from tuneyard.api.dialects.openai.schemas import (
     ModelOut,
 )
 from tuneyard.api.jsonbody import StrictJSONRoute
-from tuneyard.domain.errors import InvalidRequest
+from tuneyard.domain.errors import InvalidRequest, Problems
 
 router = APIRouter(tags=["openai"], route_class=StrictJSONRoute)
 # Served at /v1 (OpenAI, Nebius) and at /api/llm (TrueFoundry's path for the same API).
@@ -100,7 +100,8 @@ def file_content(svc: Svc, who: Caller, file_id: str) -> FileResponse:
 def create_job(svc: Svc, who: Caller, body: CreateJobIn,
                idempotency_key: Annotated[str | None, Header(max_length=256)] = None) -> JobOut:
     """Create a fine-tuning job; it starts in ``validating_files``."""
-    job = svc.jobs.submit(who, tr.to_submission(body, idempotency_key))
+    problems = Problems()
+    job = svc.jobs.submit(who, tr.to_submission(body, idempotency_key, problems), problems)
     return tr.job_out(job)
 
 

@@ -12,8 +12,9 @@ from tuneyard.api.dialects.openai.schemas import (
     FileOut,
     HyperparametersIn,
     JobOut,
+    MethodBody,
 )
-from tuneyard.domain.errors import InvalidRequest
+from tuneyard.domain.errors import InvalidRequest, Problems
 from tuneyard.domain.jobs import fine_tuned_model_name
 from tuneyard.domain.spec import (
     AdapterSpec,
@@ -30,17 +31,21 @@ from tuneyard.store.models import Checkpoint, File, Job, JobEvent
 DIALECT = "openai"
 
 
-def to_submission(req: CreateJobIn, idempotency_key: str | None = None) -> Submission:
-    """Translate POST /v1/fine_tuning/jobs into the dialect-neutral submission."""
+def to_submission(req: CreateJobIn, idempotency_key: str | None, problems: Problems) -> Submission:
+    """Translate POST /v1/fine_tuning/jobs into the dialect-neutral submission.
+
+    The fields refused here go into ``problems`` (none of them changes what the service checks), so that the
+    service reports them with its own in one 400.
+    """
     method_type = req.method.type if req.method else "supervised"
     if method_type == "reinforcement":
-        raise InvalidRequest("Reinforcement fine-tuning needs graders, which tuneyard does not provide; use "
-                             "'supervised' or 'dpo'", param="method.type", code="unsupported_method")
-    hp = _method_hyperparameters(req, method_type)
+        problems.add(InvalidRequest("Reinforcement fine-tuning needs graders, which tuneyard does not provide; use "
+                                    "'supervised' or 'dpo'", param="method.type", code="unsupported_method"))
+    hp = _method_hyperparameters(req, method_type, problems)
     adapter = AdapterSpec(type="full" if hp.lora is False else "lora")
     if hp.lora is False and any(v is not None for v in (hp.lora_r, hp.lora_alpha, hp.lora_dropout)):
-        raise InvalidRequest("lora_r, lora_alpha and lora_dropout apply only when lora is true",
-                             param="hyperparameters.lora")
+        problems.add(InvalidRequest("lora_r, lora_alpha and lora_dropout apply only when lora is true",
+                                    param="hyperparameters.lora"))
     if hp.lora_r is not None:
         adapter.r = hp.lora_r
     if hp.lora_alpha is not None:
@@ -75,16 +80,18 @@ def to_submission(req: CreateJobIn, idempotency_key: str | None = None) -> Submi
                       idempotency_key=idempotency_key)
 
 
-def _method_hyperparameters(req: CreateJobIn, method_type: str) -> HyperparametersIn:
+def _method_hyperparameters(req: CreateJobIn, method_type: str, problems: Problems) -> HyperparametersIn:
     legacy = req.hyperparameters
     body = getattr(req.method, method_type, None) if req.method else None
-    from_method = body.hyperparameters if body is not None else None
+    # reinforcement's body is free-form (and refused): only supervised/dpo bodies hold hyperparameters.
+    from_method = body.hyperparameters if isinstance(body, MethodBody) else None
     if legacy is not None and from_method is not None:
-        raise InvalidRequest("Give hyperparameters either in 'method' or at the top level, not both",
-                             param="hyperparameters")
+        problems.add(InvalidRequest("Give hyperparameters either in 'method' or at the top level, not both",
+                                    param="hyperparameters"))
     hp = from_method or legacy or HyperparametersIn()
     if method_type != "dpo" and hp.beta is not None:
-        raise InvalidRequest("beta applies only to the dpo method", param=f"method.{method_type}.hyperparameters.beta")
+        where = f"method.{method_type}.hyperparameters" if hp is from_method else "hyperparameters"
+        problems.add(InvalidRequest("beta applies only to the dpo method", param=f"{where}.beta"))
     return hp
 
 

@@ -1,6 +1,7 @@
 """Simplismart Training Suite routes: ``POST /job/`` (multipart), ``GET /job/get|list|metrics/``, ``POST /job/cancel/``.
 
-Errors use this dialect's body, ``{"detail": message, "field": param, "code": code}`` (see ``render_error``).
+Errors use this dialect's body, ``{"detail": message, "field": param, "code": code, "errors": [...]}`` (see
+``render_error``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from tuneyard.api.deps import Caller, Svc
 from tuneyard.api.dialects.simplismart import translate as tr
 from tuneyard.api.dialects.simplismart.schemas import CancelOut, CreateOut, JobList, JobRecord, MetricsOut
 from tuneyard.api.jsonbody import StrictJSONRoute
-from tuneyard.domain.errors import NotFound, TuneyardError
+from tuneyard.domain.errors import NotFound, Problem, Problems, TuneyardError
 from tuneyard.service.auth import Principal
 
 router = APIRouter(prefix="/job", tags=["simplismart"], route_class=StrictJSONRoute)
@@ -22,9 +23,13 @@ PREFIX = "/job"
 
 
 def render_error(request: Request, status: int, message: str, type_: str, param: str | None,
-                 code: str | None) -> JSONResponse:
-    """Simplismart's FastAPI-style body: ``detail`` (the message) plus the field and a machine code."""
-    return JSONResponse({"detail": message, "field": param, "code": code}, status_code=status)
+                 code: str | None, problems: list[Problem] | None = None) -> JSONResponse:
+    """Simplismart's FastAPI-style body: ``detail`` (the message, listing every problem) plus the first problem's
+    field and machine code, and ``errors``: each problem as ``{field, message, code}``."""
+    listed = problems or [Problem(param, message, code)]
+    return JSONResponse({"detail": message, "field": param, "code": code,
+                         "errors": [{"field": p.param, "message": p.message, "code": p.code} for p in listed]},
+                        status_code=status)
 
 
 def _own_org(who: Principal, org: str, param: str) -> None:
@@ -42,12 +47,20 @@ def create_job(svc: Svc, who: Caller, org: Annotated[str, Form()],
                dataset_config: JsonForm, model_details: JsonForm, train_config: JsonForm, dataset_details: JsonForm,
                infra_config: JsonForm) -> CreateOut:
     """Create a job from the five JSON configs; every field is honoured or refused with a 400 naming it."""
-    _own_org(who, org, "org")
-    configs = tr.parse_configs({"dataset_config": dataset_config, "model_details": model_details,
-                                "train_config": train_config, "dataset_details": dataset_details,
-                                "infra_config": infra_config})
+    # Every independent problem in one 400: the organisation, the configs, then what the service checks.
+    problems = Problems()
+    with problems.check():
+        _own_org(who, org, "org")
+    sub = None
+    with problems.check():
+        configs = tr.parse_configs({"dataset_config": dataset_config, "model_details": model_details,
+                                    "train_config": train_config, "dataset_details": dataset_details,
+                                    "infra_config": infra_config})
+        sub = tr.to_submission(org, experiment_name, configs)
     try:
-        job = svc.jobs.submit(who, tr.to_submission(org, experiment_name, configs))
+        if sub is None:
+            problems.raise_if_any()
+        job = svc.jobs.submit(who, sub, problems=problems)
     except TuneyardError as e:
         raise tr.dialect_error(e) from None
     return CreateOut(request_id=job.id, status=tr.STATUS[job.status], experiment_name=experiment_name,

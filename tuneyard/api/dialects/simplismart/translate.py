@@ -25,7 +25,7 @@ from tuneyard.api.dialects.simplismart.schemas import (
     ModelDetails,
     TrainConfig,
 )
-from tuneyard.domain.errors import InvalidRequest, TuneyardError
+from tuneyard.domain.errors import InvalidRequest, Problems, TuneyardError
 from tuneyard.domain.jobs import JobStatus
 from tuneyard.domain.spec import (
     AdapterSpec,
@@ -77,58 +77,62 @@ SERVICE_PARAMS = {
 
 def dialect_error(e: TuneyardError) -> TuneyardError:
     """The same error with its field named the Simplismart way."""
-    if e.param in SERVICE_PARAMS:
-        e.param = SERVICE_PARAMS[e.param]
-    return e
+    return e.rename_params(SERVICE_PARAMS)
 
 
 def parse_configs(form: dict[str, str]) -> dict[str, Any]:
-    """Parse the JSON-string form fields; a 400 names the field (and the key inside it) that is wrong."""
+    """Parse the JSON-string form fields; one 400 names every field (and key inside it) that is wrong."""
     out: dict[str, Any] = {}
+    problems = Problems()
     for name, model in CONFIGS.items():
         raw = form[name]
         try:
             value = jsontext.loads(raw) if raw.strip() else {}
         except jsontext.JSONValueError as e:
-            raise InvalidRequest(f"{name}.{e.msg}" if e.path else f"{name}: {e.msg}", param=name) from None
+            problems.add(InvalidRequest(f"{name}.{e.msg}" if e.path else f"{name}: {e.msg}", param=name))
+            continue
         except json.JSONDecodeError as e:
-            raise InvalidRequest(f"{name} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}",
-                                 param=name) from None
+            problems.add(InvalidRequest(f"{name} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}",
+                                        param=name))
+            continue
         if not isinstance(value, dict):
-            raise InvalidRequest(f"{name} must be a JSON object, got {type(value).__name__}", param=name)
+            problems.add(InvalidRequest(f"{name} must be a JSON object, got {type(value).__name__}", param=name))
+            continue
         try:
             out[name] = model.model_validate(value)
         except ValidationError as e:
-            raise _validation_error(name, e) from None
+            for error in e.errors():
+                problems.add(_validation_error(name, error))
+    problems.raise_if_any()
     return out
 
 
-def _validation_error(config: str, e: ValidationError) -> InvalidRequest:
-    first = e.errors()[0]
-    loc = [str(p) for p in first.get("loc", ()) if not str(p).startswith(("literal[", "function-"))]
+def _validation_error(config: str, error: Any) -> InvalidRequest:
+    loc = [str(p) for p in error.get("loc", ()) if not str(p).startswith(("literal[", "function-"))]
     param = ".".join([config, *loc])
-    if first.get("type") == "extra_forbidden":
+    if error.get("type") == "extra_forbidden":
         return InvalidRequest(f"Unrecognized field '{param}': tuneyard does not know it and will not ignore it",
                               param=param)
-    if first.get("type") == "missing":
+    if error.get("type") == "missing":
         return InvalidRequest(f"Missing required field '{param}'", param=param)
-    allowed = (first.get("ctx") or {}).get("expected")
-    detail = f"{first.get('msg')}" + (f" (allowed: {allowed})" if allowed else "")
+    allowed = (error.get("ctx") or {}).get("expected")
+    detail = f"{error.get('msg')}" + (f" (allowed: {allowed})" if allowed else "")
     return InvalidRequest(f"Invalid value for '{param}': {detail}", param=param)
 
 
 def to_submission(org: str, experiment_name: str, c: dict[str, Any]) -> Submission:
-    """Translate POST /job/ into the dialect-neutral submission."""
-    try:
-        return _to_submission(org, experiment_name, c)
-    except ValidationError as e:
-        # A combination the spec's own rules refuse (each config alone was valid).
-        first = e.errors()[0]
-        raise InvalidRequest(f"Invalid configuration: {first.get('msg')}", param=".".join(
-            str(p) for p in first.get("loc", ()))) from None
+    """Translate POST /job/ into the dialect-neutral submission; every independent field problem in one 400."""
+    return _to_submission(org, experiment_name, c, Problems())
 
 
-def _to_submission(org: str, experiment_name: str, c: dict[str, Any]) -> Submission:
+def _combination_errors(e: ValidationError, problems: Problems) -> None:
+    # A combination the spec's own rules refuse (each config alone was valid).
+    for error in e.errors():
+        problems.add(InvalidRequest(f"Invalid configuration: {error.get('msg')}", param=".".join(
+            str(p) for p in error.get("loc", ())) or None))
+
+
+def _to_submission(org: str, experiment_name: str, c: dict[str, Any], problems: Problems) -> Submission:
     dc: DatasetConfig = c["dataset_config"]
     md: ModelDetails = c["model_details"]
     tc: TrainConfig = c["train_config"]
@@ -136,17 +140,29 @@ def _to_submission(org: str, experiment_name: str, c: dict[str, Any]) -> Submiss
     ic: InfraConfig = c["infra_config"]
 
     if tc.type == "ppo":
-        raise InvalidRequest("train_config.type 'ppo' needs a reward model, which tuneyard does not train; use "
-                             "'sft'", param="train_config.type", code="unsupported_method")
+        problems.add(InvalidRequest("train_config.type 'ppo' needs a reward model, which tuneyard does not train; "
+                                    "use 'sft'", param="train_config.type", code="unsupported_method"))
     if tc.task_type != "causal_lm":
-        raise InvalidRequest(f"train_config.task_type '{tc.task_type}': tuneyard trains causal language models "
-                             "only", param="train_config.task_type")
+        problems.add(InvalidRequest(f"train_config.task_type '{tc.task_type}': tuneyard trains causal language "
+                                    "models only", param="train_config.task_type"))
     if tc.tuner_backend is not None and tc.tuner_backend.lower() not in TUNER_BACKENDS:
-        raise InvalidRequest(f"train_config.tuner_backend '{tc.tuner_backend}' is not available; tuneyard runs "
-                             f"one of {sorted(TUNER_BACKENDS)} (all the same PEFT/TRL stack)",
-                             param="train_config.tuner_backend")
-    model = _model(md, tc)
-    adapter = _adapter(tc)
+        problems.add(InvalidRequest(f"train_config.tuner_backend '{tc.tuner_backend}' is not available; tuneyard "
+                                    f"runs one of {sorted(TUNER_BACKENDS)} (all the same PEFT/TRL stack)",
+                                    param="train_config.tuner_backend"))
+    try:
+        spec = _spec(dc, tc, ic, _model(md, tc, problems), _adapter(tc, problems), _source(dd, problems))
+    except ValidationError as e:
+        _combination_errors(e, problems)
+        problems.raise_if_any()
+        raise  # not reached: the combination's errors were just recorded
+    problems.raise_if_any()
+    request = {"org": org, "experiment_name": experiment_name,
+               **{name: cfg.model_dump(mode="json") for name, cfg in c.items()}}
+    return Submission(spec=spec, dialect=DIALECT, request=request, suffix=_suffix(experiment_name))
+
+
+def _spec(dc: DatasetConfig, tc: TrainConfig, ic: InfraConfig, model: ModelSpec, adapter: AdapterSpec,
+          source: DataSource) -> TrainingSpec:
     resources = _resources(tc, ic)
     world = resources.nproc_per_node * resources.node_count
     h = tc.hyperparameters
@@ -160,16 +176,13 @@ def _to_submission(org: str, experiment_name: str, c: dict[str, Any]) -> Submiss
                             logging_steps=h.logging_steps, dataloader_num_workers=h.dataloader_num_workers)
     pre = dc.preprocessing
     ratios = dc.split.ratios
-    data = DataSpec(train=_source(dd), split=SplitSpec(type=dc.split.type,
-                                                      validation_ratio=ratios[1] if len(ratios) > 1 else 0.0),
+    data = DataSpec(train=source, split=SplitSpec(type=dc.split.type,
+                                                  validation_ratio=ratios[1] if len(ratios) > 1 else 0.0),
                     system_prompt=pre.prompt.system, template=pre.prompt.template,
                     max_length=pre.prompt.max_length or DEFAULT_MAX_LENGTH, lazy_tokenize=pre.lazy_tokenize,
                     streaming=pre.streaming)
-    spec = TrainingSpec(method="dpo" if tc.type == "dpo" else "sft", model=model, data=data, adapter=adapter,
+    return TrainingSpec(method="dpo" if tc.type == "dpo" else "sft", model=model, data=data, adapter=adapter,
                         hyperparameters=hyper, schedule=schedule, resources=resources)
-    request = {"org": org, "experiment_name": experiment_name,
-               **{name: cfg.model_dump(mode="json") for name, cfg in c.items()}}
-    return Submission(spec=spec, dialect=DIALECT, request=request, suffix=_suffix(experiment_name))
 
 
 def _suffix(name: str) -> str | None:
@@ -178,50 +191,52 @@ def _suffix(name: str) -> str | None:
     return cleaned or None
 
 
-def _model(md: ModelDetails, tc: TrainConfig) -> ModelSpec:
+def _model(md: ModelDetails, tc: TrainConfig, problems: Problems) -> ModelSpec:
+    add = problems.add
     if md.source_type == "s3":
-        raise InvalidRequest("model_details.source_type 's3': loading a base model from S3 is not available in "
-                             "this installation; use 'hf' or 'local'", param="model_details.source_type")
+        add(InvalidRequest("model_details.source_type 's3': loading a base model from S3 is not available in this "
+                           "installation; use 'hf' or 'local'", param="model_details.source_type"))
     local = looks_like_path(md.base_model)
     if md.source_type == "local" and not local:
-        raise InvalidRequest(f"model_details.base_model '{md.base_model}' is not a local path, but source_type is "
-                             "'local'", param="model_details.base_model")
+        add(InvalidRequest(f"model_details.base_model '{md.base_model}' is not a local path, but source_type is "
+                           "'local'", param="model_details.base_model"))
     if md.source_type == "hf" and local:
-        raise InvalidRequest(f"model_details.base_model '{md.base_model}' is a local path, but source_type is "
-                             "'hf'; use source_type 'local'", param="model_details.source_type")
+        add(InvalidRequest(f"model_details.base_model '{md.base_model}' is a local path, but source_type is "
+                           "'hf'; use source_type 'local'", param="model_details.source_type"))
     if md.ownership == "private" and md.source_type == "hf" and not md.secret_id:
-        raise InvalidRequest("a private hub model needs model_details.secret_id naming a stored hub token",
-                             param="model_details.secret_id")
+        add(InvalidRequest("a private hub model needs model_details.secret_id naming a stored hub token",
+                           param="model_details.secret_id"))
     if md.secret_id and md.source_type != "hf":
-        raise InvalidRequest("model_details.secret_id applies to hub models (source_type 'hf')",
-                             param="model_details.secret_id")
+        add(InvalidRequest("model_details.secret_id applies to hub models (source_type 'hf')",
+                           param="model_details.secret_id"))
     quant = md.quantization.quant_bits if md.quantization else None
     if tc.train_type == "qlora":
         if quant == 16:
-            raise InvalidRequest("train_type 'qlora' trains on a 4- or 8-bit base; quant_bits 16 contradicts it",
-                                 param="model_details.quantization.quant_bits")
+            add(InvalidRequest("train_type 'qlora' trains on a 4- or 8-bit base; quant_bits 16 contradicts it",
+                               param="model_details.quantization.quant_bits"))
         quant = quant or 4
     if tc.train_type == "full" and quant in (4, 8):
-        raise InvalidRequest(f"a {quant}-bit base can only be trained with an adapter; use train_type 'qlora' or "
-                             "'lora'", param="model_details.quantization.quant_bits")
+        add(InvalidRequest(f"a {quant}-bit base can only be trained with an adapter; use train_type 'qlora' or "
+                           "'lora'", param="model_details.quantization.quant_bits"))
     return ModelSpec(name=md.base_model, source="local" if local else "hf", model_type=md.model_type,
                      torch_dtype=tc.torch_dtype or "auto", quant_bits=None if quant == 16 else quant,
                      secret_id=md.secret_id)
 
 
-def _adapter(tc: TrainConfig) -> AdapterSpec:
+def _adapter(tc: TrainConfig, problems: Problems) -> AdapterSpec:
     a = tc.adapter_config
     if tc.train_type == "full":
         if a is not None:
-            raise InvalidRequest("train_config.adapter_config applies to lora/qlora; train_type is 'full'",
-                                 param="train_config.adapter_config")
+            problems.add(InvalidRequest("train_config.adapter_config applies to lora/qlora; train_type is 'full'",
+                                        param="train_config.adapter_config"))
         return AdapterSpec(type="full")
     if a is None:
         return AdapterSpec(type="lora")
     targets: list[str] | str = "all-linear" if a.targets == ["all-linear"] else list(a.targets)
     if "all-linear" in a.targets and len(a.targets) > 1:
-        raise InvalidRequest("train_config.adapter_config.targets: 'all-linear' already names every linear "
-                             "layer; give it alone or list module names", param="train_config.adapter_config.targets")
+        problems.add(InvalidRequest("train_config.adapter_config.targets: 'all-linear' already names every linear "
+                                    "layer; give it alone or list module names",
+                                    param="train_config.adapter_config.targets"))
     return AdapterSpec(type="lora", r=a.r, alpha=a.alpha, dropout=a.dropout, target_modules=targets)
 
 
@@ -232,30 +247,31 @@ def _resources(tc: TrainConfig, ic: InfraConfig) -> ResourceSpec:
                         distributed=tc.distributed.type)
 
 
-def _source(dd: DatasetDetails) -> DataSource:
+def _source(dd: DatasetDetails, problems: Problems) -> DataSource:
     path = dd.dataset_path.strip()
     param = "dataset_details.dataset_path"
+    add = problems.add
     if dd.source_type == "gcs":
-        raise InvalidRequest("dataset_details.source_type 'gcs' is not available in this installation; use s3, "
-                             "hf or local", param="dataset_details.source_type")
+        add(InvalidRequest("dataset_details.source_type 'gcs' is not available in this installation; use s3, hf "
+                           "or local", param="dataset_details.source_type"))
     expected = {"s3": ("s3://",), "hf": ("hf://", "huggingface://")}.get(dd.source_type)
     if dd.source_type == "hf" and not path.startswith(("hf://", "huggingface://")) and not looks_like_path(path):
         path = f"hf://{path}"  # Simplismart names hub datasets by their bare id
     if expected and not path.startswith(expected):
-        raise InvalidRequest(f"dataset_details.dataset_path '{path}' does not match source_type "
-                             f"'{dd.source_type}' (expected {' or '.join(expected)}...)", param=param)
+        add(InvalidRequest(f"dataset_details.dataset_path '{path}' does not match source_type "
+                           f"'{dd.source_type}' (expected {' or '.join(expected)}...)", param=param))
     if dd.source_type == "local" and "://" in path and not path.startswith("file://"):
-        raise InvalidRequest(f"dataset_details.dataset_path '{path}' is a URL, but source_type is 'local'",
-                             param=param)
+        add(InvalidRequest(f"dataset_details.dataset_path '{path}' is a URL, but source_type is 'local'",
+                           param=param))
     if dd.ownership == "private" and dd.source_type == "s3" and not dd.secret_id:
-        raise InvalidRequest("a private S3 dataset needs dataset_details.secret_id naming stored AWS credentials",
-                             param="dataset_details.secret_id")
+        add(InvalidRequest("a private S3 dataset needs dataset_details.secret_id naming stored AWS credentials",
+                           param="dataset_details.secret_id"))
     if dd.region and dd.source_type != "s3":
-        raise InvalidRequest(f"dataset_details.region applies to s3 sources only (source_type is "
-                             f"'{dd.source_type}')", param="dataset_details.region")
+        add(InvalidRequest(f"dataset_details.region applies to s3 sources only (source_type is "
+                           f"'{dd.source_type}')", param="dataset_details.region"))
     if dd.secret_id and dd.source_type not in ("s3", "hf"):
-        raise InvalidRequest(f"dataset_details.secret_id applies to s3 and hf sources only (source_type is "
-                             f"'{dd.source_type}')", param="dataset_details.secret_id")
+        add(InvalidRequest(f"dataset_details.secret_id applies to s3 and hf sources only (source_type is "
+                           f"'{dd.source_type}')", param="dataset_details.secret_id"))
     return DataSource(path=path, format=dd.dataset_format or "auto", container=dd.dataset_type or "auto",
                       param=param, secret_id=dd.secret_id, region=dd.region)
 
