@@ -25,14 +25,8 @@ def make_trainer(spec: TrainingSpec, job: JobDir, rows: list[dict], world_size: 
     from transformers import AutoTokenizer
     from trl import SFTTrainer
 
-    from tuneyard.trainer.sft import (
-        batch_split,
-        build_config,
-        finalise_schedule,
-        load_model,
-        lora_config,
-        pick_precision,
-    )
+    from tuneyard.trainer.plumbing import batch_split, finalise_schedule, load_model, lora_config, pick_precision
+    from tuneyard.trainer.recipes.sft import build_config
 
     precision = pick_precision(spec, "cpu")
     per_device, accum = batch_split(spec, world_size)
@@ -93,7 +87,7 @@ def test_max_steps_per_epoch_caps_each_epoch(tmp_path, tiny_model_dir, tokenised
 
 
 def test_batch_split_keeps_the_global_batch(tiny_model_dir):
-    from tuneyard.trainer.sft import batch_split
+    from tuneyard.trainer.plumbing import batch_split
 
     spec = spec_of(tiny_model_dir, hyperparameters={"batch_size": 8, "per_device_batch_size": 2,
                                                     "gradient_accumulation_steps": 2},
@@ -108,17 +102,17 @@ def test_batch_split_keeps_the_global_batch(tiny_model_dir):
 
 def test_datasets_are_checked_and_validation_capped(make_job):
     from tuneyard.data.splits import write_rows
-    from tuneyard.trainer.sft import load_datasets
+    from tuneyard.trainer.recipes.sft import load_token_splits
 
     job = make_job("ftjob-data", schedule={"max_validation_steps": 1})
     spec = TrainingSpec.model_validate_json(job.resolved_spec.read_text())
-    train, valid = load_datasets(job, spec, world_size=2)
+    train, valid = load_token_splits(job, spec, world_size=2)
     assert len(train) == 48 and len(valid) == 1 * 4 * 2  # steps x eval micro-batch x processes
     write_rows(job.data / "validation2", [{"input_ids": [1, 2]}])
     (job.data / "validation").rename(job.data / "old")
     (job.data / "validation2").rename(job.data / "validation")
     with pytest.raises(TrainerError, match=r"lacks column\(s\) \['labels'\]") as e:
-        load_datasets(job, spec, world_size=1)
+        load_token_splits(job, spec, world_size=1)
     assert e.value.code == "data_error"
 
 
@@ -163,13 +157,14 @@ def run_main():
 
 
 @pytest.mark.parametrize(("overrides", "code", "fragment"), [
-    ({"method": "dpo"}, "unsupported", "DPO"),
+    # DPO is a recipe now: on a set tokenised for SFT it names what the set lacks.
+    ({"method": "dpo"}, "data_error", "preference"),
     ({"model": {"quant_bits": 4}}, "device_unavailable", "QLoRA"),
     ({"model": {"torch_dtype": "float16"}}, "unsupported", "float16"),
     ({"model": {"name": "/nonexistent/model"}}, "model_load_error", "/nonexistent/model"),
     ({"resources": {"distributed": "fsdp"}}, "unsupported", "fsdp"),
     ({"hyperparameters": {"n_epochs": "auto"}}, "invalid_spec", "unresolved"),
-], ids=["dpo", "qlora-on-cpu", "fp16-on-cpu", "bad-model", "fsdp", "unresolved"])
+], ids=["dpo-on-sft-data", "qlora-on-cpu", "fp16-on-cpu", "bad-model", "fsdp", "unresolved"])
 def test_failures_become_a_failed_result(make_job, run_main, overrides, code, fragment):
     job = make_job("ftjob-fail", **overrides)
     assert run_main(job) == 1

@@ -21,8 +21,9 @@ from tests.trainer.test_padding_free import varied
 from tuneyard.domain.spec import TrainingSpec
 from tuneyard.jobdir import JobDir
 from tuneyard.trainer import fastpath
+from tuneyard.trainer.plumbing import load_model, lora_config, pick_precision
+from tuneyard.trainer.recipes.sft import Trainer, build_config
 from tuneyard.trainer.runtime import Ranks
-from tuneyard.trainer.sft import Trainer, build_config, load_model, lora_config, pick_precision
 
 
 def _trainer(tmp_path, model_dir, tokenizer, rows, name: str, device: str = "cpu", config_over=None, **over):

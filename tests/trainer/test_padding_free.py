@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from tuneyard.domain.spec import TrainingSpec
+from tuneyard.trainer.plumbing import load_model, pick_precision
 from tuneyard.trainer.runtime import Ranks
-from tuneyard.trainer.sft import load_model, pick_precision
 
 
 def _model(model_dir, attn: str | None = None):
@@ -101,7 +101,8 @@ def test_trainer_eval_loss_same_with_and_without_padding_free(tmp_path, tiny_mod
 
     from tests.trainer.conftest import base_spec
     from tuneyard.jobdir import JobDir
-    from tuneyard.trainer.sft import build_config, lora_config
+    from tuneyard.trainer.plumbing import lora_config
+    from tuneyard.trainer.recipes.sft import build_config
 
     ds = Dataset.from_list(varied(tokenised_rows) + tokenised_rows[7:])
     losses = {}

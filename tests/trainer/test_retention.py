@@ -32,7 +32,8 @@ def test_the_best_checkpoint_outlives_the_rotation(tmp_path, tiny_model_dir, tin
 
 def test_keep_best_maps_onto_the_trainer_config(tmp_path, tiny_model_dir, tokenised_rows):
     from tests.trainer.test_config import spec_of
-    from tuneyard.trainer.sft import build_config, pick_precision
+    from tuneyard.trainer.plumbing import pick_precision
+    from tuneyard.trainer.recipes.sft import build_config
 
     for keep, has_eval, want in ((True, True, "eval_loss"), (True, False, None), (False, True, None)):
         spec = spec_of(tiny_model_dir, schedule={"keep_best_checkpoint": keep})

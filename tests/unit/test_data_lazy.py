@@ -12,7 +12,7 @@ from tuneyard.jobdir import read_json
 
 def test_lazy_rows_encode_to_the_eager_tokens(tmp_path, tiny_model_dir, tiny_tokenizer):
 
-    from tuneyard.trainer.sft import lazy_encoder
+    from tuneyard.trainer.recipes.sft import lazy_encoder
 
     train = write_sample_jsonl(tmp_path / "train.jsonl", repeat=2)
     split = SplitSpec(type="sequential", validation_ratio=0.25)
@@ -37,7 +37,7 @@ def test_lazy_rows_encode_to_the_eager_tokens(tmp_path, tiny_model_dir, tiny_tok
 
 def test_an_answer_that_does_not_fit_carries_no_loss(tmp_path, tiny_model_dir, tiny_tokenizer):
 
-    from tuneyard.trainer.sft import lazy_encoder
+    from tuneyard.trainer.recipes.sft import lazy_encoder
 
     train = write_sample_jsonl(tmp_path / "train.jsonl")
     job = make_job(tmp_path / "short", tiny_model_dir, train, lazy_tokenize=True, max_length=16)

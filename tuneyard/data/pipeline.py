@@ -54,25 +54,50 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _encode_chunk(encoder: ConversationEncoder, chunk: list[tuple[int, dict]],
-                  stats: EncodeStats) -> pa.Table:
+def make_encoder(tokenizer: Any, options: dict[str, Any]) -> Any:
+    """The encoder for ``options["rows"]``: supervised rows (the default) or preference pairs."""
+    opts = dict(options)
+    if opts.pop("rows", "supervised") == "preference":
+        from tuneyard.data.preference import PreferenceEncoder
+
+        return PreferenceEncoder(tokenizer, **opts)
+    return ConversationEncoder(tokenizer, **opts)
+
+
+def features_for(options: dict[str, Any]) -> Any:
+    """The columns of a split that ``options``' encoder fills."""
+    if options.get("rows") == "preference":
+        from tuneyard.data.preference import preference_features
+
+        return preference_features()
+    from tuneyard.data.splits import token_features
+
+    return token_features()
+
+
+def _table(encoder: Any, examples: list) -> pa.Table:
+    from tuneyard.data.preference import PreferenceEncoder, preference_table
     from tuneyard.data.splits import encoded_table
 
+    return preference_table(examples) if isinstance(encoder, PreferenceEncoder) else encoded_table(examples)
+
+
+def _encode_chunk(encoder: Any, chunk: list[tuple[int, dict]], stats: EncodeStats) -> pa.Table:
     try:
         encoded = encoder.encode([row for _, row in chunk], stats)
     except EncodeError as e:
         raise RowError(chunk[e.index or 0][0], str(e)) from None
-    return encoded_table([e for e in encoded if e is not None])
+    return _table(encoder, [e for e in encoded if e is not None])
 
 
-_worker_encoder: ConversationEncoder | None = None
+_worker_encoder: Any = None
 
 
 def _worker_init(tokenizer: Any, options: dict[str, Any]) -> None:
     global _worker_encoder
     # A process per core: each tokenises on one thread (read by tokenizers when it first encodes).
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _worker_encoder = ConversationEncoder(tokenizer, **options)
+    _worker_encoder = make_encoder(tokenizer, options)
 
 
 def _worker_encode(chunk: list[tuple[int, dict]]) -> tuple[pa.Table, dict[str, int]]:
@@ -102,11 +127,11 @@ def encode_stream(rows: Iterator[tuple[int, dict]], tokenizer: Any, options: dic
                   *, workers: int = 1, chunk_rows: int = CHUNK_ROWS) -> Iterator[pa.Table]:
     """Tables of the encoded ``(example number, row)`` pairs, in row order; RowError on a row that fails.
 
-    ``options`` are ``ConversationEncoder``'s keyword arguments; ``stats`` receives the counts.
+    ``options`` are the encoder's keyword arguments (and ``rows``, which encoder); ``stats`` receives the counts.
     """
     chunks = _chunks(rows, chunk_rows)
     if workers <= 1:
-        encoder = ConversationEncoder(tokenizer, **options)
+        encoder = make_encoder(tokenizer, options)
         for chunk in chunks:
             yield _encode_chunk(encoder, chunk, stats)
         return
@@ -149,7 +174,7 @@ def streamed_examples(manifest: dict[str, Any], split: str, tokenizer: Any,
         src, keep = manifest["train"], False
     rows = ((n, row) for pos, (n, row) in enumerate(iter_examples(src["path"], src["format"], src["container"]))
             if keep is None or (pos in held_out) == keep)
-    encoder = ConversationEncoder(tokenizer, **options)
+    encoder = make_encoder(tokenizer, options)
     for chunk in _chunks(rows, 64):
         try:
             encoded = encoder.encode([row for _, row in chunk])

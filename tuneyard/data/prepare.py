@@ -36,6 +36,7 @@ from tuneyard.data.pipeline import split_positions
 from tuneyard.data.templates import resolve_template, template_label
 from tuneyard.data.tokenize import EncodeStats
 from tuneyard.data.validate import CODE_N_EXAMPLES, ValidationReport, iter_examples, validate_file
+from tuneyard.domain import capabilities
 from tuneyard.domain.errors import Problem, TuneyardError, combined_message
 from tuneyard.domain.hparams import resolve, total_steps
 from tuneyard.domain.spec import DataSource, TrainingSpec
@@ -117,11 +118,11 @@ def load_tokenizer(spec: TrainingSpec) -> tuple[Any, Any]:
 
 
 def _validate(source: DataSource, *, validation: bool, min_examples: int, max_errors: int,
-              log: _Log) -> ValidationReport:
+              log: _Log, method: str = "sft") -> ValidationReport:
     label = "Validation file" if validation else "Training file"
     log(f"Validating {label.lower()}")
     report = validate_file(source.path, source.format, source.container, max_errors=max_errors,
-                           min_examples=min_examples, label=label)
+                           min_examples=min_examples, label=label, method=method)
     if not report.ok:
         code = report.code if report.code == CODE_N_EXAMPLES else (
             "invalid_validation_file" if validation else "invalid_training_file")
@@ -159,10 +160,10 @@ def _fetch(src: DataSource | None, jobdir: JobDir, log: _Log) -> DataSource | No
 def _write_split(rows: Iterator[tuple[int, dict]], n_rows: int, out: Path, ctx: _EncodeContext, split: str, *,
                  code: str, param: str) -> int:
     """Tokenise ``rows`` into the split at ``out``; its row count (0: nothing kept, no split written)."""
-    from tuneyard.data.pipeline import RowError, encode_stream
-    from tuneyard.data.splits import SplitWriter, token_features
+    from tuneyard.data.pipeline import RowError, encode_stream, features_for
+    from tuneyard.data.splits import SplitWriter
 
-    with SplitWriter(out, token_features()) as writer:
+    with SplitWriter(out, features_for(ctx.options)) as writer:
         try:
             for table in encode_stream(rows, ctx.tokenizer, ctx.options, ctx.stats[split], workers=_workers(n_rows)):
                 writer.write_table(table)
@@ -195,9 +196,11 @@ def prepare(jobdir: JobDir, events: EventWriter | None = None, *, max_errors: in
         max_errors = get_settings().max_error_report
     spec = TrainingSpec.model_validate_json(jobdir.spec.read_text())
     data = spec.data
-    if spec.method != "sft":
-        raise PrepareFailure("invalid_request", "the prepare step handles supervised fine-tuning ('sft') "
-                                                f"only, not '{spec.method}'", "method")
+    # The service checked the spec against the capabilities table; a spec written by hand gets the same answer.
+    unsupported = capabilities.check(spec)
+    if unsupported:
+        raise PrepareFailure(unsupported[0].code or "unsupported", combined_message(unsupported),
+                             unsupported[0].param)
 
     from tuneyard.settings import get_settings
 
@@ -215,11 +218,12 @@ def prepare(jobdir: JobDir, events: EventWriter | None = None, *, max_errors: in
     if train_src is not None:
         with failures.step():
             train_report = _validate(train_src, validation=False, min_examples=min_examples,
-                                     max_errors=max_errors, log=log)
+                                     max_errors=max_errors, log=log, method=spec.method)
             _check_rows_limit(spec, train_report.n_examples)
     if val_src is not None:
         with failures.step():
-            val_report = _validate(val_src, validation=True, min_examples=1, max_errors=max_errors, log=log)
+            val_report = _validate(val_src, validation=True, min_examples=1, max_errors=max_errors, log=log,
+                                   method=spec.method)
 
     log(f"Loading the tokenizer of {spec.model.name}")
     config = tokenizer = None
@@ -238,7 +242,7 @@ def prepare(jobdir: JobDir, events: EventWriter | None = None, *, max_errors: in
     stats = {"train": EncodeStats(), "validation": EncodeStats()}
     options = {"template": template, "system_prompt": data.system_prompt, "max_length": data.max_length,
                "truncation": data.truncation, "train_on_input": data.train_on_input,
-               "last_turn_only": data.last_turn_only}
+               "last_turn_only": data.last_turn_only, "rows": capabilities.RECIPES[spec.method].rows}
 
     train_fmt = normalize_format_name(train_report.format or train_src.format)
     held_out: set[int] = set()
@@ -424,9 +428,10 @@ def _trial_encode(tokenizer: Any, options: dict[str, Any], train_src: DataSource
     """Encode the first rows of each file, so that a template that cannot render them fails before the queue."""
     from itertools import islice
 
-    from tuneyard.data.tokenize import ConversationEncoder, EncodeError
+    from tuneyard.data.pipeline import make_encoder
+    from tuneyard.data.tokenize import EncodeError
 
-    encoder = ConversationEncoder(tokenizer, **{**options, "truncation": "truncate"})
+    encoder = make_encoder(tokenizer, {**options, "truncation": "truncate"})
     sources = [(train_src, train_fmt, "invalid_training_file")]
     if val_src is not None and val_report is not None:
         sources.append((val_src, normalize_format_name(val_report.format or val_src.format),
@@ -484,7 +489,7 @@ def _cache_for(spec: TrainingSpec, tokenizer: Any, template: str, train_src: Dat
         "validation_format": val_report.format if val_report is not None else None,
         "tokenizer": tokenizer_digest(tokenizer), "template": template, "system_prompt": data.system_prompt,
         "max_length": data.max_length, "truncation": data.truncation, "train_on_input": data.train_on_input,
-        "last_turn_only": data.last_turn_only,
+        "last_turn_only": data.last_turn_only, "rows": capabilities.RECIPES[spec.method].rows,
         # These decide which rows are held out for validation.
         "split": [data.split.type, data.split.validation_ratio, spec.seed] if val_src is None else None,
     })

@@ -124,7 +124,9 @@ class Hyperparameters(_Strict):
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
     gradient_checkpointing: bool = False
-    beta: float | Auto | None = None  # DPO only
+    # DPO only (domain/capabilities.py says which recipe takes what): the temperature, and the loss.
+    beta: Annotated[float, Field(gt=0, le=2)] | Auto | None = None
+    dpo_loss: str | None = None
 
 
 class ScheduleSpec(_Strict):

@@ -12,6 +12,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from tuneyard.data.sources import SECRET_TYPES, check_uri, hub_local_dir, is_uri, kind_of, parse_hub
+from tuneyard.domain import capabilities
 from tuneyard.domain.errors import Conflict, InvalidRequest, NotFound, Problems, RateLimited
 from tuneyard.domain.jobs import JobStatus
 from tuneyard.domain.spec import DataSource, TrainingSpec
@@ -203,52 +204,16 @@ class JobService:
 
     def _check_resources(self, spec: TrainingSpec, problems: Problems) -> None:
         """Record each thing this installation cannot honour (they are independent: all are reported)."""
-        cap = detect(self.settings)
         res = spec.resources
-        add = problems.add
         if res.node_count > 1:
-            add(InvalidRequest(f"node_count {res.node_count}: this installation runs jobs on one node with the "
-                               "local launcher; a multi-node launcher is not configured", param="node_count"))
-        if res.device == "cuda" and not cap.has_cuda:
-            add(InvalidRequest("a GPU was asked for, but this installation has none", param="device"))
-        if cap.has_cuda and res.device != "cpu" and res.nproc_per_node > cap.gpus:
-            add(InvalidRequest(f"{res.nproc_per_node} GPUs per node asked for, but this installation has "
-                               f"{cap.gpus}", param="gpu_count"))
-        if res.gpu_type and res.device != "cpu" and cap.gpu_name and \
-                res.gpu_type.lower() not in cap.gpu_name.lower().replace(" ", ""):
-            add(InvalidRequest(f"gpu_type '{res.gpu_type}' asked for, but this installation has "
-                               f"{cap.gpus} x {cap.gpu_name}", param="gpu_type"))
-        if spec.model.quant_bits in (4, 8):
-            if not cap.has_cuda:
-                add(InvalidRequest(f"{spec.model.quant_bits}-bit quantisation (QLoRA) needs a CUDA GPU with "
-                                   "bitsandbytes; this installation has no GPU", param="quant_bits"))
-            elif not bitsandbytes_available():
-                add(InvalidRequest(f"{spec.model.quant_bits}-bit quantisation (QLoRA) needs the bitsandbytes "
-                                   "package, which is not installed", param="quant_bits"))
-        if spec.model.model_type != "llm":
-            add(InvalidRequest("vision-language models are not supported by the trainer in this installation "
-                               "yet", param="model_type", code="unsupported_model_type"))
-        if res.distributed != "ddp":
-            add(InvalidRequest(f"distributed strategy '{res.distributed}' is not available in this installation; "
-                               "use 'ddp'", param="distributed", code="unsupported_strategy"))
-        if spec.model.torch_dtype == "float16" and (res.device == "cpu" or not cap.has_cuda):
-            add(InvalidRequest("torch_dtype 'float16' needs a CUDA GPU; use 'float32' or 'bfloat16' on CPU",
-                               param="torch_dtype"))
-        if spec.schedule.keep_best_checkpoint and spec.data.validation is None and not spec.data.split.validation_ratio:
-            add(InvalidRequest("keep_best_checkpoint needs validation data: a validation file or a split that "
-                               "holds some rows out", param="keep_best_checkpoint"))
-        if spec.data.streaming and spec.data.packing:
-            add(InvalidRequest("packing needs every row's length before training; it cannot be combined with "
-                               "streaming (padding-free batches need no packing)", param="streaming"))
-        if spec.data.lazy_tokenize and spec.data.packing:
-            add(InvalidRequest("packing needs every row's length before training; it cannot be combined with "
-                               "lazy_tokenize", param="lazy_tokenize"))
-        if spec.data.lazy_tokenize and spec.data.truncation == "drop":
-            add(InvalidRequest("lazy_tokenize keeps every row (too-long rows are truncated); truncation 'drop' "
-                               "needs the up-front tokenisation", param="lazy_tokenize"))
-        if spec.method == "dpo":
-            add(InvalidRequest("the DPO recipe is not available in this installation yet", param="method",
-                               code="unsupported_method"))
+            problems.add(InvalidRequest(f"node_count {res.node_count}: this installation runs jobs on one node with "
+                                        "the local launcher; a multi-node launcher is not configured",
+                                        param="node_count"))
+        # What the recipe supports, then what the launcher's devices allow: the one table in domain/.
+        found = capabilities.check(spec) + capabilities.check_hardware(spec, detect(self.settings),
+                                                                       bitsandbytes=bitsandbytes_available())
+        for p in found:
+            problems.add(InvalidRequest(p.message, param=p.param, code=p.code))
 
     # ----- reading ----------------------------------------------------------------------------
     def get(self, who: Principal, job_id: str) -> Job:

@@ -2,7 +2,7 @@
 
 Reads ``JOBDIR/resolved_spec.json``, runs the recipe for ``spec.method`` and turns its outcome, or
 any exception, into ``JOBDIR/result.json`` here and nowhere else. Exit status: 0 when the run
-succeeded or stopped on request, 1 when it failed. See ``tuneyard.trainer.sft`` for the commands.
+succeeded or stopped on request, 1 when it failed. See ``tuneyard.trainer.plumbing`` for the commands.
 """
 
 from __future__ import annotations
@@ -73,12 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     reporter = Reporter(job, ranks)
     try:
         spec = load_spec(job.resolved_spec)
-        if spec.method == "dpo":
-            raise TrainerError("unsupported", "DPO training is not available in this trainer yet; "
-                                              "use method 'sft'")
-        from tuneyard.trainer import sft
+        from tuneyard.trainer import plumbing, recipes
 
-        result = sft.run(spec, job, ranks, reporter, log)
+        result = plumbing.run(spec, job, ranks, reporter, log, recipes.load(spec.method))
     except (Exception, KeyboardInterrupt) as exc:  # every failure must end up in result.json
         code, message = classify(exc)
         log.error("training failed (%s): %s", code, message, exc_info=not isinstance(exc, TrainerError))

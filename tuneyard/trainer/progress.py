@@ -5,7 +5,9 @@ Events (written by rank 0 through the job's one ``Reporter``):
 - ``message`` at the start: "Training started: 24 steps, 2 epochs, LoRA r=8 on 7 modules, 1 process(es), cpu".
 - ``metrics`` at each logging step: ``step, total_steps, epoch, train_loss, train_mean_token_accuracy,
   learning_rate, grad_norm, tokens_per_second, trained_tokens, elapsed_s, eta_s``; after each evaluation:
-  ``step, total_steps, epoch, valid_loss, valid_mean_token_accuracy, elapsed_s``.
+  ``step, total_steps, epoch, valid_loss, valid_mean_token_accuracy, elapsed_s``; and what else the recipe
+  logs under the names of ``tuneyard.domain.metrics`` (DPO: ``rewards_chosen``, ``rewards_rejected``,
+  ``rewards_margins``, ``rewards_accuracies`` and their ``valid_`` forms).
 - ``checkpoint`` once a checkpoint is completely written (every rank's files on disk and our marker
   file last): ``step, path, metrics``.
 """
@@ -23,6 +25,7 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from tuneyard.domain import metrics
 from tuneyard.jobdir import JobDir, write_json_atomic
 from tuneyard.trainer.runtime import Reporter
 
@@ -30,6 +33,9 @@ log = logging.getLogger("tuneyard.trainer")
 
 # Written last into a checkpoint directory: its presence is what makes the checkpoint resumable.
 CHECKPOINT_MARKER = "tuneyard_checkpoint.json"
+# Sent in every metrics event (None when the recipe does not log it), as before the vocabulary existed.
+_ALWAYS = {"train_loss", "train_mean_token_accuracy", "learning_rate", "grad_norm", "valid_loss",
+           "valid_mean_token_accuracy"}
 _STOP_CODES = {None: 0, "cancel": 1, "pause": 2, "drain": 3}
 # Stops that save a checkpoint first: a pause (resumed by the user), a drain (the worker shutting down;
 # the job goes back to the queue and resumes from it).
@@ -94,22 +100,17 @@ class ProgressCallback(TrainerCallback):
             self._last_log = (now, tokens)
             done = state.global_step - self._first_step
             eta = (now - self._t0) / done * (state.max_steps - state.global_step) if done > 0 else None
-            self.latest["train_loss"] = float(logs["loss"])
-            if "mean_token_accuracy" in logs:
-                self.latest["train_mean_token_accuracy"] = float(logs["mean_token_accuracy"])
-            data = {**base, "train_loss": self.latest["train_loss"],
-                    "train_mean_token_accuracy": logs.get("mean_token_accuracy"),
-                    "learning_rate": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"),
+            found = metrics.from_logs(logs, "train")
+            self.latest.update({k: v for k, v in found.items() if metrics.METRICS[k].latest})
+            data = {**base, **{m.name: None for m in metrics.TRAIN if m.name in _ALWAYS}, **found,
                     "tokens_per_second": round(tps, 2), "trained_tokens": tokens,
                     "eta_s": None if eta is None else round(eta, 1)}
             self.reporter.emit("metrics", f"Step {state.global_step}/{state.max_steps}: training loss="
                                           f"{_fmt(logs['loss'])}", data)
         elif "eval_loss" in logs:
-            self.latest["valid_loss"] = float(logs["eval_loss"])
-            if "eval_mean_token_accuracy" in logs:
-                self.latest["valid_mean_token_accuracy"] = float(logs["eval_mean_token_accuracy"])
-            data = {**base, "valid_loss": self.latest["valid_loss"],
-                    "valid_mean_token_accuracy": logs.get("eval_mean_token_accuracy")}
+            found = metrics.from_logs(logs, "valid")
+            self.latest.update(found)
+            data = {**base, **{m.name: None for m in metrics.VALID if m.name in _ALWAYS}, **found}
             self.reporter.emit("metrics", f"Step {state.global_step}/{state.max_steps}: validation loss="
                                           f"{_fmt(logs['eval_loss'])}", data)
         # The Trainer's end-of-train summary ("train_loss" averaged over this process's steps only) is not

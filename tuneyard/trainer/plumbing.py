@@ -1,15 +1,11 @@
-"""Supervised fine-tuning recipe: transformers + PEFT + TRL ``SFTTrainer`` on an already tokenised dataset.
+"""What every recipe shares: device, precision, the batch split, model + tokenizer + PEFT (+ quantisation) loading,
+resume, the training loop's start and end, saving, and the arguments every TRL config takes alike.
 
-Run it on a job directory prepared by the prepare step (``resolved_spec.json``, ``data/train`` and
-optionally ``data/validation``, Arrow splits (``tuneyard.data.splits``) of ``input_ids`` and ``labels``)::
+A recipe (``tuneyard.trainer.recipes``) adds only what is its own: how its data is loaded and which TRL trainer,
+with which config, trains on it. Run a job directory, on one device, N devices or several nodes::
 
-    # one device (a GPU if there is one and the spec allows it, else the CPU)
     python -m tuneyard.trainer /path/to/jobs/ftjob-abc
-
-    # N GPUs on this machine (or N gloo processes on CPU), one process per device
     torchrun --standalone --nproc_per_node N -m tuneyard.trainer /path/to/jobs/ftjob-abc
-
-    # several nodes: run on every node, JOBDIR on a filesystem they all share
     torchrun --nnodes 2 --nproc_per_node 8 --node_rank $NODE_RANK --rdzv_id ftjob-abc \\
         --rdzv_backend c10d --rdzv_endpoint $HEAD_NODE:29500 -m tuneyard.trainer /shared/jobs/ftjob-abc
 
@@ -23,27 +19,24 @@ last); a run started on a job directory holding a complete checkpoint resumes fr
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import datasets
 import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PrinterCallback, set_seed
 from transformers.utils import is_bitsandbytes_available
-from trl import SFTConfig, SFTTrainer
 
-from tuneyard.data.splits import LAZY_COLUMN, load_split
+from tuneyard.domain import capabilities
 from tuneyard.domain.errors import InvalidRequest
 from tuneyard.domain.hparams import micro_batching
 from tuneyard.domain.spec import TrainingSpec
 from tuneyard.jobdir import JobDir, read_json
 from tuneyard.trainer import fastpath
-from tuneyard.trainer.fastpath import Batching
 from tuneyard.trainer.progress import (
     CHECKPOINT_MARKER,
     SAVING_STOPS,
@@ -56,48 +49,46 @@ from tuneyard.trainer.runtime import Ranks, Reporter, TrainerError, quiet_librar
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def run(spec: TrainingSpec, job: JobDir, ranks: Ranks, reporter: Reporter,
-        log: logging.Logger) -> dict[str, Any]:
-    """Train per ``spec`` in ``job``; return the result.json body (succeeded/stopped); raise on failure."""
+@dataclass
+class RecipeContext:
+    """What a recipe is given to load its data and build its trainer."""
+
+    spec: TrainingSpec
+    job: JobDir
+    ranks: Ranks
+    device: str
+    precision: dict[str, Any]
+    per_device: int
+    accum: int
+    tokenizer: Any
+    log: logging.Logger
+
+
+def run(spec: TrainingSpec, job: JobDir, ranks: Ranks, reporter: Reporter, log: logging.Logger,
+        recipe: Any) -> dict[str, Any]:
+    """Train per ``spec`` with ``recipe`` in ``job``; return the result.json body (succeeded/stopped)."""
     quiet_libraries()
-    _check_supported(spec)
+    problems = capabilities.check(spec)
+    if problems:
+        raise TrainerError("unsupported", "; ".join(f"{p.param}: {p.message}" for p in problems))
     device = pick_device(spec)
     precision = pick_precision(spec, device)
     per_device, accum = batch_split(spec, ranks.world_size)
-    tokenizer = load_tokenizer(spec)
-    train_ds, eval_ds = load_datasets(job, spec, ranks.world_size, tokenizer)
-    n_train = train_rows(job, train_ds)
-    log.info("sft: %d training rows%s, %s validation set, device=%s, dtype=%s, %d process(es), "
-             "micro-batch %d x accumulation %d", n_train, " (streamed)" if spec.data.streaming else "",
+    ctx = RecipeContext(spec, job, ranks, device, precision, per_device, accum, load_tokenizer(spec), log)
+    train_ds, eval_ds = recipe.load_datasets(ctx)
+    n_train = recipe.train_rows(ctx, train_ds)
+    log.info("%s: %d training rows%s, %s validation set, device=%s, dtype=%s, %d process(es), "
+             "micro-batch %d x accumulation %d", spec.method, n_train, " (streamed)" if spec.data.streaming else "",
              "a" if eval_ds is not None else "no", device, precision["load"], ranks.world_size, per_device, accum)
-
-    if spec.data.lazy_tokenize and not spec.data.streaming:
-        encode = lazy_encoder(spec, tokenizer)
-        for ds in (train_ds, eval_ds):
-            if ds is not None:
-                ds.set_transform(encode)
     model = load_model(spec, device, precision, ranks)
-    # A KV cache would switch off transformers' packed-sequence mask (padding-free needs it).
-    model.config.use_cache = False
-    batching = fastpath.choose_batching(spec, model)
-    config = build_config(spec, job, device, precision, per_device, accum, has_eval=eval_ds is not None,
-                          moe=_is_moe(model), world_size=ranks.world_size, batching=batching)
-    log.info("sft: batches %s, attention %s%s%s", batching.why, model.config._attn_implementation,
-             ", Liger kernels" if config.use_liger_kernel else "", ", torch.compile" if config.torch_compile else "")
-    if spec.data.streaming:
-        # The Trainer refuses a dataset without a length unless max_steps is set before it is built.
-        finalise_schedule(config, spec, n_train, per_device, accum, ranks.world_size)
     progress = ProgressCallback(reporter, describe="", n_epochs=int(spec.hyperparameters.n_epochs),
                                 spec_json=spec.model_dump(mode="json"))
     stop = StopCallback(job)
-    trainer = Trainer(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tokenizer, peft_config=lora_config(spec),
-                         callbacks=[progress, stop],
-                         optimizer_cls_and_kwargs=optimizer_override(spec, device))
+    trainer = recipe.build_trainer(ctx, model, train_ds, eval_ds, [progress, stop])
     # Our callback reports; the default printer would duplicate every log dict on stdout.
     trainer.remove_callback(PrinterCallback)
-    # From the rows as the trainer holds them: packing makes fewer, longer rows.
-    total = finalise_schedule(trainer.args, spec, train_rows(job, trainer.train_dataset), per_device, accum,
+    # From the rows as the trainer holds them (packing makes fewer, longer rows).
+    total = finalise_schedule(trainer.args, spec, recipe.train_rows(ctx, trainer.train_dataset), per_device, accum,
                               ranks.world_size)
     progress.describe = describe(trainer.model, spec, ranks.world_size, device)
     # Same seed on every rank for the model and the sampler (data_seed); rank-offset for dropout & co.
@@ -131,19 +122,11 @@ def run(spec: TrainingSpec, job: JobDir, ranks: Ranks, reporter: Reporter,
     metrics = dict(progress.latest)
     adapter = spec.adapter.type == "lora"
     reporter.emit("message", f"Training finished: {state.global_step} steps, " + ", ".join(
-        f"{k}={v:.4g}" for k, v in metrics.items() if k in ("train_loss", "valid_loss")),
+        f"{k}={v:.4g}" for k, v in metrics.items() if k in ("train_loss", "valid_loss") and v is not None),
         {"output_dir": str(job.output), "final_metrics": metrics})
     return {"status": "succeeded", "output_dir": str(job.output),
             "trained_tokens": int(state.num_input_tokens_seen), "trained_steps": state.global_step,
             "final_metrics": metrics, "adapter": adapter}
-
-
-def _check_supported(spec: TrainingSpec) -> None:
-    if spec.model.model_type != "llm":
-        raise TrainerError("unsupported", "vision-language models are not supported by the SFT trainer yet")
-    if spec.resources.distributed != "ddp":
-        raise TrainerError("unsupported", f"distributed={spec.resources.distributed!r} is not supported yet; "
-                                          "use 'ddp'")
 
 
 def pick_device(spec: TrainingSpec) -> str:
@@ -194,140 +177,6 @@ def batch_split(spec: TrainingSpec, world_size: int) -> tuple[int, int]:
     except InvalidRequest as e:
         raise TrainerError("invalid_spec",
                            f"cannot run the spec on {world_size} process(es): {e.message}") from e
-
-
-AnyDataset = datasets.Dataset | datasets.IterableDataset
-
-
-def load_datasets(job: JobDir, spec: TrainingSpec, world_size: int,
-                  tokenizer: Any = None) -> tuple[AnyDataset, AnyDataset | None]:
-    """The tokenised train and (optional) validation sets, checked for the columns the trainer needs.
-
-    A streaming job has none on disk: its sets read the source rows and tokenise them as training goes.
-    """
-    if spec.data.streaming:
-        return _streamed_datasets(job, spec, world_size, tokenizer)
-    found = []
-    for split in ("train", "validation"):
-        path = job.data / split
-        if not path.exists():
-            if split == "train":
-                raise TrainerError("data_error",
-                                   f"no tokenised training set at {path}: the prepare step has not run")
-            found.append(None)
-            continue
-        try:
-            ds = load_split(path)
-        except Exception as e:
-            raise TrainerError("data_error", f"cannot read the tokenised {split} set at {path}: {e}") from e
-        missing = ({LAZY_COLUMN} if spec.data.lazy_tokenize else {"input_ids", "labels"}) - set(ds.column_names)
-        if missing:
-            raise TrainerError("data_error", f"the {split} set at {path} lacks column(s) {sorted(missing)}")
-        if len(ds) == 0:
-            if split == "train":
-                raise TrainerError("data_error", f"the training set at {path} is empty")
-            ds = None
-        found.append(ds)
-    train, valid = found
-    cap = _validation_rows(spec, world_size)
-    if valid is not None and cap:
-        valid = valid.select(range(min(len(valid), cap)))
-    return train, valid
-
-
-def _validation_rows(spec: TrainingSpec, world_size: int) -> int | None:
-    """Rows evaluated per evaluation when max_validation_steps caps it."""
-    cap = spec.schedule.max_validation_steps
-    if not cap:
-        return None
-    hp = spec.hyperparameters
-    return cap * (hp.per_device_eval_batch_size or hp.per_device_batch_size) * world_size
-
-
-def _streamed_datasets(job: JobDir, spec: TrainingSpec, world_size: int, tokenizer: Any
-                       ) -> tuple[datasets.IterableDataset, datasets.IterableDataset | None]:
-    from functools import partial
-
-    from tuneyard.data.pipeline import streamed_examples
-    from tuneyard.data.splits import STREAM_FILE, token_features
-
-    manifest = read_json(job.data / STREAM_FILE)
-    if manifest is None:
-        raise TrainerError("data_error", f"no {STREAM_FILE} in {job.data}: the prepare step has not run")
-    for part in ("train", "validation"):
-        src = manifest.get(part)
-        if src is not None and not Path(src["path"]).is_file():
-            raise TrainerError("data_error", f"the {part} source of this streaming job is gone: {src['path']}")
-    data = spec.data
-    options = {"template": data.template, "system_prompt": data.system_prompt, "max_length": data.max_length,
-               "truncation": data.truncation, "train_on_input": data.train_on_input,
-               "last_turn_only": data.last_turn_only}
-
-    def stream(split: str) -> datasets.IterableDataset:
-        return datasets.IterableDataset.from_generator(
-            partial(streamed_examples, manifest, split, tokenizer, options), features=token_features())
-
-    train = stream("train")
-    if data.shuffle:
-        # A stream cannot be shuffled whole: a seeded buffer, reshuffled each epoch (the Trainer sets it).
-        train = train.shuffle(seed=spec.seed, buffer_size=STREAM_SHUFFLE_BUFFER)
-    valid = None
-    if manifest.get("validation") or manifest.get("held_out"):
-        valid = stream("validation")
-        cap = _validation_rows(spec, world_size)
-        if cap:
-            valid = valid.take(cap)
-    return train, valid
-
-
-STREAM_SHUFFLE_BUFFER = 10_000
-
-
-def train_rows(job: JobDir, train: AnyDataset) -> int:
-    """Rows in the training set: its length, or for a stream the count the prepare step made."""
-    if isinstance(train, datasets.Dataset):
-        return len(train)
-    prepared = read_json(job.prepared) or {}
-    if not prepared.get("n_train"):
-        raise TrainerError("data_error", f"{job.prepared} gives no training row count for the streamed set")
-    return int(prepared["n_train"])
-
-
-def lazy_encoder(spec: TrainingSpec, tokenizer) -> Any:
-    """A ``set_transform`` function that tokenises stored rows batch by batch, exactly as the prepare step would.
-
-    A row whose answer does not fit in ``max_length`` keeps its (truncated) tokens with no loss on them:
-    a lazily tokenised set cannot drop rows, and the answer is never trained on half.
-    """
-    from tuneyard.data.tokenize import IGNORE_INDEX, ConversationEncoder, EncodeError
-
-    data = spec.data
-    options = {"template": data.template, "system_prompt": data.system_prompt, "max_length": data.max_length,
-               "truncation": "truncate"}
-    encoder = ConversationEncoder(tokenizer, **options, train_on_input=data.train_on_input,
-                                  last_turn_only=data.last_turn_only)
-    # For rows the encoder drops: every token as input, none as a target.
-    context = ConversationEncoder(tokenizer, **options, train_on_input=True)
-
-    def encode(batch: dict[str, list]) -> dict[str, list]:
-        rows = [json.loads(raw) for raw in batch[LAZY_COLUMN]]
-        try:
-            encoded = encoder.encode(rows)
-        except EncodeError as e:
-            raise TrainerError("data_error", f"a training row cannot be tokenised: {e}") from e
-        out: dict[str, list] = {"input_ids": [], "labels": []}
-        for row, enc in zip(rows, encoded, strict=True):
-            if enc is not None:
-                ids, labels = enc.input_ids.tolist(), enc.labels.tolist()
-            else:
-                kept = context.encode([row])[0]
-                ids = kept.input_ids.tolist() if kept is not None else [tokenizer.eos_token_id]
-                labels = [IGNORE_INDEX] * len(ids)
-            out["input_ids"].append(ids)
-            out["labels"].append(labels)
-        return out
-
-    return encode
 
 
 def load_tokenizer(spec: TrainingSpec):
@@ -394,14 +243,11 @@ def optimizer_override(spec: TrainingSpec, device: str):
     return torch.optim.Adam, kwargs
 
 
-def build_config(spec: TrainingSpec, job: JobDir, device: str, precision: dict[str, Any], per_device: int,
-                 accum: int, *, has_eval: bool, moe: bool = False, world_size: int = 1,
-                 batching: Batching | None = None) -> SFTConfig:
-    """Map the spec onto SFTConfig (steps that depend on the prepared data are set in finalise_schedule)."""
-    hp, sched, data = spec.hyperparameters, spec.schedule, spec.data
-    if batching is None:  # as the spec asks, for a model that is safe with padding-free batches
-        batching = Batching(data.padding_free and not data.packing, "random" if data.shuffle else "sequential",
-                            "as the spec asks")
+def common_args(spec: TrainingSpec, job: JobDir, device: str, precision: dict[str, Any], per_device: int,
+                accum: int, *, has_eval: bool, moe: bool = False) -> dict[str, Any]:
+    """The TrainingArguments every recipe's TRL config takes alike (steps that depend on the data come later,
+    in finalise_schedule)."""
+    hp, sched = spec.hyperparameters, spec.schedule
     if spec.resources.torch_compile and (blocker := fastpath.compile_blocker(device)) is not None:
         raise TrainerError("unsupported", f"resources.torch_compile: {blocker}")
     optim = {"adamw": "adamw_torch_fused" if device == "cuda" else "adamw_torch", "adam": "adamw_torch",
@@ -410,8 +256,7 @@ def build_config(spec: TrainingSpec, job: JobDir, device: str, precision: dict[s
     epoch_steps = hp.max_steps_per_epoch if hp.max_steps_per_epoch and not hp.max_steps else None
     eval_steps = sched.eval_steps or epoch_steps
     save_steps = sched.save_steps or epoch_steps
-    padding_free = batching.padding_free
-    return SFTConfig(
+    return dict(
         output_dir=str(job.checkpoints),
         num_train_epochs=float(hp.n_epochs),
         per_device_train_batch_size=per_device,
@@ -422,7 +267,6 @@ def build_config(spec: TrainingSpec, job: JobDir, device: str, precision: dict[s
         max_grad_norm=hp.max_grad_norm,
         lr_scheduler_type=hp.lr_scheduler,
         optim=optim,
-        activation_checkpointing=hp.gradient_checkpointing,
         seed=spec.seed,
         data_seed=spec.seed,
         logging_strategy="steps",
@@ -436,7 +280,6 @@ def build_config(spec: TrainingSpec, job: JobDir, device: str, precision: dict[s
         metric_for_best_model="eval_loss" if sched.keep_best_checkpoint and has_eval else None,
         greater_is_better=False if sched.keep_best_checkpoint and has_eval else None,
         dataloader_num_workers=sched.dataloader_num_workers,
-        train_sampling_strategy=batching.sampling,
         bf16=precision["bf16"],
         fp16=precision["fp16"],
         use_cpu=device == "cpu",
@@ -445,42 +288,12 @@ def build_config(spec: TrainingSpec, job: JobDir, device: str, precision: dict[s
         report_to="none",
         disable_tqdm=True,
         log_level="passive",
-        # Padding-free batches hold no pad at all, so every id counts (a pad id equal to eos would
-        # otherwise be skipped); padded batches count their attention mask.
-        include_num_input_tokens_seen="all" if padding_free or data.packing else "non_padding",
-        padding_free=padding_free,
-        packing=data.packing,
-        # Lazily tokenised rows arrive through a transform, streamed ones from a generator: TRL must not
-        # re-process them, and the Trainer must not drop the raw column a transform reads.
-        dataset_kwargs={"skip_prepare_dataset": True} if data.lazy_tokenize or data.streaming else None,
-        remove_unused_columns=not (data.lazy_tokenize or data.streaming),
-        # With several processes, each reads the stream and keeps its share of every batch: dispatching
-        # collated (padding-free, single-row) batches from rank 0 cannot split them.
-        accelerator_config={"dispatch_batches": False} if data.streaming and world_size > 1 else None,
-        packing_strategy="bfd",
         use_liger_kernel=fastpath.liger(device),
         torch_compile=spec.resources.torch_compile,
-        # The prepare step already truncated to max_length: without it TRL skips a per-row truncation pass over
-        # the whole set at start-up. Packing needs it (the length of a pack).
-        max_length=data.max_length if data.packing else None,
     )
 
 
-class Trainer(SFTTrainer):
-    """TRL's SFTTrainer, with length-grouped sampling that reads row lengths from Arrow."""
-
-    def _get_train_sampler(self, train_dataset=None):
-        ds = self.train_dataset if train_dataset is None else train_dataset
-        if self.args.train_sampling_strategy == "group_by_length":
-            sampler = fastpath.length_grouped_sampler(
-                ds, self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                self.args.data_seed if self.args.data_seed is not None else self.args.seed)
-            if sampler is not None:
-                return sampler
-        return super()._get_train_sampler(train_dataset)
-
-
-def finalise_schedule(args: SFTConfig, spec: TrainingSpec, n_rows: int, per_device: int, accum: int,
+def finalise_schedule(args: Any, spec: TrainingSpec, n_rows: int, per_device: int, accum: int,
                       world_size: int) -> int:
     """Set total steps, warmup and logging interval from the number of training rows; return total."""
     hp = spec.hyperparameters
@@ -533,7 +346,7 @@ def prepare_resume(job: JobDir, ranks: Ranks, log: logging.Logger) -> Path | Non
     return latest_complete_checkpoint(job.checkpoints) if job.checkpoints.is_dir() else None
 
 
-def save_output(trainer: SFTTrainer, job: JobDir, ranks: Ranks) -> None:
+def save_output(trainer: Any, job: JobDir, ranks: Ranks) -> None:
     """Save the adapter (or the full model) and tokenizer to JOBDIR/output, swapped in whole at the end."""
     partial = job.root / ".output.partial"
     if ranks.is_main:
