@@ -96,7 +96,7 @@ class Settings(BaseSettings):
     s3_ambient_credentials: bool = False
     # Tokenised datasets kept for reuse by later jobs on the same data (LRU beyond this size); 0 turns it off.
     tokenised_cache_bytes: int = 20 * 1024**3
-    # Base models listed by GET /v1/models besides fine-tuned ones (comma-separated ids or paths).
+    # Base models listed by GET /v1/models besides the succeeded fine-tuned ones (comma-separated ids or paths).
     base_models: str = ""
     log_level: str = "info"
     # Client side (the `tuneyard jobs ...` commands)

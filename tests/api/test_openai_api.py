@@ -19,8 +19,9 @@ from tests.conftest import Server
 def api(tmp_path_factory, tiny_model_dir):
     import shutil
 
-    srv = Server(tmp_path_factory.mktemp("api-home"), {"TUNEYARD_RUN_WORKER": "false",
-                                                        "TUNEYARD_MAX_UPLOAD_BYTES": str(200_000)})
+    home = tmp_path_factory.mktemp("api-home")
+    srv = Server(home, {"TUNEYARD_RUN_WORKER": "false", "TUNEYARD_MAX_UPLOAD_BYTES": str(200_000),
+                        "TUNEYARD_BASE_MODELS": f"{home / 'local' / 'tiny-llama'},org/configured-base"})
     shutil.copytree(tiny_model_dir, srv.local / "tiny-llama")
     srv.model_dir = str(srv.local / "tiny-llama")
     yield srv
@@ -241,7 +242,15 @@ def test_auth_errors(api):
 
 def test_models_health_and_openapi(api, acme, train_file):
     _create(acme, api, train_file)
-    assert api.model_dir in [m.id for m in acme.models.list()]
+    _create(acme, api, train_file, model="gpt-4o-mini")
+    listed = [m.id for m in acme.models.list()]
+    assert listed[:2] == [api.model_dir, "org/configured-base"]
+    assert acme.models.retrieve("org/configured-base").owned_by == "tuneyard"
+    # A model a job only named is not a model: listed and retrievable are the configured and trained ones.
+    assert "gpt-4o-mini" not in listed
+    with pytest.raises(openai.NotFoundError) as e:
+        acme.models.retrieve("gpt-4o-mini")
+    assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
     h = httpx.get(f"{api.base_url}/healthz").json()
     assert h["status"] == "ok"
     spec = httpx.get(f"{api.base_url}/openapi.json").json()
