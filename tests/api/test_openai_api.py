@@ -119,13 +119,13 @@ def test_oversized_upload_is_413(acme, tmp_path):
 def test_create_and_retrieve_job(acme, api, train_file):
     job = _create(acme, api, train_file, suffix="demo", seed=123, metadata={"team": "nlp"},
                   method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}},
-                  integrations=[{"type": "wandb", "wandb": {"project": "p"}}])
+                  integrations=[])
     assert job.id.startswith("ftjob-") and job.object == "fine_tuning.job"
     assert job.status == "validating_files" and job.seed == 123 and job.organization_id == "acme"
     assert job.training_file == train_file.id and job.model == api.model_dir
     assert job.hyperparameters.n_epochs == 2 and job.hyperparameters.batch_size == "auto"
     assert job.method.type == "supervised" and job.metadata == {"team": "nlp"}
-    assert job.integrations[0].wandb.project == "p"
+    assert not job.integrations
     again = acme.fine_tuning.jobs.retrieve(job.id)
     assert again.id == job.id and again.suffix == "demo"
     events = list(acme.fine_tuning.jobs.list_events(job.id))
@@ -181,6 +181,31 @@ def test_bad_job_requests(acme, api, train_file, kwargs, param):
     assert e.value.status_code == 400 and body["param"] == param, body
     assert body["message"] and body["type"] == "invalid_request_error"
     assert len(list(acme.fine_tuning.jobs.list(limit=100))) == before
+
+
+@pytest.mark.parametrize("kwargs,param,code,says,never", [
+    # Experiment tracking does not exist yet: accepting it would log nowhere.
+    ({"integrations": [{"type": "wandb", "wandb": {"project": "p", "entity": "me"}}]}, "integrations",
+     "unsupported_integration", "experiment tracking (wandb)", None),
+    # Each refusal of a method offers only what this installation runs.
+    ({"method": {"type": "reinforcement", "reinforcement": {}}}, "method.type", "unsupported_method",
+     "use 'supervised'", "'dpo'"),
+    ({"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1}}}}, "method", "unsupported_method",
+     "supervised fine-tuning only", None),
+])
+def test_what_cannot_run_is_refused_with_what_can(acme, api, train_file, kwargs, param, code, says, never):
+    before = len(list(acme.fine_tuning.jobs.list(limit=100)))
+    with pytest.raises(openai.BadRequestError) as e:
+        _create(acme, api, train_file, **kwargs)
+    body = e.value.body
+    assert body["param"] == param and body["code"] == code and says in body["message"], body
+    assert never is None or never not in body["message"], body
+    assert len(list(acme.fine_tuning.jobs.list(limit=100))) == before
+
+
+def test_empty_integrations_are_fine(acme, api, train_file):
+    for empty in ([], None):
+        assert _create(acme, api, train_file, integrations=empty).status == "validating_files"
 
 
 def test_training_file_with_wrong_purpose(acme, api, tmp_path):

@@ -59,7 +59,9 @@ def submit(svc, file_id, **over):
     ({"data": {"streaming": True, "packing": True}}, "streaming", "cannot be combined"),
     ({"data": {"lazy_tokenize": True, "packing": True}}, "lazy_tokenize", "cannot be combined"),
     ({"data": {"lazy_tokenize": True, "truncation": "drop"}}, "lazy_tokenize", "keeps every row"),
-    ({"method": "dpo"}, "method", "DPO"),
+    ({"method": "dpo"}, "method", r"\(DPO\) is not available .* supervised fine-tuning only"),
+    ({"integrations": [{"type": "wandb", "config": {"project": "p"}}]}, "integrations", r"tracking \(wandb\)"),
+    ({"integrations": [{"type": "mlflow", "param": "logger_config"}]}, "logger_config", r"^logger_config: .*mlflow"),
 ])
 def test_unsupported_requests_are_refused_and_nothing_is_stored(svc, file_id, over, param, fragment):
     with pytest.raises(InvalidRequest, match=fragment) as e:

@@ -150,8 +150,22 @@ class ResourceSpec(_Strict):
 
 
 class IntegrationSpec(_Strict):
+    """An experiment tracker a caller asked for (wandb...); ``param`` names the field it came from."""
+
     type: str
     config: dict = Field(default_factory=dict)
+    param: str = "integrations"
+
+
+# The training methods the trainer runs in this installation: every refusal of a method, in every dialect, says
+# what is available from this (each dialect in its own words), so no message offers a method that is refused.
+AVAILABLE_METHODS: frozenset[str] = frozenset({"sft"})
+METHOD_NAMES = {"sft": "supervised fine-tuning", "dpo": "preference optimisation (DPO)"}
+
+
+def available_names(dialect_methods: dict[str, str]) -> str:
+    """A dialect's names of the available methods (``{wire name: method}``), quoted: ``'supervised'``."""
+    return " or ".join(f"'{name}'" for name, method in dialect_methods.items() if method in AVAILABLE_METHODS)
 
 
 class TrainingSpec(_Strict):

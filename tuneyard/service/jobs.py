@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from tuneyard.data.sources import SECRET_TYPES, check_uri, hub_local_dir, is_uri, kind_of, parse_hub
 from tuneyard.domain.errors import Conflict, InvalidRequest, NotFound, RateLimited
 from tuneyard.domain.jobs import JobStatus
-from tuneyard.domain.spec import DataSource, TrainingSpec
+from tuneyard.domain.spec import AVAILABLE_METHODS, METHOD_NAMES, DataSource, TrainingSpec
 from tuneyard.ids import new_id
 from tuneyard.jobdir import JobDir, write_json_atomic
 from tuneyard.scheduler.capacity import bitsandbytes_available, detect
@@ -223,9 +223,17 @@ class JobService:
         if spec.data.lazy_tokenize and spec.data.truncation == "drop":
             raise InvalidRequest("lazy_tokenize keeps every row (too-long rows are truncated); truncation 'drop' "
                                  "needs the up-front tokenisation", param="lazy_tokenize")
-        if spec.method == "dpo":
-            raise InvalidRequest("the DPO recipe is not available in this installation yet", param="method",
-                                 code="unsupported_method")
+        if spec.method not in AVAILABLE_METHODS:
+            runs = " and ".join(METHOD_NAMES[m] for m in sorted(AVAILABLE_METHODS))
+            raise InvalidRequest(f"{METHOD_NAMES[spec.method]} is not available in this installation yet; it runs "
+                                 f"{runs} only", param="method", code="unsupported_method")
+        if spec.integrations:
+            # The trainer reports to no tracker (report_to="none"): accepting one would ignore it silently.
+            first = spec.integrations[0]
+            kinds = ", ".join(dict.fromkeys(i.type for i in spec.integrations))
+            raise InvalidRequest(f"{first.param}: experiment tracking ({kinds}) is not available in this "
+                                 "installation yet, and the trainer would log nowhere; leave it out or send it empty",
+                                 param=first.param, code="unsupported_integration")
 
     # ----- reading ----------------------------------------------------------------------------
     def get(self, who: Principal, job_id: str) -> Job:

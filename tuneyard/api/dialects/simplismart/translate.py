@@ -37,12 +37,15 @@ from tuneyard.domain.spec import (
     ScheduleSpec,
     SplitSpec,
     TrainingSpec,
+    available_names,
 )
 from tuneyard.service.jobs import Submission
 from tuneyard.service.paths import looks_like_path
 from tuneyard.store.models import Job, JobEvent
 
 DIALECT = "simplismart"
+# train_config.type -> TrainingSpec.method (ppo has no counterpart).
+METHODS = {"sft": "sft", "dpo": "dpo"}
 DEFAULT_MAX_LENGTH = 2048
 # tuneyard executes the job whatever the caller calls its tuner; these names all mean "the PEFT/TRL stack".
 TUNER_BACKENDS = {"simplismart", "tuneyard", "peft", "trl", "transformers", "huggingface"}
@@ -135,7 +138,7 @@ def _to_submission(org: str, experiment_name: str, c: dict[str, Any]) -> Submiss
 
     if tc.type == "ppo":
         raise InvalidRequest("train_config.type 'ppo' needs a reward model, which tuneyard does not train; use "
-                             "'sft'", param="train_config.type", code="unsupported_method")
+                             f"{available_names(METHODS)}", param="train_config.type", code="unsupported_method")
     if tc.task_type != "causal_lm":
         raise InvalidRequest(f"train_config.task_type '{tc.task_type}': tuneyard trains causal language models "
                              "only", param="train_config.task_type")
@@ -163,7 +166,7 @@ def _to_submission(org: str, experiment_name: str, c: dict[str, Any]) -> Submiss
                     system_prompt=pre.prompt.system, template=pre.prompt.template,
                     max_length=pre.prompt.max_length or DEFAULT_MAX_LENGTH, lazy_tokenize=pre.lazy_tokenize,
                     streaming=pre.streaming)
-    spec = TrainingSpec(method="dpo" if tc.type == "dpo" else "sft", model=model, data=data, adapter=adapter,
+    spec = TrainingSpec(method=METHODS[tc.type], model=model, data=data, adapter=adapter,
                         hyperparameters=hyper, schedule=schedule, resources=resources)
     request = {"org": org, "experiment_name": experiment_name,
                **{name: cfg.model_dump(mode="json") for name, cfg in c.items()}}
