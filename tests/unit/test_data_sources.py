@@ -10,6 +10,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -85,7 +86,9 @@ def moto_s3(objects: dict[str, bytes], bucket: str = BUCKET) -> Iterator[dict]:
 
 @pytest.fixture(scope="module")
 def s3():
-    with moto_s3({"ds/train.jsonl": BODY, "ds/export": BODY, "ds/empty.jsonl": b""}) as m:
+    # ds/big.jsonl: more than moto serves within a 0.05 s deadline.
+    big = BODY * (12 * 1024 * 1024 // len(BODY) + 1)
+    with moto_s3({"ds/train.jsonl": BODY, "ds/export": BODY, "ds/empty.jsonl": b"", "ds/big.jsonl": big}) as m:
         yield m
 
 
@@ -199,6 +202,18 @@ def web(tmp_path_factory):
                 self.send_header("Location", where)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
+            elif path in ("/trickle", "/stall"):
+                # One byte every 0.4 s of a body that claims 200 (or headers, then nothing): only an overall
+                # deadline ends the download; no single read waits long.
+                self.send_response(200)
+                self.send_header("Content-Length", "200")
+                self.end_headers()
+                with contextlib.suppress(OSError):
+                    for _ in range(200 if path == "/trickle" else 0):
+                        self.wfile.write(b"x")
+                        self.wfile.flush()
+                        time.sleep(0.4)
+                    time.sleep(0 if path == "/trickle" else 8)
             elif path == "/chunked":
                 self.send_response(200)
                 self.send_header("Transfer-Encoding", "chunked")
@@ -236,6 +251,31 @@ def test_http_failures_name_the_field(web, tmp_path, path, kw, fragment):
         materialise(DataSource(path=f"{web}{path}"), tmp_path / "raw", **kw)
     assert e.value.param == "training_file" and "presigned-secret" not in e.value.message
     assert no_partials(tmp_path) and not (tmp_path / "raw" / "training_file.jsonl").exists()
+
+
+@pytest.mark.parametrize("path", ["/trickle", "/stall"])
+def test_a_slow_download_is_cut_off_at_the_overall_deadline(web, tmp_path, path):
+    started = time.monotonic()
+    with pytest.raises(SourceError, match=r"did not finish downloading within the 1.5 second deadline "
+                                          r"\(TUNEYARD_DOWNLOAD_TIMEOUT_SECONDS\)") as e:
+        materialise(DataSource(path=f"{web}{path}?sig=presigned-secret", param="validation_file"), tmp_path / "raw",
+                    deadline_seconds=1.5)
+    assert 1.5 <= time.monotonic() - started < 6
+    assert e.value.param == "validation_file" and f"{web}{path}?..." in e.value.message
+    assert "presigned-secret" not in e.value.message
+    assert no_partials(tmp_path) and not list((tmp_path / "raw").iterdir())
+    # Without a deadline (0) the same server's whole body arrives; a generous one does not get in the way.
+    local = materialise(DataSource(path=f"{web}/train.jsonl"), tmp_path / "raw", deadline_seconds=0)
+    assert Path(local.path).read_bytes() == BODY
+
+
+def test_an_s3_download_is_cut_off_at_the_overall_deadline(s3, monkeypatch, tmp_path):
+    handing_over(monkeypatch, s3["reader"])
+    with pytest.raises(SourceError, match="did not finish downloading within the 0.05 second deadline") as e:
+        materialise(DataSource(path=f"s3://{BUCKET}/ds/big.jsonl"), tmp_path / "raw", s3_endpoint_url=s3["url"],
+                    deadline_seconds=0.05)
+    assert e.value.param == "training_file" and f"s3://{BUCKET}/ds/big.jsonl" in e.value.message
+    assert no_partials(tmp_path)
 
 
 def test_an_unreachable_host_fails_clearly(tmp_path):
