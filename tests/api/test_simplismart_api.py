@@ -204,6 +204,19 @@ def test_method_refusals_offer_only_what_runs(api):
     assert r.status_code == 400 and body["field"] == "train_config.type" and "not available" in body["detail"], body
 
 
+def test_a_fifo_as_dataset_path_is_named_for_what_it_is(api):
+    import os
+
+    fifo = api.local / "data" / "pipe.jsonl"
+    os.mkfifo(fifo)
+    before = n_jobs(api)
+    r = post_job(api, _set(configs(api), "dataset_details.dataset_path", str(fifo)))
+    body = r.json()
+    assert r.status_code == 400 and body["field"] == "dataset_details.dataset_path", body
+    assert "is not a regular file or directory: it is a FIFO (named pipe)" in body["detail"], body
+    assert n_jobs(api) == before
+
+
 def test_malformed_form_fields(api):
     cfg = {k: json.dumps(v) for k, v in configs(api).items()}
     h = {"Authorization": f"Bearer {api.token}"}

@@ -7,6 +7,7 @@ import contextlib
 import http.server
 import json
 import os
+import re
 import socket
 import sys
 import threading
@@ -562,3 +563,71 @@ def test_the_worker_hands_each_source_its_secret_through_the_environment_only(sv
     assert seen["TUNEYARD_SECRET_KEY"] is None and json.loads(seen[CREDENTIALS_ENV])["training_file"]["type"] == "aws"
     for path in svc.settings.jobs_dir.rglob("*"):
         assert not path.is_file() or b"pl4nted" not in path.read_bytes()
+
+
+# ----- special files and repeated columns -------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def special_files(root: Path) -> Iterator[dict[str, Path]]:
+    """A FIFO and a listening Unix socket under ``root``: paths that exist but are not regular files."""
+    root.mkdir(parents=True, exist_ok=True)
+    fifo = root / "fifo.jsonl"
+    os.mkfifo(fifo)
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(root / "sock.jsonl"))
+    try:
+        yield {"a FIFO (named pipe)": fifo, "a socket": root / "sock.jsonl"}
+    finally:
+        sock.close()
+
+
+def test_special_files_are_named_for_what_they_are_at_submit_and_at_prepare(svc, tmp_path):
+    from tuneyard.data.validate import validate_file
+
+    with special_files(svc.settings.allowed_roots[0] / "special") as found:
+        for kind, path in found.items():
+            with pytest.raises(InvalidRequest, match=re.escape(f"regular file or directory: it is {kind}")) as e:
+                svc.jobs.submit(ACME, _local_job(str(path)))
+            assert e.value.param == "training_file" and "does not exist" not in e.value.message
+            # A path swapped for one after submit: prepare says the same, and never opens it (that would block).
+            report = validate_file(path)
+            assert report.summary() == f"Training file is not a regular file: '{path}' is {kind}"
+    assert validate_file(tmp_path / "nothing.jsonl").summary() == "Training file does not exist"
+    assert validate_file(tmp_path).summary() == f"Training file is a directory, not a file ('{tmp_path}')"
+
+
+def test_a_special_file_in_a_dataset_directory_is_refused_not_skipped(tmp_path):
+    root = tmp_path / "repo"
+    (root / "data").mkdir(parents=True)
+    (root / "data" / "train-00000-of-00002.jsonl").write_bytes(BODY)
+    os.mkfifo(root / "data" / "train-00001-of-00002.jsonl")
+    with pytest.raises(SourceError, match=r"train-00001-of-00002.jsonl' is not a regular file: it is a FIFO") as e:
+        materialise(DataSource(path=str(root), param="validation_file"), tmp_path / "raw")
+    assert e.value.param == "validation_file"
+
+
+@pytest.mark.parametrize("suffix", ["csv", "parquet"])
+def test_shards_with_a_repeated_column_are_refused_not_renamed(tmp_path, suffix):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = tmp_path / "repo"
+    root.mkdir()
+    good = {"prompt": ["Capital of France?"], "completion": ["Paris."]}
+    for i, names in enumerate((["prompt", "completion"], ["prompt", "completion", "prompt"])):
+        table = pa.Table.from_arrays([pa.array(good[n]) for n in names], names=names)
+        path = root / f"train-0000{i}-of-00002.{suffix}"
+        if suffix == "csv":
+            path.write_text(",".join(names) + "\n" + ",".join(good[n][0] for n in names) + "\n")
+        else:
+            pq.write_table(table, path)
+    where = "CSV header" if suffix == "csv" else "Parquet schema"
+    with pytest.raises(SourceError, match=f"train-00001-of-00002.{suffix}': the {where} repeats column 'prompt'"):
+        materialise(DataSource(path=str(root)), tmp_path / "raw")
+    assert no_partials(tmp_path)
+
+
+def _local_job(path: str) -> Submission:
+    spec = TrainingSpec.model_validate({"model": {"name": "org/base"}, "data": {"train": {"path": path}}})
+    return Submission(spec=spec, dialect="test")

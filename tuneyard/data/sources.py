@@ -43,9 +43,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tuneyard.data.validate import container_of_name
+from tuneyard.data.validate import container_of_name, iter_raw
 from tuneyard.domain.errors import InvalidRequest
 from tuneyard.domain.spec import DataSource
+from tuneyard.filekind import special_kind
 
 CREDENTIALS_ENV = "TUNEYARD_SOURCE_CREDENTIALS"
 SCHEMES = ("s3://", "https://", "http://", "hf://", "huggingface://")
@@ -579,7 +580,14 @@ def _data_files(root: Path, param: str) -> list[Path]:
     found = []
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root)
-        if any(part.startswith(".") for part in rel.parts) or not container_of_name(p.name) or not p.is_file():
+        if any(part.startswith(".") for part in rel.parts) or not container_of_name(p.name):
+            continue
+        special = special_kind(p)
+        if special is not None:
+            # A data file's name on a FIFO or device: skipping it would train on part of the data, reading it
+            # would block.
+            raise SourceError(f"'{p}' is not a regular file: it is {special}", param)
+        if not p.is_file():
             continue
         # The directory was confined to the allowed roots at submit; a link inside it must not lead elsewhere.
         if not p.resolve().is_relative_to(base):
@@ -610,6 +618,12 @@ def _combine(src: DataSource, files: list[Path], container: str, dest_dir: Path)
         return src.model_copy(update={"path": str(final), "container": "jsonl"})
     import datasets
 
+    for p in files:
+        # The library renames a repeated CSV column ("x.1") and keeps one of two Parquet ones: check each shard's
+        # header (and that it can be read at all) the way one file is checked.
+        first = next(iter_raw(p, container), None)
+        if first is not None and first[0] is None and first[2] is not None:
+            raise SourceError(f"'{p}': {first[2].render(None)}", src.param)
     builder = {"json": "json", "csv": "csv", "parquet": "parquet"}[container]
     final = dest_dir / f"{src.param.replace('.', '_')}.parquet"
     cache = dest_dir / f".combine-cache-{src.param.replace('.', '_')}"
