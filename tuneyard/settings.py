@@ -88,6 +88,9 @@ class Settings(BaseSettings):
     # Remote datasets: an S3-compatible endpoint (MinIO, moto...) instead of AWS, and the largest download.
     s3_endpoint_url: str | None = None
     max_download_bytes: int = 50 * 1024**3
+    # The longest one remote dataset's download may take, start to end (not per read: a server trickling a byte
+    # at a time is cut off too); the job then fails naming the source. 0: no limit.
+    download_timeout_seconds: float = Field(3600.0, ge=0)
     # https:// sources on private or reserved addresses (10/8, 192.168/16, 169.254/16 cloud metadata...) are
     # refused unless this is set; loopback is always allowed.
     download_allow_private_hosts: bool = False
@@ -96,7 +99,7 @@ class Settings(BaseSettings):
     s3_ambient_credentials: bool = False
     # Tokenised datasets kept for reuse by later jobs on the same data (LRU beyond this size); 0 turns it off.
     tokenised_cache_bytes: int = 20 * 1024**3
-    # Base models listed by GET /v1/models besides fine-tuned ones (comma-separated ids or paths).
+    # Base models listed by GET /v1/models besides the succeeded fine-tuned ones (comma-separated ids or paths).
     base_models: str = ""
     log_level: str = "info"
     # Client side (the `tuneyard jobs ...` commands)

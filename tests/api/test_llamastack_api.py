@@ -183,6 +183,9 @@ BAD = [
     ("algorithm_config__quantize_base", True, "quantize_base"),
     ("algorithm_config__rank", 0, "rank"),
     ("hyperparam_search_config", {"lr": [1e-4, 1e-3]}, "hyperparam_search_config"),
+    # No experiment tracker exists yet: a logger_config asking for one would be ignored.
+    ("logger_config", {"type": "wandb", "project": "p"}, "logger_config"),
+    ("logger_config", {"tensorboard": {"log_dir": "/tmp/tb"}}, "logger_config"),
     ("model", "/etc", "model"),
     ("checkpoint_dir", "/tmp", "checkpoint_dir"),
     ("training_config__unknown_field", 1, "unknown_field"),
@@ -199,6 +202,15 @@ def test_each_bad_value_is_a_400_naming_its_field(api, client, dataset, path, va
     body = r.json()
     assert body["status"] == 400 and field in body["detail"], body
     assert len(client.post_training.job.list()) == before
+
+
+def test_logger_config_is_refused_in_llama_stack_shape(api, client, dataset):
+    with pytest.raises(llama_stack_client.BadRequestError) as e:
+        client.post_training.supervised_fine_tune(**request(api, job_uuid="wandb", logger_config={
+            "type": "wandb", "project": "p"}))
+    body = e.value.body
+    assert body["status"] == 400 and body["title"] and "experiment tracking (wandb)" in body["detail"], body
+    assert "wandb" not in [j.job_uuid for j in client.post_training.job.list()]
 
 
 def test_qat_is_refused(api, client, dataset):

@@ -19,8 +19,9 @@ from tests.conftest import Server
 def api(tmp_path_factory, tiny_model_dir):
     import shutil
 
-    srv = Server(tmp_path_factory.mktemp("api-home"), {"TUNEYARD_RUN_WORKER": "false",
-                                                        "TUNEYARD_MAX_UPLOAD_BYTES": str(200_000)})
+    home = tmp_path_factory.mktemp("api-home")
+    srv = Server(home, {"TUNEYARD_RUN_WORKER": "false", "TUNEYARD_MAX_UPLOAD_BYTES": str(200_000),
+                        "TUNEYARD_BASE_MODELS": f"{home / 'local' / 'tiny-llama'},org/configured-base"})
     shutil.copytree(tiny_model_dir, srv.local / "tiny-llama")
     srv.model_dir = str(srv.local / "tiny-llama")
     yield srv
@@ -118,13 +119,13 @@ def test_oversized_upload_is_413(acme, tmp_path):
 def test_create_and_retrieve_job(acme, api, train_file):
     job = _create(acme, api, train_file, suffix="demo", seed=123, metadata={"team": "nlp"},
                   method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}},
-                  integrations=[{"type": "wandb", "wandb": {"project": "p"}}])
+                  integrations=[])
     assert job.id.startswith("ftjob-") and job.object == "fine_tuning.job"
     assert job.status == "validating_files" and job.seed == 123 and job.organization_id == "acme"
     assert job.training_file == train_file.id and job.model == api.model_dir
     assert job.hyperparameters.n_epochs == 2 and job.hyperparameters.batch_size == "auto"
     assert job.method.type == "supervised" and job.metadata == {"team": "nlp"}
-    assert job.integrations[0].wandb.project == "p"
+    assert not job.integrations
     again = acme.fine_tuning.jobs.retrieve(job.id)
     assert again.id == job.id and again.suffix == "demo"
     events = list(acme.fine_tuning.jobs.list_events(job.id))
@@ -180,6 +181,31 @@ def test_bad_job_requests(acme, api, train_file, kwargs, param):
     assert e.value.status_code == 400 and body["param"] == param, body
     assert body["message"] and body["type"] == "invalid_request_error"
     assert len(list(acme.fine_tuning.jobs.list(limit=100))) == before
+
+
+@pytest.mark.parametrize("kwargs,param,code,says,never", [
+    # Experiment tracking does not exist yet: accepting it would log nowhere.
+    ({"integrations": [{"type": "wandb", "wandb": {"project": "p", "entity": "me"}}]}, "integrations",
+     "unsupported_integration", "experiment tracking (wandb)", None),
+    # Each refusal of a method offers only what this installation runs.
+    ({"method": {"type": "reinforcement", "reinforcement": {}}}, "method.type", "unsupported_method",
+     "use 'supervised'", "'dpo'"),
+    ({"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1}}}}, "method", "unsupported_method",
+     "supervised fine-tuning only", None),
+])
+def test_what_cannot_run_is_refused_with_what_can(acme, api, train_file, kwargs, param, code, says, never):
+    before = len(list(acme.fine_tuning.jobs.list(limit=100)))
+    with pytest.raises(openai.BadRequestError) as e:
+        _create(acme, api, train_file, **kwargs)
+    body = e.value.body
+    assert body["param"] == param and body["code"] == code and says in body["message"], body
+    assert never is None or never not in body["message"], body
+    assert len(list(acme.fine_tuning.jobs.list(limit=100))) == before
+
+
+def test_empty_integrations_are_fine(acme, api, train_file):
+    for empty in ([], None):
+        assert _create(acme, api, train_file, integrations=empty).status == "validating_files"
 
 
 def test_training_file_with_wrong_purpose(acme, api, tmp_path):
@@ -241,7 +267,15 @@ def test_auth_errors(api):
 
 def test_models_health_and_openapi(api, acme, train_file):
     _create(acme, api, train_file)
-    assert api.model_dir in [m.id for m in acme.models.list()]
+    _create(acme, api, train_file, model="gpt-4o-mini")
+    listed = [m.id for m in acme.models.list()]
+    assert listed[:2] == [api.model_dir, "org/configured-base"]
+    assert acme.models.retrieve("org/configured-base").owned_by == "tuneyard"
+    # A model a job only named is not a model: listed and retrievable are the configured and trained ones.
+    assert "gpt-4o-mini" not in listed
+    with pytest.raises(openai.NotFoundError) as e:
+        acme.models.retrieve("gpt-4o-mini")
+    assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
     h = httpx.get(f"{api.base_url}/healthz").json()
     assert h["status"] == "ok"
     spec = httpx.get(f"{api.base_url}/openapi.json").json()

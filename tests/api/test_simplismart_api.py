@@ -158,6 +158,8 @@ BAD = [
     ("infra_config.gpu_type", "h100"), ("infra_config.node_count", 2),
     ("model_details.base_model", "/etc"), ("dataset_details.dataset_path", "/etc/passwd"),
     ("dataset_details.region", "us-west-2"),
+    # Simplismart has no experiment-tracking field: one is unknown, never accepted and ignored.
+    ("train_config.report_to", "wandb"),
     ("dataset_details.dataset_path", "s3://bucket/train.jsonl"),  # does not match source_type local
 ]
 
@@ -189,6 +191,29 @@ def test_each_bad_value_is_a_400_naming_its_field(api, field, value):
     body = r.json()
     assert body["field"] == field, body
     assert body["detail"] and body["code"]
+    assert n_jobs(api) == before
+
+
+def test_method_refusals_offer_only_what_runs(api):
+    r = post_job(api, _set(configs(api), "train_config.type", "ppo"))
+    body = r.json()
+    assert r.status_code == 400 and body["code"] == "unsupported_method" and "use 'sft'" in body["detail"], body
+    assert "dpo" not in body["detail"]
+    r = post_job(api, _set(configs(api), "train_config.type", "dpo"))
+    body = r.json()
+    assert r.status_code == 400 and body["field"] == "train_config.type" and "not available" in body["detail"], body
+
+
+def test_a_fifo_as_dataset_path_is_named_for_what_it_is(api):
+    import os
+
+    fifo = api.local / "data" / "pipe.jsonl"
+    os.mkfifo(fifo)
+    before = n_jobs(api)
+    r = post_job(api, _set(configs(api), "dataset_details.dataset_path", str(fifo)))
+    body = r.json()
+    assert r.status_code == 400 and body["field"] == "dataset_details.dataset_path", body
+    assert "is not a regular file or directory: it is a FIFO (named pipe)" in body["detail"], body
     assert n_jobs(api) == before
 
 

@@ -112,6 +112,7 @@ def simplismart_job(server, token: str, path: Path, *, container: str, fmt: str 
 @pytest.mark.parametrize(("name", "container"), [
     ("several_problems.jsonl", "jsonl"), ("csv_missing_column.csv", "csv"), ("csv_ragged_row.csv", "csv"),
     ("parquet_wrong_column_type.parquet", "parquet"), ("json_array_bad_element.json", "jsonl"),
+    ("csv_repeated_column_no_format.csv", "csv"),
 ])
 def test_corpus_files_given_by_path_fail_before_the_queue(client, server, name, container):
     """Data given by path is never uploaded: prepare refuses it with the same messages as an upload."""

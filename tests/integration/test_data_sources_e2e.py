@@ -157,3 +157,56 @@ def test_wrong_credentials_fail_naming_the_field(srv, moto):
     oa = srv.openai(srv.token).fine_tuning.jobs.retrieve(rid)
     assert oa.error.param == "dataset_details.dataset_path"
     _nowhere_in_clear(srv, WRONG, moto["reader"]["secret_access_key"])
+
+
+def test_a_trickling_https_source_fails_the_job_at_the_download_deadline(tmp_path, tiny_model_dir):
+    """A server sending one byte every 2 s kept its job in validating_files for ever; now the job fails at
+    TUNEYARD_DOWNLOAD_TIMEOUT_SECONDS, naming the source."""
+    import http.server
+    import threading
+
+    from llama_stack_client import LlamaStackClient
+
+    from tests.api.test_llamastack_api import request
+
+    class Trickle(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            try:
+                for _ in range(1000):
+                    self.wfile.write(b"{")
+                    self.wfile.flush()
+                    time.sleep(2)
+            except OSError:
+                pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/train.jsonl"
+    s = Server(tmp_path / "home", {"TUNEYARD_DOWNLOAD_TIMEOUT_SECONDS": "3"})
+    try:
+        shutil.copytree(tiny_model_dir, s.local / "tiny-llama")
+        s.model_dir = str(s.local / "tiny-llama")
+        key = s.key("acme")
+        ls = LlamaStackClient(base_url=s.base_url, api_key=key, max_retries=0)
+        ls.datasets.register(purpose="post-training/messages", source={"type": "uri", "uri": url},
+                             dataset_id="capitals")
+        ls.post_training.supervised_fine_tune(**request(s, job_uuid="trickle"))
+        started = time.monotonic()
+        while (st := ls.post_training.job.status(job_uuid="trickle")).status not in ("completed", "failed",
+                                                                                     "cancelled"):
+            assert time.monotonic() - started < 120, st
+            time.sleep(0.5)
+        assert st.status == "failed"
+        job = s.openai(key).fine_tuning.jobs.list().data[0]
+        assert job.error.param == "training_config.data_config.dataset_id", job.error
+        assert f"{url} did not finish downloading within the 3 second deadline" in job.error.message
+        assert "TUNEYARD_DOWNLOAD_TIMEOUT_SECONDS" in job.error.message
+    finally:
+        s.stop()
+        httpd.shutdown()

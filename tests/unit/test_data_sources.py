@@ -7,9 +7,11 @@ import contextlib
 import http.server
 import json
 import os
+import re
 import socket
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -85,7 +87,9 @@ def moto_s3(objects: dict[str, bytes], bucket: str = BUCKET) -> Iterator[dict]:
 
 @pytest.fixture(scope="module")
 def s3():
-    with moto_s3({"ds/train.jsonl": BODY, "ds/export": BODY, "ds/empty.jsonl": b""}) as m:
+    # ds/big.jsonl: more than moto serves within a 0.05 s deadline.
+    big = BODY * (12 * 1024 * 1024 // len(BODY) + 1)
+    with moto_s3({"ds/train.jsonl": BODY, "ds/export": BODY, "ds/empty.jsonl": b"", "ds/big.jsonl": big}) as m:
         yield m
 
 
@@ -199,6 +203,18 @@ def web(tmp_path_factory):
                 self.send_header("Location", where)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
+            elif path in ("/trickle", "/stall"):
+                # One byte every 0.4 s of a body that claims 200 (or headers, then nothing): only an overall
+                # deadline ends the download; no single read waits long.
+                self.send_response(200)
+                self.send_header("Content-Length", "200")
+                self.end_headers()
+                with contextlib.suppress(OSError):
+                    for _ in range(200 if path == "/trickle" else 0):
+                        self.wfile.write(b"x")
+                        self.wfile.flush()
+                        time.sleep(0.4)
+                    time.sleep(0 if path == "/trickle" else 8)
             elif path == "/chunked":
                 self.send_response(200)
                 self.send_header("Transfer-Encoding", "chunked")
@@ -236,6 +252,31 @@ def test_http_failures_name_the_field(web, tmp_path, path, kw, fragment):
         materialise(DataSource(path=f"{web}{path}"), tmp_path / "raw", **kw)
     assert e.value.param == "training_file" and "presigned-secret" not in e.value.message
     assert no_partials(tmp_path) and not (tmp_path / "raw" / "training_file.jsonl").exists()
+
+
+@pytest.mark.parametrize("path", ["/trickle", "/stall"])
+def test_a_slow_download_is_cut_off_at_the_overall_deadline(web, tmp_path, path):
+    started = time.monotonic()
+    with pytest.raises(SourceError, match=r"did not finish downloading within the 1.5 second deadline "
+                                          r"\(TUNEYARD_DOWNLOAD_TIMEOUT_SECONDS\)") as e:
+        materialise(DataSource(path=f"{web}{path}?sig=presigned-secret", param="validation_file"), tmp_path / "raw",
+                    deadline_seconds=1.5)
+    assert 1.5 <= time.monotonic() - started < 6
+    assert e.value.param == "validation_file" and f"{web}{path}?..." in e.value.message
+    assert "presigned-secret" not in e.value.message
+    assert no_partials(tmp_path) and not list((tmp_path / "raw").iterdir())
+    # Without a deadline (0) the same server's whole body arrives; a generous one does not get in the way.
+    local = materialise(DataSource(path=f"{web}/train.jsonl"), tmp_path / "raw", deadline_seconds=0)
+    assert Path(local.path).read_bytes() == BODY
+
+
+def test_an_s3_download_is_cut_off_at_the_overall_deadline(s3, monkeypatch, tmp_path):
+    handing_over(monkeypatch, s3["reader"])
+    with pytest.raises(SourceError, match="did not finish downloading within the 0.05 second deadline") as e:
+        materialise(DataSource(path=f"s3://{BUCKET}/ds/big.jsonl"), tmp_path / "raw", s3_endpoint_url=s3["url"],
+                    deadline_seconds=0.05)
+    assert e.value.param == "training_file" and f"s3://{BUCKET}/ds/big.jsonl" in e.value.message
+    assert no_partials(tmp_path)
 
 
 def test_an_unreachable_host_fails_clearly(tmp_path):
@@ -522,3 +563,71 @@ def test_the_worker_hands_each_source_its_secret_through_the_environment_only(sv
     assert seen["TUNEYARD_SECRET_KEY"] is None and json.loads(seen[CREDENTIALS_ENV])["training_file"]["type"] == "aws"
     for path in svc.settings.jobs_dir.rglob("*"):
         assert not path.is_file() or b"pl4nted" not in path.read_bytes()
+
+
+# ----- special files and repeated columns -------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def special_files(root: Path) -> Iterator[dict[str, Path]]:
+    """A FIFO and a listening Unix socket under ``root``: paths that exist but are not regular files."""
+    root.mkdir(parents=True, exist_ok=True)
+    fifo = root / "fifo.jsonl"
+    os.mkfifo(fifo)
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(root / "sock.jsonl"))
+    try:
+        yield {"a FIFO (named pipe)": fifo, "a socket": root / "sock.jsonl"}
+    finally:
+        sock.close()
+
+
+def test_special_files_are_named_for_what_they_are_at_submit_and_at_prepare(svc, tmp_path):
+    from tuneyard.data.validate import validate_file
+
+    with special_files(svc.settings.allowed_roots[0] / "special") as found:
+        for kind, path in found.items():
+            with pytest.raises(InvalidRequest, match=re.escape(f"regular file or directory: it is {kind}")) as e:
+                svc.jobs.submit(ACME, _local_job(str(path)))
+            assert e.value.param == "training_file" and "does not exist" not in e.value.message
+            # A path swapped for one after submit: prepare says the same, and never opens it (that would block).
+            report = validate_file(path)
+            assert report.summary() == f"Training file is not a regular file: '{path}' is {kind}"
+    assert validate_file(tmp_path / "nothing.jsonl").summary() == "Training file does not exist"
+    assert validate_file(tmp_path).summary() == f"Training file is a directory, not a file ('{tmp_path}')"
+
+
+def test_a_special_file_in_a_dataset_directory_is_refused_not_skipped(tmp_path):
+    root = tmp_path / "repo"
+    (root / "data").mkdir(parents=True)
+    (root / "data" / "train-00000-of-00002.jsonl").write_bytes(BODY)
+    os.mkfifo(root / "data" / "train-00001-of-00002.jsonl")
+    with pytest.raises(SourceError, match=r"train-00001-of-00002.jsonl' is not a regular file: it is a FIFO") as e:
+        materialise(DataSource(path=str(root), param="validation_file"), tmp_path / "raw")
+    assert e.value.param == "validation_file"
+
+
+@pytest.mark.parametrize("suffix", ["csv", "parquet"])
+def test_shards_with_a_repeated_column_are_refused_not_renamed(tmp_path, suffix):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = tmp_path / "repo"
+    root.mkdir()
+    good = {"prompt": ["Capital of France?"], "completion": ["Paris."]}
+    for i, names in enumerate((["prompt", "completion"], ["prompt", "completion", "prompt"])):
+        table = pa.Table.from_arrays([pa.array(good[n]) for n in names], names=names)
+        path = root / f"train-0000{i}-of-00002.{suffix}"
+        if suffix == "csv":
+            path.write_text(",".join(names) + "\n" + ",".join(good[n][0] for n in names) + "\n")
+        else:
+            pq.write_table(table, path)
+    where = "CSV header" if suffix == "csv" else "Parquet schema"
+    with pytest.raises(SourceError, match=f"train-00001-of-00002.{suffix}': the {where} repeats column 'prompt'"):
+        materialise(DataSource(path=str(root)), tmp_path / "raw")
+    assert no_partials(tmp_path)
+
+
+def _local_job(path: str) -> Submission:
+    spec = TrainingSpec.model_validate({"model": {"name": "org/base"}, "data": {"train": {"path": path}}})
+    return Submission(spec=spec, dialect="test")

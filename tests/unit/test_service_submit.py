@@ -59,7 +59,9 @@ def submit(svc, file_id, **over):
     ({"data": {"streaming": True, "packing": True}}, "streaming", "cannot be combined"),
     ({"data": {"lazy_tokenize": True, "packing": True}}, "lazy_tokenize", "cannot be combined"),
     ({"data": {"lazy_tokenize": True, "truncation": "drop"}}, "lazy_tokenize", "keeps every row"),
-    ({"method": "dpo"}, "method", "DPO"),
+    ({"method": "dpo"}, "method", r"\(DPO\) is not available .* supervised fine-tuning only"),
+    ({"integrations": [{"type": "wandb", "config": {"project": "p"}}]}, "integrations", r"tracking \(wandb\)"),
+    ({"integrations": [{"type": "mlflow", "param": "logger_config"}]}, "logger_config", r"^logger_config: .*mlflow"),
 ])
 def test_unsupported_requests_are_refused_and_nothing_is_stored(svc, file_id, over, param, fragment):
     with pytest.raises(InvalidRequest, match=fragment) as e:
@@ -112,3 +114,35 @@ def test_the_operator_turns_torch_compile_on_for_every_job(tmp_path, file_id, sv
     assert TrainingSpec.model_validate(submit(svc, file_id).spec).resources.torch_compile is False
     svc.jobs.settings = svc.jobs.settings.model_copy(update={"torch_compile": True})
     assert TrainingSpec.model_validate(submit(svc, file_id).spec).resources.torch_compile is True
+
+
+def test_models_lists_only_models_that_exist(svc, file_id):
+    from tuneyard.domain.errors import NotFound
+    from tuneyard.domain.jobs import JobStatus as St
+    from tuneyard.store.repo import transition
+
+    svc.jobs.settings = svc.jobs.settings.model_copy(update={"base_models": "org/configured-base"})
+
+    def finish(job, *steps, **fields):
+        with svc.store.session(write=True) as s:
+            for step in steps:
+                assert transition(s, job.id, step, **(fields if step == steps[-1] else {}))
+
+    failed = submit(svc, file_id, model={"name": "gpt-4o-mini"})
+    finish(failed, St.FAILED, error={"code": "model_not_found", "message": "no such model"})
+    done = submit(svc, file_id, model={"name": "org/trained-base"})
+    finish(done, St.QUEUED, St.RUNNING, St.SUCCEEDED, fine_tuned_model="ft:trained-base:acme::x1")
+    submit(svc, file_id, model={"name": "org/still-validating"})
+    ids = [m[0] for m in svc.jobs.models(WHO)]
+    assert ids == ["org/configured-base", "ft:trained-base:acme::x1"]
+    assert svc.jobs.model(WHO, "ft:trained-base:acme::x1")[2] == "acme"
+    assert svc.jobs.model(WHO, "org/configured-base")[0] == "org/configured-base"
+    for missing in ("gpt-4o-mini", "org/trained-base", "org/still-validating"):
+        with pytest.raises(NotFound) as e:
+            svc.jobs.model(WHO, missing)
+        assert e.value.code == "model_not_found"
+    other = Principal(org_id="globex", key_id="k2", role="admin")
+    ensure_org(svc.store, "globex")
+    assert [m[0] for m in svc.jobs.models(other)] == ["org/configured-base"]
+    with pytest.raises(NotFound):
+        svc.jobs.model(other, "ft:trained-base:acme::x1")

@@ -147,7 +147,8 @@ def _fetch(src: DataSource | None, jobdir: JobDir, log: _Log) -> DataSource | No
         local = materialise(src, jobdir.data / "raw", s3_endpoint_url=settings.s3_endpoint_url,
                             s3_ambient_credentials=settings.s3_ambient_credentials,
                             max_bytes=settings.max_download_bytes,
-                            allow_private_hosts=settings.download_allow_private_hosts)
+                            allow_private_hosts=settings.download_allow_private_hosts,
+                            deadline_seconds=settings.download_timeout_seconds)
     except SourceError as e:
         code = "invalid_validation_file" if "validation" in src.param else "invalid_training_file"
         raise PrepareFailure(code, e.message, e.param) from None

@@ -16,6 +16,9 @@ Forms accepted (checked at submit by ``check_uri``, fetched at prepare by ``mate
 - ``https://...``; plain ``http://`` only from this machine (a test server, a local mirror), also after redirects,
   so data and anything a URL carries never cross the network in clear.
 
+Every download has an overall wall-clock deadline (``TUNEYARD_DOWNLOAD_TIMEOUT_SECONDS``), not only a timeout
+per read: a server that trickles a byte every few seconds must not hold a job in ``validating_files`` for ever.
+
 Credentials come from the environment of the prepare process, where the worker put them
 (``TUNEYARD_SOURCE_CREDENTIALS``: ``{param: {"type": ..., secret fields}}``); they are never written to the job
 directory, and no message here contains them. An ``s3://`` source without a secret is read anonymously (a public
@@ -30,17 +33,20 @@ import os
 import re
 import shutil
 import socket
+import threading
+import time
 import urllib.parse
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tuneyard.data.validate import container_of_name
+from tuneyard.data.validate import container_of_name, iter_raw
 from tuneyard.domain.errors import InvalidRequest
 from tuneyard.domain.spec import DataSource
+from tuneyard.filekind import special_kind
 
 CREDENTIALS_ENV = "TUNEYARD_SOURCE_CREDENTIALS"
 SCHEMES = ("s3://", "https://", "http://", "hf://", "huggingface://")
@@ -52,6 +58,7 @@ HF_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?
 CHUNK = 1024 * 1024
 MAX_REDIRECTS = 5
 DEFAULT_MAX_BYTES = 50 * 1024**3
+DEFAULT_DEADLINE_SECONDS = 3600.0
 SAVED_DATASET_MARKERS = ("dataset_dict.json", "dataset_info.json", "state.json")
 # The words that name a split in data file names, as the hub's own loader reads them.
 SPLIT_WORDS = {"train": {"train", "training"}, "validation": {"validation", "valid", "val", "dev"},
@@ -66,6 +73,33 @@ class SourceError(Exception):
         super().__init__(message)
         self.message = message
         self.param = param
+
+
+class Deadline:
+    """The wall-clock end of one source's download; ``seconds`` 0 or None: no end."""
+
+    def __init__(self, seconds: float | None, shown: str, param: str) -> None:
+        self.seconds = seconds or 0.0
+        self.end = time.monotonic() + self.seconds if self.seconds > 0 else float("inf")
+        self.shown = shown
+        self.param = param
+
+    def remaining(self, cap: float) -> float:
+        """Seconds left, at most ``cap`` (a timeout for the next network wait never outlives the deadline)."""
+        return max(0.01, min(cap, self.end - time.monotonic()))
+
+    @property
+    def expired(self) -> bool:
+        return time.monotonic() >= self.end
+
+    def check(self) -> None:
+        """Raise the deadline's SourceError once it has passed."""
+        if self.expired:
+            raise self.error()
+
+    def error(self) -> SourceError:
+        return SourceError(f"{self.shown} did not finish downloading within the {self.seconds:g} second deadline "
+                           "(TUNEYARD_DOWNLOAD_TIMEOUT_SECONDS)", self.param)
 
 
 def is_remote(path: str) -> bool:
@@ -183,8 +217,11 @@ def credentials_for(param: str) -> dict[str, Any]:
 
 def materialise(src: DataSource, dest_dir: Path, *, s3_endpoint_url: str | None = None,
                 s3_ambient_credentials: bool = False, max_bytes: int = DEFAULT_MAX_BYTES,
-                allow_private_hosts: bool = False) -> DataSource:
-    """``src`` with ``path`` pointing at one local file holding its rows (a local file is returned as is)."""
+                allow_private_hosts: bool = False, deadline_seconds: float = DEFAULT_DEADLINE_SECONDS) -> DataSource:
+    """``src`` with ``path`` pointing at one local file holding its rows (a local file is returned as is).
+
+    A remote download not done within ``deadline_seconds`` (0: no limit) fails with a SourceError saying so.
+    """
     local_dir = hub_local_dir(src.path)
     if local_dir is not None:
         ref = parse_hub(src.path, src)
@@ -199,11 +236,12 @@ def materialise(src: DataSource, dest_dir: Path, *, s3_endpoint_url: str | None 
         raise SourceError(f"the secret given for {display_uri(src.path)} has type '{creds.get('type')}'; "
                           f"{kind}:// sources need a secret of type '{want}'" if want else
                           f"{display_uri(src.path)} takes no secret", src.param)
+    deadline = Deadline(deadline_seconds, display_uri(src.path), src.param)
     if kind == "s3":
-        return _from_s3(src, dest_dir, creds, s3_endpoint_url, s3_ambient_credentials, max_bytes)
+        return _from_s3(src, dest_dir, creds, s3_endpoint_url, s3_ambient_credentials, max_bytes, deadline)
     if kind == "https":
-        return _from_https(src, dest_dir, max_bytes, allow_private_hosts)
-    return _from_hub(src, dest_dir, creds, max_bytes)
+        return _from_https(src, dest_dir, max_bytes, allow_private_hosts, deadline)
+    return _from_hub(src, dest_dir, creds, max_bytes, deadline)
 
 
 # ----- downloads -----------------------------------------------------------------------------------
@@ -245,8 +283,9 @@ S3_ERRORS = {
 
 
 def _from_s3(src: DataSource, dest_dir: Path, creds: dict, endpoint: str | None, ambient: bool,
-             max_bytes: int) -> DataSource:
+             max_bytes: int, deadline: Deadline) -> DataSource:
     import boto3
+    from boto3.exceptions import Boto3Error
     from boto3.s3.transfer import TransferConfig
     from botocore import UNSIGNED
     from botocore.config import Config
@@ -265,8 +304,10 @@ def _from_s3(src: DataSource, dest_dir: Path, creds: dict, endpoint: str | None,
     else:
         session = boto3.session.Session(region_name=src.region)
     # Without a secret, requests are anonymous: a tenant must not read buckets with the server's own identity.
-    config = Config(retries={"max_attempts": 3, "mode": "standard"},
-                    **({} if signed else {"signature_version": UNSIGNED}))
+    # A stalled connection waits no longer than the deadline; the transfer's progress callback checks it between
+    # the chunks of a trickling one.
+    config = Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=deadline.remaining(15),
+                    read_timeout=deadline.remaining(60), **({} if signed else {"signature_version": UNSIGNED}))
     client = session.client("s3", endpoint_url=endpoint, config=config)
     final = dest_dir / _target(src, key)
     try:
@@ -279,7 +320,7 @@ def _from_s3(src: DataSource, dest_dir: Path, creds: dict, endpoint: str | None,
             raise SourceError(f"{src.path} is {size:,} bytes, over the {max_bytes:,} byte download limit "
                               "(TUNEYARD_MAX_DOWNLOAD_BYTES)", src.param)
         with _atomic(final) as partial:
-            client.download_file(bucket, key, str(partial),
+            client.download_file(bucket, key, str(partial), Callback=lambda _: deadline.check(),
                                  Config=TransferConfig(multipart_chunksize=8 * CHUNK, max_concurrency=4))
     except NoCredentialsError:
         raise SourceError(f"no credentials to read {src.path}: name a stored 'aws' secret (secret_id)",
@@ -296,7 +337,10 @@ def _from_s3(src: DataSource, dest_dir: Path, creds: dict, endpoint: str | None,
         if "region" in why and err.get("Region"):
             why = f"the bucket is in region '{err['Region']}' (set region)"
         raise SourceError(f"cannot read {src.path}: {why}", src.param) from None
-    except BotoCoreError as e:
+    except (BotoCoreError, Boto3Error) as e:
+        # Boto3Error: the transfer's own failures (RetriesExceededError after read timeouts), not botocore's.
+        if deadline.expired:
+            raise deadline.error() from None
         # botocore's messages name the endpoint or the problem, never the keys.
         raise SourceError(f"cannot read {src.path}: {e}", src.param) from None
     return src.model_copy(update={"path": str(final)})
@@ -321,17 +365,20 @@ def _check_host(url: str, allow_private: bool, shown: str, param: str) -> None:
                               "networks are off (TUNEYARD_DOWNLOAD_ALLOW_PRIVATE_HOSTS)", param)
 
 
-def _from_https(src: DataSource, dest_dir: Path, max_bytes: int, allow_private: bool = False) -> DataSource:
+def _from_https(src: DataSource, dest_dir: Path, max_bytes: int, allow_private: bool,
+                deadline: Deadline) -> DataSource:
     import httpx
 
     shown = display_uri(src.path)
     final = dest_dir / _target(src, urllib.parse.urlsplit(src.path).path or "data")
     url = src.path
     try:
-        with httpx.Client(follow_redirects=False, timeout=httpx.Timeout(60, connect=15)) as client:
+        with httpx.Client(follow_redirects=False) as client:
             for _ in range(MAX_REDIRECTS + 1):
                 _check_host(url, allow_private, display_uri(url), src.param)
-                with client.stream("GET", url) as r:
+                # No single wait outlives the deadline; between reads _stream_to checks it.
+                timeout = httpx.Timeout(deadline.remaining(60), connect=deadline.remaining(15))
+                with client.stream("GET", url, timeout=timeout) as r:
                     if r.is_redirect and "location" in r.headers:
                         try:
                             url = str(r.url.join(r.headers["location"]))
@@ -352,17 +399,22 @@ def _from_https(src: DataSource, dest_dir: Path, max_bytes: int, allow_private: 
                     if length > max_bytes:
                         raise SourceError(f"{shown} is {length:,} bytes, over the {max_bytes:,} byte download "
                                           "limit (TUNEYARD_MAX_DOWNLOAD_BYTES)", src.param)
-                    _stream_to(final, r.iter_bytes(CHUNK), max_bytes, shown, src.param)
+                    # Chunks as they arrive (not gathered to CHUNK): a trickle is seen, and cut off, at each read.
+                    _stream_to(final, r.iter_bytes(), max_bytes, shown, src.param, deadline)
                     return src.model_copy(update={"path": str(final)})
     except httpx.HTTPError as e:
+        if deadline.expired:
+            raise deadline.error() from None
         raise SourceError(f"cannot download {shown}: {type(e).__name__}", src.param) from None
     raise SourceError(f"{shown}: more than {MAX_REDIRECTS} redirects", src.param)
 
 
-def _stream_to(final: Path, chunks: Iterator[bytes], max_bytes: int, shown: str, param: str) -> None:
+def _stream_to(final: Path, chunks: Iterator[bytes], max_bytes: int, shown: str, param: str,
+               deadline: Deadline) -> None:
     size = 0
     with _atomic(final) as partial, partial.open("wb") as out:
         for chunk in chunks:
+            deadline.check()
             size += len(chunk)
             if size > max_bytes:
                 raise SourceError(f"{shown} is over the {max_bytes:,} byte download limit "
@@ -394,7 +446,7 @@ def hub_dataset_bytes(repo: str, revision: str | None, token: str | None) -> int
     return sum(sizes) if sizes else None
 
 
-def _from_hub(src: DataSource, dest_dir: Path, creds: dict, max_bytes: int) -> DataSource:
+def _from_hub(src: DataSource, dest_dir: Path, creds: dict, max_bytes: int, deadline: Deadline) -> DataSource:
     import datasets
 
     ref = parse_hub(src.path, src)
@@ -410,8 +462,11 @@ def _from_hub(src: DataSource, dest_dir: Path, creds: dict, max_bytes: int) -> D
     cache = dest_dir / f".hf-cache-{src.param.replace('.', '_')}"
     try:
         try:
-            ds = datasets.load_dataset(ref.repo, ref.subset, split=split, revision=ref.revision,
-                                       token=creds.get("token"), cache_dir=str(cache))
+            ds = _within(deadline, lambda: datasets.load_dataset(
+                ref.repo, ref.subset, split=split, revision=ref.revision, token=creds.get("token"),
+                cache_dir=str(cache)))
+        except SourceError:
+            raise
         except Exception as e:  # the hub client raises many kinds (offline, not found, gated, bad split or subset)
             raise SourceError(_hub_problem(ref.repo, split, ref.revision, e), src.param) from None
         with _atomic(final) as partial:
@@ -419,6 +474,32 @@ def _from_hub(src: DataSource, dest_dir: Path, creds: dict, max_bytes: int) -> D
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     return src.model_copy(update={"path": str(final), "container": "parquet"})
+
+
+def _within(deadline: Deadline, work: Callable[[], Any]) -> Any:
+    """``work()``'s result, or the deadline's SourceError when it has not returned by then.
+
+    For downloads with no hook between reads (the datasets library's): the work runs in a daemon thread, which the
+    prepare process leaves behind when it reports the failure and exits.
+    """
+    if deadline.seconds <= 0:
+        return work()
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = work()
+        except BaseException as e:  # handed to the caller's thread
+            box["error"] = e
+
+    worker = threading.Thread(target=run, name="tuneyard-download", daemon=True)
+    worker.start()
+    worker.join(max(0.0, deadline.end - time.monotonic()))
+    if worker.is_alive():
+        raise deadline.error()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def _hub_problem(repo: str, split: str, revision: str | None, e: Exception) -> str:
@@ -499,7 +580,14 @@ def _data_files(root: Path, param: str) -> list[Path]:
     found = []
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root)
-        if any(part.startswith(".") for part in rel.parts) or not container_of_name(p.name) or not p.is_file():
+        if any(part.startswith(".") for part in rel.parts) or not container_of_name(p.name):
+            continue
+        special = special_kind(p)
+        if special is not None:
+            # A data file's name on a FIFO or device: skipping it would train on part of the data, reading it
+            # would block.
+            raise SourceError(f"'{p}' is not a regular file: it is {special}", param)
+        if not p.is_file():
             continue
         # The directory was confined to the allowed roots at submit; a link inside it must not lead elsewhere.
         if not p.resolve().is_relative_to(base):
@@ -530,6 +618,12 @@ def _combine(src: DataSource, files: list[Path], container: str, dest_dir: Path)
         return src.model_copy(update={"path": str(final), "container": "jsonl"})
     import datasets
 
+    for p in files:
+        # The library renames a repeated CSV column ("x.1") and keeps one of two Parquet ones: check each shard's
+        # header (and that it can be read at all) the way one file is checked.
+        first = next(iter_raw(p, container), None)
+        if first is not None and first[0] is None and first[2] is not None:
+            raise SourceError(f"'{p}': {first[2].render(None)}", src.param)
     builder = {"json": "json", "csv": "csv", "parquet": "parquet"}[container]
     final = dest_dir / f"{src.param.replace('.', '_')}.parquet"
     cache = dest_dir / f".combine-cache-{src.param.replace('.', '_')}"

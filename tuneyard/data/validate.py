@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import chain, islice
@@ -37,6 +38,7 @@ from tuneyard.data.formats import (
     normalize_format_name,
     unrecognised_row_message,
 )
+from tuneyard.filekind import special_kind
 
 CONTAINERS = ("jsonl", "json", "csv", "parquet")
 CODE_N_EXAMPLES = "invalid_n_examples"
@@ -297,6 +299,15 @@ def _cell(key: str, value: Any) -> Any:
     return value
 
 
+def column_problems(names: list[str], where: str) -> list[Problem]:
+    """Every empty and every repeated column name of a CSV header or Parquet schema (``where`` says which)."""
+    problems = [Problem(f"the {where} has an empty column name (column {i + 1})") for i, n in enumerate(names)
+                if not n]
+    repeated = [n for n, count in Counter(n for n in names if n).items() if count > 1]
+    problems += [Problem(f"the {where} repeats column '{n}'") for n in repeated]
+    return problems
+
+
 def _iter_csv(path: Path, columns: list[str] | None = None) -> Iterator[RawItem]:
     problem = _sniff_text(path, "CSV")
     if problem is not None:
@@ -314,16 +325,14 @@ def _iter_csv(path: Path, columns: list[str] | None = None) -> Iterator[RawItem]
             if header is None:
                 return
             header = [h.strip() for h in header]
+            problems = column_problems(header, "CSV header")
+            if problems:
+                # Before the columns are handed on: a bad header is the file's problem, not its format's.
+                for problem in problems:
+                    yield None, None, problem
+                return
             if columns is not None:
                 columns.extend(header)
-            bad = next((i for i, h in enumerate(header) if not h), None)
-            if bad is not None:
-                yield None, None, Problem(f"the CSV header has an empty column name (column {bad + 1})")
-                return
-            dup = next((h for i, h in enumerate(header) if h in header[:i]), None)
-            if dup is not None:
-                yield None, None, Problem(f"the CSV header names column '{dup}' twice")
-                return
             for cells in reader:
                 if not any(cell.strip() for cell in cells):
                     continue
@@ -353,8 +362,15 @@ def _iter_parquet(path: Path, columns: list[str] | None = None) -> Iterator[RawI
     except Exception as e:  # pyarrow raises several types for a damaged file
         yield None, None, Problem(f"invalid Parquet file ({e})")
         return
+    names = pf.schema_arrow.names
+    problems = column_problems(names, "Parquet schema")
+    if problems:
+        # A row would keep only the last of two same-named columns: the data would change without a word.
+        for problem in problems:
+            yield None, None, problem
+        return
     if columns is not None:
-        columns.extend(pf.schema_arrow.names)
+        columns.extend(names)
     i = 0
     try:
         for batch in pf.iter_batches(batch_size=1000):
@@ -407,7 +423,10 @@ def validate_file(path: str | Path, format: str = "auto", container: str = "auto
     if method not in METHODS:
         raise ValueError(f"unknown method '{method}'; expected one of {METHODS}")
     if not p.is_file():
-        report.add(None, Problem(f"{label} does not exist"))
+        special = special_kind(p)
+        what = (f"is not a regular file: '{p}' is {special}" if special else
+                f"is a directory, not a file ('{p}')" if p.is_dir() else "does not exist")
+        report.add(None, Problem(f"{label} {what}"))
         return report
     try:
         report.container = detect_container(p) if container == "auto" else container

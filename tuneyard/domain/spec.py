@@ -157,10 +157,15 @@ class ResourceSpec(_Strict):
 
 
 class IntegrationSpec(_Strict):
+    """An experiment tracker a caller asked for (wandb...); ``param`` names the field it came from."""
+
     type: str
     config: dict = Field(default_factory=dict)
+    param: str = "integrations"
 
 
+# The training methods the trainer runs in this installation: every refusal of a method, in every dialect, says
+# what is available from this (each dialect in its own words), so no message offers a method that is refused.
 class TrainingSpec(_Strict):
     """A whole fine-tuning run, independent of the dialect that asked for it."""
 

@@ -214,6 +214,13 @@ class JobService:
                                                                        bitsandbytes=bitsandbytes_available())
         for p in found:
             problems.add(InvalidRequest(p.message, param=p.param, code=p.code))
+        if spec.integrations:
+            # The trainer reports to no tracker (report_to="none"): accepting one would ignore it silently.
+            first = spec.integrations[0]
+            kinds = ", ".join(dict.fromkeys(i.type for i in spec.integrations))
+            problems.add(InvalidRequest(f"{first.param}: experiment tracking ({kinds}) is not available in this "
+                                        "installation yet, and the trainer would log nowhere; leave it out or send "
+                                        "it empty", param=first.param, code="unsupported_integration"))
 
     # ----- reading ----------------------------------------------------------------------------
     def get(self, who: Principal, job_id: str) -> Job:
@@ -348,20 +355,26 @@ class JobService:
 
     # ----- models -----------------------------------------------------------------------------
     def models(self, who: Principal) -> list[tuple[str, float, str]]:
-        """(id, created_at, owner) of the base models known here and the organisation's fine-tuned models."""
-        out: dict[str, tuple[str, float, str]] = {}
-        for m in self.settings.base_model_list:
-            out[m] = (m, 0.0, "tuneyard")
+        """(id, created_at, owner) of the configured base models and the organisation's fine-tuned models.
+
+        Only models that exist: a model a job merely named (one that failed with model_not_found, say) is not one.
+        """
+        out: dict[str, tuple[str, float, str]] = {m: (m, 0.0, "tuneyard") for m in self.settings.base_model_list}
         with self.store.session() as s:
-            for model, created in s.execute(select(Job.model, Job.created_at).where(visible(Job, who))):
-                out.setdefault(model, (model, created, "tuneyard"))
             for name, finished in s.execute(select(Job.fine_tuned_model, Job.finished_at).where(
-                    visible(Job, who), Job.fine_tuned_model.is_not(None))):
+                    visible(Job, who), Job.status == JobStatus.SUCCEEDED.value,
+                    Job.fine_tuned_model.is_not(None)).order_by(Job.finished_at)):
                 out[name] = (name, finished or 0.0, who.org_id)
         return list(out.values())
 
     def model(self, who: Principal, model_id: str) -> tuple[str, float, str]:
-        for m in self.models(who):
-            if m[0] == model_id:
-                return m
-        raise NotFound(f"The model '{model_id}' does not exist", param="model", code="model_not_found")
+        """One model of ``models``, or NotFound."""
+        if model_id in self.settings.base_model_list:
+            return model_id, 0.0, "tuneyard"
+        with self.store.session() as s:
+            row = s.execute(select(Job.finished_at).where(
+                visible(Job, who), Job.status == JobStatus.SUCCEEDED.value, Job.fine_tuned_model == model_id)
+                .limit(1)).first()
+        if row is None:
+            raise NotFound(f"The model '{model_id}' does not exist", param="model", code="model_not_found")
+        return model_id, row[0] or 0.0, who.org_id

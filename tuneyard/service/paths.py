@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 from tuneyard.domain.errors import InvalidRequest
+from tuneyard.filekind import special_kind
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
@@ -28,6 +29,10 @@ def confine(value: str, roots: list[Path], *, param: str, want_dir: bool | None 
                              "set TUNEYARD_LOCAL_ROOTS to allow it", param=param, code="path_not_allowed")
     if not p.exists():
         raise InvalidRequest(f"{param}: '{value}' does not exist", param=param, code="path_not_found")
+    special = special_kind(p)
+    if special is not None:
+        # Opening one would block (a FIFO) or read for ever (a device): refused before anything reads it.
+        raise InvalidRequest(f"{param}: '{value}' is not a regular file or directory: it is {special}", param=param)
     if want_dir is True and not p.is_dir():
         raise InvalidRequest(f"{param}: '{value}' is not a directory", param=param)
     if want_dir is False and not p.is_file():

@@ -157,6 +157,8 @@ TEXT_FILES.update({
     "csv_empty_output_cell.csv": csv_text([["instruction", "output"], ["Capital of France?", "Paris."],
                                            ["Capital of Spain?", ""]]),
     "csv_duplicate_column.csv": csv_text([["prompt", "completion", "prompt"], ["Capital of France?", "Paris.", "x"]]),
+    # Without its repeat the header names no format: the repeat, not the format, is what is wrong.
+    "csv_repeated_column_no_format.csv": csv_text([["prompt", "prompt", ""], ["Capital of France?", "Paris.", "x"]]),
 })
 
 
@@ -166,6 +168,16 @@ def parquet(rows: list[dict]) -> bytes:
 
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows), buf)
+    return buf.getvalue()
+
+
+def parquet_columns(names: list[str], columns: list[list]) -> bytes:
+    """A Parquet file from columns, so that two may share a name (from_pylist cannot write that)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_arrays([pa.array(c) for c in columns], names=names), buf)
     return buf.getvalue()
 
 
@@ -189,6 +201,8 @@ def binary_files() -> dict[str, bytes]:
                                                                        {"role": "bot", "content": "Paris."}]}]),
         "parquet_truncated.parquet": parquet([chat()] * 20)[:-40],
         "dpo_parquet_missing_rejected.parquet": parquet([{"prompt": "Capital of France?", "chosen": "Paris."}]),
+        "parquet_repeated_column.parquet": parquet_columns(["prompt", "completion", "prompt"],
+                                                           [["Capital of France?"], ["Paris."], ["x"]]),
     }
 
 

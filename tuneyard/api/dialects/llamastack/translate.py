@@ -23,6 +23,7 @@ from tuneyard.domain.spec import (
     AdapterSpec,
     DataSpec,
     Hyperparameters,
+    IntegrationSpec,
     ModelSpec,
     ResourceSpec,
     ScheduleSpec,
@@ -48,6 +49,8 @@ MLP_MODULES = ["gate_proj", "up_proj", "down_proj"]
 DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32",
           "fp16": "float16", "float16": "float16"}
 DATA = "training_config.data_config"
+# Trackers a logger_config may name by a key of its own ({"wandb": {...}}), for the refusal's wording.
+KNOWN_LOGGERS = ("wandb", "tensorboard", "mlflow", "comet", "neptune", "aim", "clearml")
 # The service names fields by their TrainingSpec role; Llama Stack callers know them by these paths.
 SERVICE_PARAMS = {
     "model": "model", "quant_bits": "algorithm_config.quantize_base", "torch_dtype": "training_config.dtype",
@@ -119,9 +122,18 @@ def to_submission(req: SupervisedFineTuneIn, who: Principal, datasets: DatasetSe
                       shuffle=dc.shuffle),
         adapter=adapter, hyperparameters=hyper,
         schedule=ScheduleSpec(max_validation_steps=tc.max_validation_steps),
-        resources=ResourceSpec(), export_dir=export)
-    return Submission(spec=spec, dialect=DIALECT, request=req.model_dump(mode="json"), external_id=req.job_uuid,
-                      metadata={"logger_config": str(req.logger_config)[:512]} if req.logger_config else None)
+        resources=ResourceSpec(), export_dir=export, integrations=_integrations(req.logger_config))
+    return Submission(spec=spec, dialect=DIALECT, request=req.model_dump(mode="json"), external_id=req.job_uuid)
+
+
+def _integrations(logger_config: dict) -> list[IntegrationSpec]:
+    """A non-empty logger_config asks for a tracker (wandb, tensorboard...): the service refuses what it cannot run."""
+    if not logger_config:
+        return []
+    kind = next((str(logger_config[k]) for k in ("type", "logger", "backend") if logger_config.get(k)), None)
+    if kind is None:
+        kind = next((k for k in logger_config if k in KNOWN_LOGGERS), "logger")
+    return [IntegrationSpec(type=kind, config=logger_config, param="logger_config")]
 
 
 def _adapter(cfg: LoraConfig | QatConfig | None) -> tuple[AdapterSpec, int | None]:

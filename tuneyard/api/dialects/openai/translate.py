@@ -14,6 +14,7 @@ from tuneyard.api.dialects.openai.schemas import (
     JobOut,
     MethodBody,
 )
+from tuneyard.domain import capabilities
 from tuneyard.domain.errors import InvalidRequest, Problems
 from tuneyard.domain.jobs import fine_tuned_model_name
 from tuneyard.domain.spec import (
@@ -29,6 +30,8 @@ from tuneyard.service.jobs import Submission
 from tuneyard.store.models import Checkpoint, File, Job, JobEvent
 
 DIALECT = "openai"
+# method.type -> TrainingSpec.method (reinforcement has no counterpart).
+METHODS = {"supervised": "sft", "dpo": "dpo"}
 
 
 def to_submission(req: CreateJobIn, idempotency_key: str | None, problems: Problems) -> Submission:
@@ -40,7 +43,8 @@ def to_submission(req: CreateJobIn, idempotency_key: str | None, problems: Probl
     method_type = req.method.type if req.method else "supervised"
     if method_type == "reinforcement":
         problems.add(InvalidRequest("Reinforcement fine-tuning needs graders, which tuneyard does not provide; use "
-                                    "'supervised' or 'dpo'", param="method.type", code="unsupported_method"))
+                                    f"{capabilities.available(METHODS)}", param="method.type",
+                                    code="unsupported_method"))
     hp = _method_hyperparameters(req, method_type, problems)
     adapter = AdapterSpec(type="full" if hp.lora is False else "lora")
     if hp.lora is False and any(v is not None for v in (hp.lora_r, hp.lora_alpha, hp.lora_dropout)):
@@ -68,10 +72,10 @@ def to_submission(req: CreateJobIn, idempotency_key: str | None, problems: Probl
         max_grad_norm=hp.max_grad_norm if hp.max_grad_norm is not None else 1.0,
         beta=(hp.beta if hp.beta is not None else "auto") if method_type == "dpo" else None,
     )
-    integrations = [IntegrationSpec(type=i.type, config=i.wandb.model_dump(exclude_none=True))
+    integrations = [IntegrationSpec(type=i.type, config=i.wandb.model_dump(exclude_none=True), param="integrations")
                     for i in req.integrations or []]
     seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
-    spec = TrainingSpec(method="dpo" if method_type == "dpo" else "sft", model=ModelSpec(name=req.model),
+    spec = TrainingSpec(method=METHODS[method_type], model=ModelSpec(name=req.model),
                         data=data, adapter=adapter, hyperparameters=hyper, seed=seed, integrations=integrations)
     echo = {"method": {"type": method_type}, "integrations": [i.model_dump(exclude_none=True)
                                                               for i in req.integrations or []] or None,

@@ -25,6 +25,7 @@ from tuneyard.api.dialects.simplismart.schemas import (
     ModelDetails,
     TrainConfig,
 )
+from tuneyard.domain import capabilities
 from tuneyard.domain.errors import InvalidRequest, Problems, TuneyardError
 from tuneyard.domain.jobs import JobStatus
 from tuneyard.domain.spec import (
@@ -43,6 +44,8 @@ from tuneyard.service.paths import looks_like_path
 from tuneyard.store.models import Job, JobEvent
 
 DIALECT = "simplismart"
+# train_config.type -> TrainingSpec.method (ppo has no counterpart).
+METHODS = {"sft": "sft", "dpo": "dpo"}
 DEFAULT_MAX_LENGTH = 2048
 # tuneyard executes the job whatever the caller calls its tuner; these names all mean "the PEFT/TRL stack".
 TUNER_BACKENDS = {"simplismart", "tuneyard", "peft", "trl", "transformers", "huggingface"}
@@ -140,8 +143,9 @@ def _to_submission(org: str, experiment_name: str, c: dict[str, Any], problems: 
     ic: InfraConfig = c["infra_config"]
 
     if tc.type == "ppo":
-        problems.add(InvalidRequest("train_config.type 'ppo' needs a reward model, which tuneyard does not train; "
-                                    "use 'sft'", param="train_config.type", code="unsupported_method"))
+        problems.add(InvalidRequest("train_config.type 'ppo' needs a reward model, which tuneyard does not train; use "
+                                    f"{capabilities.available(METHODS)}", param="train_config.type",
+                                    code="unsupported_method"))
     if tc.task_type != "causal_lm":
         problems.add(InvalidRequest(f"train_config.task_type '{tc.task_type}': tuneyard trains causal language "
                                     "models only", param="train_config.task_type"))
@@ -181,7 +185,7 @@ def _spec(dc: DatasetConfig, tc: TrainConfig, ic: InfraConfig, model: ModelSpec,
                     system_prompt=pre.prompt.system, template=pre.prompt.template,
                     max_length=pre.prompt.max_length or DEFAULT_MAX_LENGTH, lazy_tokenize=pre.lazy_tokenize,
                     streaming=pre.streaming)
-    return TrainingSpec(method="dpo" if tc.type == "dpo" else "sft", model=model, data=data, adapter=adapter,
+    return TrainingSpec(method=METHODS[tc.type], model=model, data=data, adapter=adapter,
                         hyperparameters=hyper, schedule=schedule, resources=resources)
 
 
