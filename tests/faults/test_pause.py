@@ -22,7 +22,7 @@ from tuneyard.scheduler.local import job_processes
 from tuneyard.service.jobs import PAUSING_MESSAGE
 
 pytestmark = pytest.mark.slow
-STEPS = 4 * 12  # 4 epochs of the 12 sample rows, one row a step: a metrics event and a stop check each step
+EPOCH = 12  # the 12 sample rows, one a step: a metrics event, a stop check each step; a checkpoint each epoch
 
 
 def _trained(root: Path) -> list[int]:
@@ -44,9 +44,9 @@ def _signal(root: Path, sig: int) -> None:
         os.kill(pid, sig)
 
 
-def _create(srv, client, f):
+def _create(srv, client, f, epochs: int):
     job = client.fine_tuning.jobs.create(model=str(srv.local / "tiny-llama"), training_file=f.id,
-                                         hyperparameters={"n_epochs": 4, "batch_size": 1})
+                                         hyperparameters={"n_epochs": epochs, "batch_size": 1})
     return job, srv.home / "jobs" / "acme" / job.id
 
 
@@ -60,7 +60,8 @@ def _wait_not_running(client, job_id: str, timeout: float = 90):
 
 def test_paused_only_once_the_checkpoint_of_the_stop_step_is_complete(setup):
     srv, key, client, f = setup
-    job, root = _create(srv, client, f)
+    steps = 2 * EPOCH
+    job, root = _create(srv, client, f, 2)
     _until(lambda: len(_trained(root)) >= 2)
     _signal(root, signal.SIGSTOP)  # a busy machine: the trainer makes no progress for a while
     try:
@@ -93,18 +94,18 @@ def test_paused_only_once_the_checkpoint_of_the_stop_step_is_complete(setup):
 
     assert client.fine_tuning.jobs.resume(job.id).status == "queued"
     assert wait_done(client, job.id).status == "succeeded"
-    assert any(m.startswith(f"Training resumed at step {step}/{STEPS}") for m in _messages(client, job.id))
+    assert any(m.startswith(f"Training resumed at step {step}/{steps}") for m in _messages(client, job.id))
     # Across both attempts each step was trained exactly once, as in an uninterrupted run.
-    assert sorted(_trained(root)) == list(range(1, STEPS + 1))
-    assert train_steps(client, job.id) == list(range(1, STEPS + 1))
+    assert sorted(_trained(root)) == list(range(1, steps + 1))
+    assert train_steps(client, job.id) == list(range(1, steps + 1))
 
 
 def test_queued_pause_crash_while_pausing_and_cancel_while_pausing(setup):
     srv, key, client, f = setup
-    job, root = _create(srv, client, f)
+    job, root = _create(srv, client, f, 4)  # after the resume at step 12, 36 steps to be stopped in
     _until(lambda: any(e["type"] == "checkpoint" for e in iter_events(root / "events.jsonl")))  # end of epoch 1
     # The only CPU slot is taken: a second job waits in the queue, and with no trainer it pauses at once.
-    queued, _ = _create(srv, client, f)
+    queued, _ = _create(srv, client, f, 1)
     _until(lambda: client.fine_tuning.jobs.retrieve(queued.id).status == "queued", every=0.2)
     assert client.fine_tuning.jobs.pause(queued.id).status == "paused"
 
@@ -113,16 +114,17 @@ def test_queued_pause_crash_while_pausing_and_cancel_while_pausing(setup):
     assert client.fine_tuning.jobs.pause(job.id).status == "running"
     _signal(root, signal.SIGKILL)
     j = _wait_not_running(client, job.id)
-    assert j.status == "paused" and j.trained_steps == 12, (j.status, j.trained_steps)
-    assert max(c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id).data) == 12
-    assert max(train_steps(client, job.id)) == 12  # the steps lost with the trainer are not reported
+    assert j.status == "paused" and j.trained_steps == EPOCH, (j.status, j.trained_steps)
+    assert not job_processes(root)
+    assert max(c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id).data) == EPOCH
+    assert max(train_steps(client, job.id)) == EPOCH  # the steps lost with the trainer are not reported
     assert any(m.startswith("The trainer exited unexpectedly (exit code -9) while pausing; paused at the newest "
-                            "complete checkpoint, step 12") for m in _messages(client, job.id))
+                            f"complete checkpoint, step {EPOCH}") for m in _messages(client, job.id))
 
     # Resumed from there; then cancelled while pausing: the cancel wins, nothing pauses afterwards.
     client.fine_tuning.jobs.resume(job.id)
-    _until(lambda: any(m.startswith(f"Training resumed at step 12/{STEPS}") for m in _messages(client, job.id)),
-           every=0.2)
+    _until(lambda: any(e["message"].startswith(f"Training resumed at step {EPOCH}/{4 * EPOCH}")
+                       for e in iter_events(root / "events.jsonl")))
     _signal(root, signal.SIGSTOP)
     try:
         assert client.fine_tuning.jobs.pause(job.id).status == "running"
