@@ -35,6 +35,8 @@ from typing import Any
 from tuneyard import jsontext
 
 EVENT_TYPES = ("message", "metrics", "checkpoint", "progress")
+# Written last into a checkpoint directory by the trainer: its presence is what makes the checkpoint resumable.
+CHECKPOINT_MARKER = "tuneyard_checkpoint.json"
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,16 @@ class JobDir:
             return p.read_text().strip() or "stop"
         except FileNotFoundError:
             return None
+
+
+def latest_complete_checkpoint(checkpoints: Path) -> Path | None:
+    """The checkpoint with the highest step that carries the completion marker, if any."""
+    found = []
+    for d in checkpoints.glob("checkpoint-*"):
+        step = d.name.removeprefix("checkpoint-")
+        if step.isdigit() and (d / CHECKPOINT_MARKER).is_file():
+            found.append((int(step), d))
+    return max(found)[1] if found else None
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

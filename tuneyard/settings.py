@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     # starts in milliseconds instead of seconds, for the memory of one idle Python process with transformers.
     prepare_standby: bool = True
     cancel_grace_seconds: float = 3.0
+    # How long a pausing trainer may take to finish its step and write its checkpoint before it is killed (the
+    # job is then paused at its newest complete checkpoint, and the steps after it are lost).
+    pause_grace_seconds: float = 600.0
     # On SIGTERM a worker asks its trainers to checkpoint and requeues their jobs, waiting this long;
     # 0: it stops at once and leaves them running, to be re-adopted by its next start on this machine.
     drain_seconds: float = 60.0

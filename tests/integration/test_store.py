@@ -226,7 +226,7 @@ def test_rows_stored_with_lone_surrogates_are_repaired_on_upgrade(store):
         job.request = {"suffix": ["\udc00"]}
         add_event(s, jid, "event", data={"k\ud801": 1})
     with store.engine.begin() as conn:
-        conn.exec_driver_sql("UPDATE alembic_version SET version_num = '0005'")
+        conn.exec_driver_sql("UPDATE alembic_version SET version_num = '0006'")
     migrate(store.engine)
     with store.session() as s:
         job = s.scalar(select(Job).where(Job.id == jid))

@@ -33,6 +33,8 @@ class Proc:
     gpus: list[int] = field(default_factory=list)
     cpu_slot: bool = False
     stop_sent_at: float | None = None
+    # What the last stop request sent to it asked for ("cancel", "pause", "drain"): a cancel overrides a pause.
+    stop_reason: str | None = None
     term_sent_at: float | None = None
     # The job directory: every process of the job has it on its command line (see job_processes).
     root: Path | None = None
@@ -244,6 +246,7 @@ class LocalLauncher:
         """Ask the trainer to stop at its next step (it checkpoints first when pausing)."""
         jd.control.mkdir(parents=True, exist_ok=True)
         (jd.control / "stop").write_text(reason)
+        proc.stop_reason = reason
 
     @staticmethod
     def terminate(proc: Proc) -> None:

@@ -29,7 +29,7 @@ from sqlalchemy import or_, select, update
 from tuneyard.data.sources import CREDENTIALS_ENV
 from tuneyard.domain.jobs import JobStatus, fine_tuned_model_name
 from tuneyard.domain.spec import TrainingSpec
-from tuneyard.jobdir import JobDir, iter_events, read_json
+from tuneyard.jobdir import CHECKPOINT_MARKER, JobDir, iter_events, latest_complete_checkpoint, read_json
 from tuneyard.scheduler.capacity import Capacity, detect
 from tuneyard.scheduler.local import (
     LocalLauncher,
@@ -96,8 +96,8 @@ class Worker:
         self._draining = True
         log.info("draining %d job(s) for up to %.0f s", len(self.procs), seconds)
         for proc in list(self.procs.values()):
-            if proc.stop_sent_at is not None:
-                continue  # being cancelled or paused already: that goes on
+            if proc.stop_sent_at is not None or proc.root is not None and JobDir(proc.root).stop_requested():
+                continue  # being cancelled or paused already (maybe asked by the API, not yet by us): that goes on
             if proc.phase == "train":
                 self.launcher.stop(proc, JobDir(proc.root), "drain")
             else:
@@ -190,7 +190,15 @@ class Worker:
                               "the running trainer", level="warn")
                 continue
             with self.store.session() as s:
-                if job.attempt < MAX_ATTEMPTS:
+                if job.pause_requested_at is not None:
+                    # Pausing when its worker was lost: paused at the checkpoint the trainer left, not retried.
+                    res = read_json(jd.result) or {}
+                    if res.get("status") == "stopped":
+                        self._pause(s, job, jd, res=res)
+                    else:
+                        self._pause(s, job, jd, died=f"Worker {job.worker_id} was lost with the trainer while "
+                                                     "pausing")
+                elif job.attempt < MAX_ATTEMPTS:
                     if transition(s, job.id, JobStatus.QUEUED, expect={JobStatus.RUNNING}, worker_id=None,
                                   lease_expires_at=None, pid=None):
                         add_event(s, job.id, f"Worker {job.worker_id} was lost with the trainer; retrying from the "
@@ -246,20 +254,24 @@ class Worker:
     def _enforce_control(self, job: Job, jd: JobDir, proc: Proc) -> None:
         status = JobStatus(job.status)
         wanted = {JobStatus.CANCELLED: "cancel", JobStatus.PAUSED: "pause", JobStatus.FAILED: "cancel"}.get(status)
+        if status == JobStatus.RUNNING and job.pause_requested_at is not None:
+            wanted = "pause"  # the job stays running until the trainer has stopped with its checkpoint
         if wanted is None:
             return
         now = time.time()
-        if proc.stop_sent_at is None:
+        if proc.stop_reason != wanted or proc.stop_sent_at is None:
+            # The API wrote the request already; writing it again covers one lost in a race with the start of
+            # the trainer, and a cancel replaces a pause still under way.
             self.launcher.stop(proc, jd, wanted)
             proc.stop_sent_at = now
         # A prepare step has nothing to save; a cancelled trainer gets a few seconds to stop at a step
-        # boundary; a pausing one may need longer to write its checkpoint.
+        # boundary; a pausing one must finish its step and write its checkpoint.
         if proc.phase == "prepare":
             grace = 0.0
         elif wanted == "cancel":
             grace = self.settings.cancel_grace_seconds
         else:
-            grace = 120.0
+            grace = self.settings.pause_grace_seconds
         if proc.term_sent_at is None and now - proc.stop_sent_at >= grace:
             self.launcher.terminate(proc)
             proc.term_sent_at = now
@@ -466,7 +478,7 @@ class Worker:
             with self.store.session() as s:
                 won = transition(s, job.id, JobStatus.RUNNING, expect={JobStatus.QUEUED}, worker_id=self.worker_id,
                                  lease_expires_at=now + self.settings.lease_seconds, attempt=job.attempt + 1,
-                                 started_at=job.started_at or now)
+                                 started_at=job.started_at or now, pause_requested_at=None)
                 if won:
                     add_event(s, job.id, "Fine-tuning job started" if job.attempt == 0 and not job.trained_steps
                               else f"Fine-tuning job restarted (attempt {job.attempt + 1})")
@@ -498,14 +510,21 @@ class Worker:
                            "gradient checkpointing"}}
         outcome = res.get("status")
         with self.store.session() as s:
-            current = s.scalar(select(Job.status).where(Job.id == job.id))
+            current, pausing = s.execute(select(Job.status, Job.pause_requested_at).where(Job.id == job.id)).one()
             s.execute(update(Job).where(Job.id == job.id).values(pid=None, lease_expires_at=None))
             if current != JobStatus.RUNNING:
-                # Cancelled or paused meanwhile: that status stands; a pause is resumed from the checkpoint.
+                # Cancelled meanwhile (or paused at once by an earlier release): that status stands.
                 s.execute(update(Job).where(Job.id == job.id).values(worker_id=None))
                 return
             if outcome == "succeeded":
+                if pausing is not None:
+                    add_event(s, job.id, "The trainer finished its last step before it could pause")
                 self._succeed(s, job, jd, res)
+                return
+            if outcome == "stopped" and (res.get("reason") == "pause" or pausing is not None
+                                         and res.get("reason") == "drain"):
+                # Stopped at a step boundary with its checkpoint written (a drain's counts as the pause's).
+                self._pause(s, job, jd, res=res)
                 return
             if outcome == "stopped" and res.get("reason") == "drain":
                 # Not a failed attempt: the restart continues this one from its checkpoint.
@@ -532,6 +551,10 @@ class Worker:
                                    "kept"})):
                     add_event(s, job.id, "Fine-tuning job failed: the disk is full", level="error")
                 return
+            if pausing is not None:
+                # The user asked for a pause: honour it at the last checkpoint that is whole, never retry.
+                self._pause(s, job, jd, died=f"The trainer exited unexpectedly (exit code {code}) while pausing")
+                return
             if job.attempt < MAX_ATTEMPTS:
                 if transition(s, job.id, JobStatus.QUEUED, expect={JobStatus.RUNNING}, worker_id=None):
                     add_event(s, job.id, f"Trainer exited unexpectedly (exit code {code}); retrying from the "
@@ -542,6 +565,37 @@ class Worker:
                     "message": f"the trainer exited unexpectedly (exit code {code}) {job.attempt} times; "
                                f"see the logs in {jd.logs}"})):
                 add_event(s, job.id, "Fine-tuning job failed: the trainer kept crashing", level="error")
+
+    def _pause(self, s, job: Job, jd: JobDir, *, res: dict | None = None, died: str | None = None) -> None:
+        """Move a pausing job whose trainer is gone to ``paused`` at its newest complete checkpoint.
+
+        ``res``: the trainer's result, it stopped on request, so that checkpoint must be of the step it stopped
+        at. ``died``: it ended before saving (says how); the steps after the newest complete checkpoint are
+        lost, so their metrics go and the job claims only what that checkpoint holds.
+        """
+        ckpt = latest_complete_checkpoint(jd.checkpoints) if jd.checkpoints.is_dir() else None
+        mark = (read_json(ckpt / CHECKPOINT_MARKER) or {}) if ckpt is not None else {}
+        step = int(mark.get("step") or 0)
+        if res is not None and int(res.get("step") or 0) != step:
+            died = f"The trainer stopped at step {res.get('step')} without a complete checkpoint of it"
+        values: dict[str, Any] = {"worker_id": None, "lease_expires_at": None, "pid": None,
+                                  "pause_requested_at": None, "estimated_finish": None, "trained_steps": step}
+        if isinstance(mark.get("trained_tokens"), int):
+            values["trained_tokens"] = mark["trained_tokens"]
+        if died is None:
+            values["attempt"] = max(0, job.attempt - 1)  # a pause is not a failed attempt
+        if not transition(s, job.id, JobStatus.PAUSED, expect={JobStatus.RUNNING}, **values):
+            return
+        data = {"step": step, "checkpoint": str(ckpt) if ckpt else None}
+        if died is None:
+            where = f"at step {step}; resume continues from its checkpoint" if ckpt else \
+                "before its first step; resume starts from the beginning"
+            add_event(s, job.id, f"Fine-tuning job paused {where}", data=data)
+            return
+        self._supersede_metrics(s, job.id, step)
+        where = f"at the newest complete checkpoint, step {step}; resume continues from there" if ckpt else \
+            "with no complete checkpoint; resume starts from the beginning"
+        add_event(s, job.id, f"{died}; paused {where}", level="warn", data=data)
 
     def _succeed(self, s, job: Job, jd: JobDir, res: dict) -> None:
         export = (job.spec or {}).get("export_dir")

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from tuneyard.data.sources import SECRET_TYPES, check_uri, hub_local_dir, is_uri, kind_of, parse_hub
@@ -29,6 +29,7 @@ from tuneyard.store.db import Store
 from tuneyard.store.models import Checkpoint, File, Job, JobEvent
 from tuneyard.store.repo import add_event, page, transition
 
+PAUSING_MESSAGE = "Pausing fine-tuning job: saving a checkpoint at the next step"
 ACTIVE = [JobStatus.VALIDATING_FILES, JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.PAUSED]
 METADATA_KEY = re.compile(r"^metadata\[(.+)\]$")
 
@@ -320,18 +321,44 @@ class JobService:
         return self.get(who, job_id)
 
     def pause(self, who: Principal, job_id: str) -> Job:
-        """Pause a queued or running job: a running trainer checkpoints and frees its devices."""
+        """Pause a queued job at once; ask a running one's trainer to checkpoint at its next step.
+
+        A running job stays ``running`` (with a "pausing" event) until its trainer has stopped and its
+        checkpoint is complete; its worker then moves it to ``paused``. Asking again while it is pausing
+        changes nothing and returns the job.
+        """
         job = self.get(who, job_id)
-        if job.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
-            raise Conflict(f"Only queued or running jobs can be paused; {job_id} is {job.status}",
-                           code="invalid_state")
-        self._request_stop(job, "pause")
-        with self.store.session() as s:
-            if not transition(s, job_id, JobStatus.PAUSED, expect={JobStatus.QUEUED, JobStatus.RUNNING}):
-                raise Conflict(f"Fine-tuning job {job_id} changed state; try again", code="invalid_state")
-            add_event(s, job_id, "Fine-tuning job paused by request")
-            record_by(s, who, "job.pause", job_id)
-        return self.get(who, job_id)
+        # A queued job may start meanwhile: then it is paused as a running one (at most a few tries).
+        for _ in range(3):
+            if job.status == JobStatus.QUEUED:
+                with self.store.session() as s:
+                    won = transition(s, job_id, JobStatus.PAUSED, expect={JobStatus.QUEUED})
+                    if won:
+                        add_event(s, job_id, "Fine-tuning job paused by request")
+                        record_by(s, who, "job.pause", job_id)
+                if won:
+                    return self.get(who, job_id)
+            elif job.status == JobStatus.RUNNING:
+                if job.pause_requested_at is not None:
+                    return job
+                now = time.time()
+                with self.store.session() as s:
+                    won = s.execute(update(Job).where(
+                        Job.id == job_id, Job.status == JobStatus.RUNNING, Job.pause_requested_at.is_(None),
+                    ).values(pause_requested_at=now, updated_at=now)).rowcount == 1
+                    if won:
+                        add_event(s, job_id, PAUSING_MESSAGE, data={"pausing": True})
+                        record_by(s, who, "job.pause", job_id)
+                if won:
+                    # Written once the request is stored: the trainer must not pause a job the database
+                    # does not know is pausing. The worker writes it again should this write be lost.
+                    self._request_stop(job, "pause")
+                    return self.get(who, job_id)
+            else:
+                raise Conflict(f"Only queued or running jobs can be paused; {job_id} is {job.status}",
+                               code="invalid_state")
+            job = self.get(who, job_id)
+        raise Conflict(f"Fine-tuning job {job_id} changed state; try again", code="invalid_state")
 
     def resume(self, who: Principal, job_id: str) -> Job:
         """Put a paused job back in the queue; it continues from its latest checkpoint."""

@@ -121,6 +121,9 @@ class Job(Base):
     lease_expires_at: Mapped[float | None] = mapped_column(Float)
     pid: Mapped[int | None] = mapped_column(Integer)
     attempt: Mapped[int] = mapped_column(Integer, default=0)
+    # When a pause of the running trainer was asked for (None: not pausing). The job stays ``running``
+    # until its trainer has stopped and its checkpoint is complete; cleared when a trainer starts.
+    pause_requested_at: Mapped[float | None] = mapped_column(Float)
     # Highest event seq of the job's event file already recorded.
     events_seq: Mapped[int] = mapped_column(Integer, default=0)
 

@@ -26,13 +26,15 @@ import torch.distributed as dist
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from tuneyard.domain import metrics
-from tuneyard.jobdir import JobDir, write_json_atomic
+# The marker and the lookup live with the job directory's layout: the worker reads them without torch.
+from tuneyard.jobdir import CHECKPOINT_MARKER, JobDir, latest_complete_checkpoint, write_json_atomic
 from tuneyard.trainer.runtime import Reporter
 
 log = logging.getLogger("tuneyard.trainer")
 
-# Written last into a checkpoint directory: its presence is what makes the checkpoint resumable.
-CHECKPOINT_MARKER = "tuneyard_checkpoint.json"
+__all__ = ["CHECKPOINT_MARKER", "SAVING_STOPS", "ProgressCallback", "StopCallback", "keep_newest_and_best",
+           "latest_complete_checkpoint"]
+
 # Sent in every metrics event (None when the recipe does not log it), as before the vocabulary existed.
 _ALWAYS = {"train_loss", "train_mean_token_accuracy", "learning_rate", "grad_norm", "valid_loss",
            "valid_mean_token_accuracy"}
@@ -40,16 +42,6 @@ _STOP_CODES = {None: 0, "cancel": 1, "pause": 2, "drain": 3}
 # Stops that save a checkpoint first: a pause (resumed by the user), a drain (the worker shutting down;
 # the job goes back to the queue and resumes from it).
 SAVING_STOPS = ("pause", "drain")
-
-
-def latest_complete_checkpoint(checkpoints: Path) -> Path | None:
-    """The checkpoint with the highest step that carries the completion marker, if any."""
-    found = []
-    for d in checkpoints.glob("checkpoint-*"):
-        step = d.name.removeprefix("checkpoint-")
-        if step.isdigit() and (d / CHECKPOINT_MARKER).is_file():
-            found.append((int(step), d))
-    return max(found)[1] if found else None
 
 
 def _distributed() -> bool:
