@@ -26,6 +26,7 @@ import torch.distributed as dist
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from tuneyard.domain import metrics
+
 # The marker and the lookup live with the job directory's layout: the worker reads them without torch.
 from tuneyard.jobdir import CHECKPOINT_MARKER, JobDir, latest_complete_checkpoint, write_json_atomic
 from tuneyard.trainer.runtime import Reporter
