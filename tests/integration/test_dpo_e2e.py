@@ -20,7 +20,7 @@ CITIES = [("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Spain", 
           ("Peru", "Lima"), ("Kenya", "Nairobi"), ("Chile", "Santiago"), ("Cuba", "Havana"), ("Iran", "Tehran"),
           ("Iraq", "Baghdad"), ("Mali", "Bamako")]
 HELD_OUT = [("Norway", "Oslo"), ("Greece", "Athens"), ("Poland", "Warsaw")]
-DPO = {"n_epochs": 6, "batch_size": 4, "learning_rate_multiplier": 20, "beta": 0.1}
+DPO = {"n_epochs": 6, "batch_size": 4, "learning_rate_multiplier": 80, "beta": 0.1}
 
 
 def chosen(city: str) -> str:

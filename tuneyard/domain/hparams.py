@@ -13,8 +13,11 @@ MIN_TARGET_EXAMPLES = 100
 MAX_TARGET_EXAMPLES = 25_000
 MIN_AUTO_EPOCHS = 1
 MAX_AUTO_EPOCHS = 25
-# Base learning rates that learning_rate_multiplier scales.
-BASE_LR = {"lora": 2e-4, "full": 2e-5}
+# Base learning rates that learning_rate_multiplier scales, by recipe and adapter: preference training moves
+# further from the start with each step than SFT does, and is run an order of magnitude or more slower.
+BASE_LR = {("sft", "lora"): 2e-4, ("sft", "full"): 2e-5, ("dpo", "lora"): 5e-5, ("dpo", "full"): 1e-6}
+# DPO's temperature when "auto": TRL's and the DPO paper's default.
+AUTO_BETA = 0.1
 MAX_MICRO_BATCH = 8
 
 
@@ -78,9 +81,9 @@ def resolve(spec: TrainingSpec, n_examples: int) -> TrainingSpec:
     if hp.learning_rate_multiplier == "auto":
         hp.learning_rate_multiplier = 1.0
     if hp.beta == "auto":
-        hp.beta = 0.1
+        hp.beta = AUTO_BETA
     if hp.learning_rate is None:
-        hp.learning_rate = BASE_LR[spec.adapter.type] * float(hp.learning_rate_multiplier)
+        hp.learning_rate = BASE_LR[spec.method, spec.adapter.type] * float(hp.learning_rate_multiplier)
     micro, accum = micro_batching(hp.batch_size, spec.world_size, hp.per_device_batch_size,
                                   hp.gradient_accumulation_steps)
     hp.per_device_batch_size, hp.gradient_accumulation_steps = micro, accum
