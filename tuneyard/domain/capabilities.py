@@ -26,6 +26,7 @@ DATA_OPTIONS = {
 }
 # Hyperparameters that belong to one recipe: the Hyperparameters field -> what it is.
 RECIPE_HYPERPARAMETERS = {"beta": "the DPO temperature", "dpo_loss": "the preference loss"}
+MODEL_TYPES = {"llm": "text (causal language)", "vlm": "vision-language"}
 # The preference losses of TRL's DPOTrainer that tuneyard offers (Llama Stack's DPOLossType names them too).
 DPO_LOSSES = ("sigmoid", "hinge", "ipo")
 
@@ -86,8 +87,8 @@ def check(spec: TrainingSpec) -> list[Problem]:
         no("method", f"there is no '{spec.method}' recipe; there are {sorted(RECIPES)}", "unsupported_method")
         return out
     if spec.model.model_type not in recipe.model_types:
-        no("model_type", f"{recipe.title} does not train '{spec.model.model_type}' models in this installation "
-                         f"(it trains {sorted(recipe.model_types)})", "unsupported_model_type")
+        no("model_type", f"{recipe.title} does not train {MODEL_TYPES[spec.model.model_type]} models "
+                         f"('{spec.model.model_type}') in this installation yet", "unsupported_model_type")
     if spec.adapter.type not in recipe.adapters:
         no("adapter", f"{recipe.title} does not train with adapter '{spec.adapter.type}'")
     bits = None if spec.model.quant_bits == 16 else spec.model.quant_bits
