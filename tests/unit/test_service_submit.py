@@ -59,7 +59,11 @@ def submit(svc, file_id, **over):
     ({"data": {"streaming": True, "packing": True}}, "streaming", "cannot be combined"),
     ({"data": {"lazy_tokenize": True, "packing": True}}, "lazy_tokenize", "cannot be combined"),
     ({"data": {"lazy_tokenize": True, "truncation": "drop"}}, "lazy_tokenize", "keeps every row"),
-    ({"method": "dpo"}, "method", r"\(DPO\) is not available .* supervised fine-tuning only"),
+    # DPO is a recipe now; what it does not take is refused from the capabilities table.
+    ({"method": "dpo", "data": {"packing": True}}, "packing", r"not available for preference optimisation"),
+    ({"method": "dpo", "data": {"train_on_input": True}}, "train_on_input", r"preference optimisation"),
+    ({"method": "dpo", "hyperparameters": {"dpo_loss": "kto_pair"}}, "dpo_loss", r"'kto_pair' is not offered"),
+    ({"hyperparameters": {"beta": 0.5}}, "beta", r"applies to preference optimisation \(DPO\) only"),
     ({"integrations": [{"type": "wandb", "config": {"project": "p"}}]}, "integrations", r"tracking \(wandb\)"),
     ({"integrations": [{"type": "mlflow", "param": "logger_config"}]}, "logger_config", r"^logger_config: .*mlflow"),
 ])
