@@ -38,6 +38,7 @@ from tuneyard.data.formats import (
     normalize_format_name,
     unrecognised_row_message,
 )
+from tuneyard.domain.capabilities import RECIPES
 from tuneyard.filekind import special_kind
 
 CONTAINERS = ("jsonl", "json", "csv", "parquet")
@@ -509,11 +510,15 @@ def _columns_format(report: ValidationReport, columns: list[str], fmt: str) -> t
 
 
 def _check_method(report: ValidationReport, detected: str, method: str | None) -> None:
-    if method == "sft" and detected == DPO:
+    # Which rows a recipe trains on is the capabilities table's to say; here the file is held to it.
+    if method is None:
+        return
+    recipe = RECIPES[method]
+    if recipe.rows == "supervised" and detected == DPO:
         report.add(None, Problem(f"{report.label} holds preference (DPO) rows: they train with the 'dpo' method, "
-                                 "not supervised fine-tuning"))
-    elif method == "dpo" and detected != DPO:
-        report.add(None, Problem(f"{report.label} holds supervised rows ('{detected}' format); the 'dpo' method "
+                                 f"not {recipe.title}"))
+    elif recipe.rows == "preference" and detected != DPO:
+        report.add(None, Problem(f"{report.label} holds supervised rows ('{detected}' format); {recipe.title} "
                                  "needs preference rows: 'prompt'+'chosen'+'rejected', "
                                  "'input'+'preferred_output'+'non_preferred_output' or 'messages'+'rejected_response'"))
 
