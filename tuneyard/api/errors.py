@@ -9,12 +9,15 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from tuneyard.domain.errors import TuneyardError
 
 log = logging.getLogger("tuneyard.api")
-# (message, type, param, code, status) -> response
+# (request, status, message, type, param, code) -> response
 Renderer = Callable[[Request, int, str, str, str | None, str | None], JSONResponse]
+# A dialect's rewording of a service error (its own field names, ids and status words), applied before rendering.
+Translator = Callable[[TuneyardError], TuneyardError]
 
 
 def openai_error(request: Request, status: int, message: str, type_: str, param: str | None,
@@ -25,12 +28,17 @@ def openai_error(request: Request, status: int, message: str, type_: str, param:
                         status_code=status, headers=headers)
 
 
-# Path prefix -> renderer; the longest matching prefix wins, OpenAI's format is the default.
+# Path prefix -> renderer (and translator); the longest matching prefix wins, OpenAI's format is the default.
 RENDERERS: dict[str, Renderer] = {}
+TRANSLATORS: dict[str, Translator] = {}
 
 
-def register_renderer(prefix: str, renderer: Renderer) -> None:
+def register_renderer(prefix: str, renderer: Renderer, translate: Translator | None = None) -> None:
+    """Errors on paths under ``prefix`` (whole segments: ``/job`` is not ``/jobs``) are rendered by ``renderer``,
+    after ``translate`` has reworded them."""
     RENDERERS[prefix] = renderer
+    if translate is not None:
+        TRANSLATORS[prefix] = translate
 
 
 def renderer_for(request: Request) -> Renderer:
@@ -38,10 +46,28 @@ def renderer_for(request: Request) -> Renderer:
     return _renderer(request)
 
 
+def _prefix(path: str) -> str | None:
+    return max((p for p in RENDERERS if path == p or path.startswith(p.rstrip("/") + "/")), key=len, default=None)
+
+
 def _renderer(request: Request) -> Renderer:
-    path = request.url.path
-    best = max((p for p in RENDERERS if path.startswith(p)), key=len, default=None)
+    best = _prefix(request.url.path)
     return RENDERERS[best] if best is not None else openai_error
+
+
+def _translated(request: Request, exc: TuneyardError) -> TuneyardError:
+    translate = TRANSLATORS.get(_prefix(request.url.path) or "")
+    return translate(exc) if translate is not None else exc
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at ``request``'s path (for a 405's ``Allow``, RFC 9110 15.5.6)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)  # PARTIAL: the path matches, the method does not
+        if match is not Match.NONE:
+            methods.update(getattr(route, "methods", None) or ())
+    return sorted(methods)
 
 
 def _loc_to_param(loc: tuple) -> str | None:
@@ -57,6 +83,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(TuneyardError)
     async def _tuneyard(request: Request, exc: TuneyardError):
+        exc = _translated(request, exc)
         response = _renderer(request)(request, exc.status_code, exc.message, exc.type, exc.param, exc.code)
         response.headers.update(exc.headers)
         return response
@@ -89,9 +116,16 @@ def install(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(exc.status_code)
         message = str(exc.detail)
+        headers = dict(exc.headers or {})
         if exc.status_code == 404:
             message = f"Unknown endpoint: {request.method} {request.url.path}"
-        return _renderer(request)(request, exc.status_code, message, "invalid_request_error", None, code)
+        elif exc.status_code == 405:
+            allow = allowed_methods(request) or [m.strip() for m in headers.get("Allow", "").split(",") if m.strip()]
+            headers["Allow"] = ", ".join(allow)
+            message = f"Method {request.method} is not allowed on {request.url.path}; allowed: {headers['Allow']}"
+        response = _renderer(request)(request, exc.status_code, message, "invalid_request_error", None, code)
+        response.headers.update(headers)
+        return response
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):

@@ -13,7 +13,8 @@ from fastapi.responses import JSONResponse
 from tuneyard.api.deps import Caller, Svc
 from tuneyard.api.dialects.simplismart import translate as tr
 from tuneyard.api.dialects.simplismart.schemas import CancelOut, CreateOut, JobList, JobRecord, MetricsOut
-from tuneyard.domain.errors import NotFound, TuneyardError
+from tuneyard.domain.errors import NotFound
+from tuneyard.scheduler.capacity import detect
 from tuneyard.service.auth import Principal
 
 router = APIRouter(prefix="/job", tags=["simplismart"])
@@ -45,10 +46,8 @@ def create_job(svc: Svc, who: Caller, org: Annotated[str, Form()],
     configs = tr.parse_configs({"dataset_config": dataset_config, "model_details": model_details,
                                 "train_config": train_config, "dataset_details": dataset_details,
                                 "infra_config": infra_config})
-    try:
-        job = svc.jobs.submit(who, tr.to_submission(org, experiment_name, configs))
-    except TuneyardError as e:
-        raise tr.dialect_error(e) from None
+    # Errors are worded the Simplismart way by tr.dialect_error, registered for this prefix (api/app.py).
+    job = svc.jobs.submit(who, tr.to_submission(org, experiment_name, configs))
     return CreateOut(request_id=job.id, status=tr.STATUS[job.status], experiment_name=experiment_name,
                      message="Training job submitted: validating the dataset and the model")
 
@@ -57,7 +56,7 @@ def create_job(svc: Svc, who: Caller, org: Annotated[str, Form()],
 def get_job(svc: Svc, who: Caller, org_id: Annotated[str, Query()], request_id: Annotated[str, Query()]) -> JobRecord:
     """The whole job record, configs as resolved."""
     _own_org(who, org_id, "org_id")
-    return tr.job_record(_job(svc, who, request_id))
+    return tr.job_record(_job(svc, who, request_id), detect(svc.settings))
 
 
 @router.get("/list/", response_model=JobList, summary="List training jobs")
