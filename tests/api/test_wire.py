@@ -205,7 +205,8 @@ def test_iterrows_pages_the_rows(api, ls, capitals):
     last = ls.datasets.iterrows("capitals", start_index=len(ROWS) - 2, limit=5)
     assert last.data == ROWS[-2:] and last.has_more is False
     assert ls.datasets.iterrows("capitals", limit=-1).has_more is False
-    for params, field in [({"start_index": -1}, "start_index"), ({"limit": 0}, "limit")]:
+    for params, field in [({"start_index": -1}, "start_index"), ({"limit": 0}, "limit"),
+                          ({"start_index": 2**70}, "start_index")]:
         with pytest.raises(llama_stack_client.BadRequestError) as e:
             ls.datasets.iterrows("capitals", **params)
         assert e.value.body["status"] == 400 and field in e.value.body["detail"]

@@ -181,9 +181,11 @@ def unregister_dataset(svc: Svc, who: Caller, dataset_id: str) -> Response:
 
 
 # ----- datasetio -----------------------------------------------------------------------------------
+MAX_INDEX = 2**31 - 1  # a bound the row iterator can take (a larger number is a 400, not an overflow)
 @datasetio.get("/iterrows/{dataset_id:path}", response_model=IterrowsOut)
-def iterrows(svc: Svc, who: Caller, dataset_id: str, start_index: Annotated[int | None, Query()] = None,
-             limit: Annotated[int | None, Query()] = None) -> IterrowsOut:
+def iterrows(svc: Svc, who: Caller, dataset_id: str,
+             start_index: Annotated[int | None, Query(le=MAX_INDEX)] = None,
+             limit: Annotated[int | None, Query(le=MAX_INDEX)] = None) -> IterrowsOut:
     """A page of the dataset's rows from ``start_index`` (default 0); ``limit`` absent or -1: every row."""
     rows, more = svc.datasets.rows(who, dataset_id, start_index=start_index or 0,
                                    limit=None if limit is None or limit == -1 else limit)

@@ -57,7 +57,7 @@ async def create_file(
     try:
         tr.check_file_parts(list((await request.form()).keys()))
         if file is None:
-            raise InvalidRequest("Missing required parameter: 'file'.", param="file")
+            raise InvalidRequest("'file' must be a file part (multipart filename given)", param="file")
         seconds = tr.expires_after_seconds(expires_after, expires_after_anchor, expires_after_seconds)
     except InvalidRequest:
         if file is not None:

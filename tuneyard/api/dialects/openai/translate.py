@@ -163,11 +163,12 @@ FILE_PARTS = {"file", "purpose", "expires_after", "expires_after[anchor]", "expi
 
 
 def check_file_parts(names: list[str]) -> None:
-    """A part POST /v1/files does not know is a 400 naming it (it would otherwise be ignored)."""
-    unknown = sorted(set(names) - FILE_PARTS)
-    if unknown:
-        raise InvalidRequest(" ".join(f"Unrecognized request argument supplied: '{n}'." for n in unknown),
-                             param=unknown[0])
+    """A missing ``file`` part, and any part POST /v1/files does not know (it would otherwise be ignored), are a
+    400 naming each."""
+    problems = [] if "file" in names else [("file", "Missing required parameter: 'file'.")]
+    problems += [(n, f"Unrecognized request argument supplied: '{n}'.") for n in sorted(set(names) - FILE_PARTS)]
+    if problems:
+        raise InvalidRequest(" ".join(m for _, m in problems), param=problems[0][0])
 
 
 def expires_after_seconds(json_part: str | None, anchor: str | None, seconds: str | None) -> int | None:
