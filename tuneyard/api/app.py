@@ -60,13 +60,16 @@ def create_app(settings: Settings | None = None, *, run_worker: bool | None = No
     # tuneyard's own: secrets and the audit log, in the OpenAI error format.
     app.include_router(admin_router, prefix="/v1")
     app.include_router(simplismart.router)
-    errors.register_renderer(simplismart.PREFIX, simplismart.render_error)
+    errors.register_renderer(simplismart.PREFIX, simplismart.render_error, simplismart.tr.dialect_error)
     for prefix in llamastack.POST_TRAINING_PREFIXES:
         app.include_router(llamastack.post_training, prefix=prefix, include_in_schema=prefix.startswith("/v1/"))
-        errors.register_renderer(prefix, llamastack.render_error)
     for prefix in llamastack.DATASET_PREFIXES:
         app.include_router(llamastack.datasets, prefix=prefix, include_in_schema=prefix.startswith("/v1/"))
-        errors.register_renderer(prefix, llamastack.render_error)
+    for prefix in llamastack.DATASETIO_PREFIXES:
+        app.include_router(llamastack.datasetio, prefix=prefix, include_in_schema=prefix.startswith("/v1/"))
+    # Every path under these answers in the Llama Stack shape, unknown ones (404) and wrong methods (405) too.
+    for prefix in llamastack.ERROR_PREFIXES:
+        errors.register_renderer(prefix, llamastack.render_error, llamastack.tr.dialect_error)
 
     @app.get("/healthz", tags=["ops"])
     def healthz() -> dict:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from tuneyard.api.jsonbody import MalformedBody
 from tuneyard.domain.errors import InvalidRequest, Problem, TuneyardError, combine
@@ -27,6 +29,10 @@ class Renderer(Protocol):
                  code: str | None, problems: list[Problem] | None = None) -> JSONResponse: ...
 
 
+# A dialect's rewording of a service error (its own field names, ids and status words), applied before rendering.
+Translator = Callable[[TuneyardError], TuneyardError]
+
+
 def openai_error(request: Request, status: int, message: str, type_: str, param: str | None,
                  code: str | None, problems: list[Problem] | None = None) -> JSONResponse:
     """OpenAI's ``{"error": {message, type, param, code}}``: several problems are all in the message."""
@@ -35,12 +41,17 @@ def openai_error(request: Request, status: int, message: str, type_: str, param:
                         status_code=status, headers=headers)
 
 
-# Path prefix -> renderer; the longest matching prefix wins, OpenAI's format is the default.
+# Path prefix -> renderer (and translator); the longest matching prefix wins, OpenAI's format is the default.
 RENDERERS: dict[str, Renderer] = {}
+TRANSLATORS: dict[str, Translator] = {}
 
 
-def register_renderer(prefix: str, renderer: Renderer) -> None:
+def register_renderer(prefix: str, renderer: Renderer, translate: Translator | None = None) -> None:
+    """Errors on paths under ``prefix`` (whole segments: ``/job`` is not ``/jobs``) are rendered by ``renderer``,
+    after ``translate`` has reworded them."""
     RENDERERS[prefix] = renderer
+    if translate is not None:
+        TRANSLATORS[prefix] = translate
 
 
 def renderer_for(request: Request) -> Renderer:
@@ -48,10 +59,29 @@ def renderer_for(request: Request) -> Renderer:
     return _renderer(request)
 
 
+def _prefix(path: str) -> str | None:
+    return max((p for p in RENDERERS if path == p or path.startswith(p.rstrip("/") + "/")), key=len, default=None)
+
+
 def _renderer(request: Request) -> Renderer:
-    path = request.url.path
-    best = max((p for p in RENDERERS if path.startswith(p)), key=len, default=None)
+    best = _prefix(request.url.path)
     return RENDERERS[best] if best is not None else openai_error
+
+
+def _translated(request: Request, exc: TuneyardError) -> TuneyardError:
+    translate = TRANSLATORS.get(_prefix(request.url.path) or "")
+    return translate(exc) if translate is not None else exc
+
+
+METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at ``request``'s path (for a 405's ``Allow``, RFC 9110 15.5.6)."""
+    # Asked of the router itself, method by method: included routers keep their routes to themselves.
+    routes = request.app.router.routes
+    return [m for m in METHODS
+            if any(r.matches({**request.scope, "method": m})[0] is Match.FULL for r in routes)]
 
 
 def _loc_to_param(loc: tuple) -> str | None:
@@ -94,6 +124,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(TuneyardError)
     async def _tuneyard(request: Request, exc: TuneyardError):
+        exc = _translated(request, exc)
         response = _renderer(request)(request, exc.status_code, exc.message, exc.type, exc.param, exc.code,
                                       exc.problems)
         response.headers.update(exc.headers)
@@ -119,9 +150,16 @@ def install(app: FastAPI) -> None:
             return _renderer(request)(request, 400, str(exc.detail), "invalid_request_error", exc.param,
                                       "invalid_request_body")
         message = str(exc.detail)
+        headers = dict(exc.headers or {})
         if exc.status_code == 404:
             message = f"Unknown endpoint: {request.method} {request.url.path}"
-        return _renderer(request)(request, exc.status_code, message, "invalid_request_error", None, code)
+        elif exc.status_code == 405:
+            allow = allowed_methods(request) or [m.strip() for m in headers.get("Allow", "").split(",") if m.strip()]
+            headers["Allow"] = ", ".join(allow)
+            message = f"Method {request.method} is not allowed on {request.url.path}; allowed: {headers['Allow']}"
+        response = _renderer(request)(request, exc.status_code, message, "invalid_request_error", None, code)
+        response.headers.update(headers)
+        return response
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):

@@ -138,6 +138,21 @@ class Conflict(TuneyardError):
     default_code = "conflict"
 
 
+class InvalidState(Conflict):
+    """409: a job's status does not allow ``action``; carries the facts so that each dialect can word it with its
+    own id for the job and its own status names (the message is tuneyard's, i.e. the OpenAI dialect's, wording)."""
+
+    default_code = "invalid_state"
+
+    def __init__(self, message: str, *, job_id: str, external_id: str | None, status: str, action: str,
+                 **kw) -> None:
+        super().__init__(message, **kw)
+        self.job_id = job_id
+        self.external_id = external_id
+        self.status = status
+        self.action = action
+
+
 class Unauthorized(TuneyardError):
     """401: missing or invalid credentials."""
 

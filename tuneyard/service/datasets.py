@@ -10,13 +10,18 @@ import base64
 import binascii
 import contextlib
 import io
+import itertools
 import json
+import os
 import re
+import tempfile
 import time
 import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from tuneyard.domain.errors import Conflict, InvalidRequest, NotFound
@@ -61,13 +66,8 @@ class DatasetService:
         file_id, n_rows, stored = None, None, dict(source)
         if kind == "rows":
             rows = source.get("rows")
-            if not isinstance(rows, list) or not rows:
-                raise InvalidRequest("source.rows must be a non-empty list of row objects", param="source.rows")
-            bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
-            if bad is not None:
-                raise InvalidRequest(f"source.rows[{bad}] must be an object", param=f"source.rows[{bad}]")
-            body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
-            file_id = self._store_rows(who, body, f"dataset-{_safe(ident)}.jsonl", purpose)
+            body = _rows_body(rows, "source.rows")
+            file_id = self._store_rows(who, body, f"dataset-{_safe(ident)}.jsonl", purpose, "source.rows")
             n_rows, stored = len(rows), {"type": "rows"}
         elif kind == "uri":
             uri = source.get("uri")
@@ -75,7 +75,8 @@ class DatasetService:
                 raise InvalidRequest("source.uri must be a non-empty string", param="source.uri")
             uri = uri.strip()
             if uri.startswith("data:"):
-                file_id = self._store_rows(who, _decode_data_uri(uri), f"dataset-{_safe(ident)}", purpose)
+                file_id = self._store_rows(who, _decode_data_uri(uri), f"dataset-{_safe(ident)}", purpose,
+                                           "source.uri")
             elif looks_like_path(uri):
                 confine(uri, self.settings.allowed_roots, param="source.uri", want_dir=None)
             elif not uri.startswith(REMOTE_SCHEMES):
@@ -96,13 +97,99 @@ class DatasetService:
                            code="duplicate_dataset") from e
         return ds
 
-    def _store_rows(self, who: Principal, body: bytes, filename: str, purpose: str) -> str:
+    def _store_rows(self, who: Principal, body: bytes, filename: str, purpose: str, param: str) -> str:
         # Training rows are checked like an OpenAI upload (line-numbered errors); eval rows are kept as given.
         file_purpose = "fine-tune" if purpose == TRAINING_PURPOSE else "evals"
         try:
             return self.files.create(who, io.BytesIO(body), filename, file_purpose).id
         except InvalidRequest as e:
-            raise InvalidRequest(e.message.replace("Example ", "Row "), param="source.rows", code=e.code) from None
+            raise InvalidRequest(e.message.replace("Example ", "Row "), param=param, code=e.code) from None
+
+    def rows(self, who: Principal, dataset_id: str, *, start_index: int = 0, limit: int | None = None
+             ) -> tuple[list[dict], bool]:
+        """A page of a dataset's rows (``limit`` None: all from ``start_index``) and whether more follow."""
+        if start_index < 0:
+            raise InvalidRequest("start_index must be 0 or more", param="start_index")
+        if limit is not None and limit < 1:
+            raise InvalidRequest("limit must be 1 or more (or -1: every row)", param="limit")
+        ds = self.get(who, dataset_id)
+        items = self._iter_rows(who, ds)
+        page_ = list(itertools.islice(items, start_index, None if limit is None else start_index + limit + 1))
+        if limit is not None and len(page_) > limit:
+            return page_[:limit], True
+        return page_, False
+
+    def stored_rows(self, who: Principal, ds: Dataset) -> list[dict]:
+        """Every row of a dataset registered from rows (what its ``rows`` source reads back as)."""
+        return list(self._iter_rows(who, ds))
+
+    def _iter_rows(self, who: Principal, ds: Dataset) -> Iterator[dict]:
+        from tuneyard.data.validate import iter_raw
+
+        if ds.file_id:
+            path = self.files.path_of(self.files.get(who, ds.file_id))
+        else:
+            uri = ds.source.get("uri", "")
+            if not looks_like_path(uri):
+                raise InvalidRequest(f"dataset '{ds.dataset_id}' is read from {uri.split('://')[0]}:// when a job "
+                                     "is prepared; its rows are not stored on this server", param="dataset_id",
+                                     code="rows_not_stored")
+            path = confine(uri, self.settings.allowed_roots, param="dataset_id", want_dir=False)
+        try:
+            for n, obj, problem in iter_raw(path):
+                if problem is not None or not isinstance(obj, dict):
+                    why = problem.render(n) if problem is not None else f"Row {n} is not an object"
+                    raise InvalidRequest(f"dataset '{ds.dataset_id}': {why.replace('Example ', 'Row ')}",
+                                         param="dataset_id", code="unreadable_dataset")
+                yield obj
+        except OSError as e:
+            raise InvalidRequest(f"dataset '{ds.dataset_id}' could not be read ({e.strerror or e})",
+                                 param="dataset_id", code="unreadable_dataset") from None
+
+    def append_rows(self, who: Principal, dataset_id: str, rows: Any) -> Dataset:
+        """Add rows to a dataset registered from rows; they are validated like registered rows (a 400 numbers
+        them as in the request) and nothing changes unless all of them pass."""
+        ds = self.get(who, dataset_id)
+        if ds.source.get("type") != "rows" or not ds.file_id:
+            raise InvalidRequest(f"dataset '{dataset_id}' was registered from a URI; rows can be appended only to a "
+                                 "dataset registered from rows", param="dataset_id", code="not_a_rows_dataset")
+        body = _rows_body(rows, "rows")
+        old = self.files.get(who, ds.file_id)
+        if ds.purpose == TRAINING_PURPOSE:
+            self._check_appended(body, old.data_format)
+        combined = self.files.path_of(old).read_bytes() + body
+        new_id_ = self._store_rows(who, combined, old.filename, ds.purpose, "rows")
+        with self.store.session() as s:
+            # Only if no other append got there first: each starts from the file it read.
+            done = s.execute(update(Dataset).where(Dataset.pk == ds.pk, Dataset.file_id == old.id)
+                             .values(file_id=new_id_, n_rows=(ds.n_rows or 0) + len(rows))).rowcount
+            if done:
+                record_by(s, who, "dataset.append_rows", dataset_id, {"rows": len(rows)})
+        if not done:
+            with contextlib.suppress(NotFound, Conflict):
+                self.files.delete(who, new_id_)
+            raise Conflict(f"dataset '{dataset_id}' changed while the rows were appended; send them again",
+                           param="dataset_id", code="concurrent_append")
+        # Still used by an unfinished job (which read the old rows at submit): it keeps the file until it ends.
+        with contextlib.suppress(NotFound, Conflict):
+            self.files.delete(who, old.id)
+        return self.get(who, dataset_id)
+
+    def _check_appended(self, body: bytes, stored_format: str | None) -> None:
+        # The new rows alone, so that errors number them as the request does; then their format against the rest.
+        fd, tmp = tempfile.mkstemp(suffix=".jsonl", dir=self.settings.home)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(body)
+            try:
+                _, fmt = self.files.check_training_file(Path(tmp), "rows")
+            except InvalidRequest as e:
+                raise InvalidRequest(e.message.replace("Example ", "Row "), param="rows", code=e.code) from None
+        finally:
+            os.unlink(tmp)
+        if stored_format and fmt != stored_format:
+            raise InvalidRequest(f"rows are in {fmt} format, but the dataset's rows are in {stored_format} format",
+                                 param="rows", code="invalid_file_format")
 
     def _find(self, who: Principal, dataset_id: str) -> Dataset | None:
         with self.store.session() as s:
@@ -151,6 +238,17 @@ class DatasetService:
         if uri.startswith("huggingface://"):
             uri = "hf://" + uri.removeprefix("huggingface://")
         return DataSource(path=uri, format=data_format, param=param)
+
+
+def _rows_body(rows: Any, param: str) -> bytes:
+    """Rows as JSONL; a 400 naming every entry that is not an object."""
+    if not isinstance(rows, list) or not rows:
+        raise InvalidRequest(f"{param} must be a non-empty list of row objects", param=param)
+    bad = [i for i, r in enumerate(rows) if not isinstance(r, dict)]
+    if bad:
+        shown = ", ".join(f"{param}[{i}]" for i in bad[:20]) + (f" (and {len(bad) - 20} more)" if len(bad) > 20 else "")
+        raise InvalidRequest(f"each row must be an object: {shown} is not", param=f"{param}[{bad[0]}]")
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
 
 
 def _safe(name: str) -> str:

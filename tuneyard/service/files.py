@@ -61,7 +61,7 @@ class FileService:
             if size == 0:
                 raise InvalidRequest("The uploaded file is empty.", param="file", code="invalid_file")
             if purpose == "fine-tune":
-                n_examples, fmt = self._validate_training_file(dest, name)
+                n_examples, fmt = self.check_training_file(dest, name)
             now = time.time()
             f = File(id=file_id, org_id=who.org_id, filename=name, purpose=purpose, bytes=size, created_at=now,
                      expires_at=now + expires_after_seconds if expires_after_seconds else None, status=status,
@@ -90,7 +90,9 @@ class FileService:
                 out.write(chunk)
         return size, h.hexdigest()
 
-    def _validate_training_file(self, path: Path, name: str) -> tuple[int, str]:
+    def check_training_file(self, path: Path, name: str) -> tuple[int, str]:
+        """(examples, format) of a file that passes the ``fine-tune`` upload validation, else a 400 naming
+        every problem it found (up to the configured number)."""
         from tuneyard.data.validate import validate_file
 
         # JSONL, a JSON array, CSV or Parquet; supervised or preference rows (the job's method is not known yet).

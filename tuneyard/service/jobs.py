@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 
 from tuneyard.data.sources import SECRET_TYPES, check_uri, hub_local_dir, is_uri, kind_of, parse_hub
 from tuneyard.domain import capabilities
-from tuneyard.domain.errors import Conflict, InvalidRequest, NotFound, Problems, RateLimited
+from tuneyard.domain.errors import Conflict, InvalidRequest, InvalidState, NotFound, Problems, RateLimited
 from tuneyard.domain.jobs import JobStatus
 from tuneyard.domain.spec import DataSource, TrainingSpec
 from tuneyard.ids import new_id
@@ -309,13 +309,12 @@ class JobService:
         """Cancel a job at any stage; a running trainer is stopped by its worker within seconds."""
         job = self.get(who, job_id)
         if JobStatus(job.status).terminal:
-            raise Conflict(f"Fine-tuning job {job_id} is already {job.status} and cannot be cancelled",
-                           code="invalid_state")
+            raise _invalid_state(job, "cancel")
         self._request_stop(job, "cancel")
         with self.store.session() as s:
             if not transition(s, job_id, JobStatus.CANCELLED):
-                raise Conflict(f"Fine-tuning job {job_id} finished before it could be cancelled",
-                               code="invalid_state")
+                # It finished in the meantime: say how, as if it had been finished already.
+                raise _invalid_state(self.get(who, job_id), "cancel")
             add_event(s, job_id, "Fine-tuning job cancelled by request")
             record_by(s, who, "job.cancel", job_id)
         return self.get(who, job_id)
@@ -355,8 +354,7 @@ class JobService:
                     self._request_stop(job, "pause")
                     return self.get(who, job_id)
             else:
-                raise Conflict(f"Only queued or running jobs can be paused; {job_id} is {job.status}",
-                               code="invalid_state")
+                raise _invalid_state(job, "pause")
             job = self.get(who, job_id)
         raise Conflict(f"Fine-tuning job {job_id} changed state; try again", code="invalid_state")
 
@@ -364,10 +362,10 @@ class JobService:
         """Put a paused job back in the queue; it continues from its latest checkpoint."""
         job = self.get(who, job_id)
         if job.status != JobStatus.PAUSED:
-            raise Conflict(f"Only paused jobs can be resumed; {job_id} is {job.status}", code="invalid_state")
+            raise _invalid_state(job, "resume")
         with self.store.session() as s:
             if not transition(s, job_id, JobStatus.QUEUED, expect={JobStatus.PAUSED}):
-                raise Conflict(f"Fine-tuning job {job_id} changed state; try again", code="invalid_state")
+                raise _invalid_state(self.get(who, job_id), "resume")
             add_event(s, job_id, "Fine-tuning job resumed")
             record_by(s, who, "job.resume", job_id)
         return self.get(who, job_id)
@@ -405,3 +403,14 @@ class JobService:
         if row is None:
             raise NotFound(f"The model '{model_id}' does not exist", param="model", code="model_not_found")
         return model_id, row[0] or 0.0, who.org_id
+
+
+def _invalid_state(job: Job, action: str) -> InvalidState:
+    """The 409 for ``action`` on ``job`` in its current status, with the facts each dialect words its own way."""
+    if action == "cancel":
+        message = f"Fine-tuning job {job.id} is already {job.status} and cannot be cancelled"
+    elif action == "pause":
+        message = f"Only queued or running jobs can be paused; {job.id} is {job.status}"
+    else:
+        message = f"Only paused jobs can be resumed; {job.id} is {job.status}"
+    return InvalidState(message, job_id=job.id, external_id=job.external_id, status=job.status, action=action)

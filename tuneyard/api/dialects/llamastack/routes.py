@@ -15,8 +15,10 @@ from fastapi.responses import JSONResponse
 from tuneyard.api.deps import Caller, Svc
 from tuneyard.api.dialects.llamastack import translate as tr
 from tuneyard.api.dialects.llamastack.schemas import (
+    AppendRowsIn,
     DatasetList,
     DatasetOut,
+    IterrowsOut,
     JobArtifactsOut,
     JobList,
     JobStatusOut,
@@ -27,13 +29,17 @@ from tuneyard.api.dialects.llamastack.schemas import (
     SupervisedFineTuneIn,
 )
 from tuneyard.api.jsonbody import StrictJSONRoute
-from tuneyard.domain.errors import InvalidRequest, NotFound, Problem, TuneyardError
+from tuneyard.domain.errors import InvalidRequest, NotFound, Problem
 from tuneyard.service.auth import Principal
 
 POST_TRAINING_PREFIXES = ("/v1/post-training", "/v1alpha/post-training")
 DATASET_PREFIXES = ("/v1/datasets", "/v1beta/datasets")
+DATASETIO_PREFIXES = ("/v1/datasetio", "/v1beta/datasetio")
+# Paths whose errors (unknown paths and methods included) are Llama Stack's: /v1alpha and /v1beta are only its.
+ERROR_PREFIXES = ("/v1/post-training", "/v1/datasets", "/v1/datasetio", "/v1alpha", "/v1beta")
 post_training = APIRouter(tags=["llama-stack"], route_class=StrictJSONRoute)
 datasets = APIRouter(tags=["llama-stack"], route_class=StrictJSONRoute)
+datasetio = APIRouter(tags=["llama-stack"], route_class=StrictJSONRoute)
 
 
 def render_error(request: Request, status: int, message: str, type_: str, param: str | None,
@@ -66,11 +72,8 @@ def _job(svc: Svc, who: Principal, job_uuid: str):
 @post_training.post("/supervised-fine-tune", response_model=JobUuid)
 def supervised_fine_tune(svc: Svc, who: Caller, body: SupervisedFineTuneIn) -> JobUuid:
     """Start a supervised fine-tuning job under the client's job_uuid (a duplicate is a 409)."""
-    try:
-        sub = tr.to_submission(body, who, svc.datasets, svc.settings)
-        svc.jobs.submit(who, sub)
-    except TuneyardError as e:
-        raise tr.dialect_error(e) from None
+    # Errors are worded the Llama Stack way by tr.dialect_error, registered for these prefixes (api/app.py).
+    svc.jobs.submit(who, tr.to_submission(body, who, svc.datasets, svc.settings))
     return JobUuid(job_uuid=body.job_uuid)
 
 
@@ -91,10 +94,12 @@ def list_jobs(svc: Svc, who: Caller) -> JobList:
 def _status(svc: Svc, who: Principal, job_uuid: str) -> JobStatusOut:
     job = _job(svc, who, job_uuid)
     cks, _ = svc.jobs.checkpoints(who, job.id, after=None, limit=1000)
+    resources = tr.resources(job, svc.settings)
+    if (error := tr.failure(job)) is not None:
+        resources["error"] = error
     return JobStatusOut(job_uuid=tr.job_uuid(job), status=tr.STATUS[job.status], scheduled_at=tr.iso(job.created_at),
                         started_at=tr.iso(job.started_at), completed_at=tr.iso(job.finished_at),
-                        resources_allocated=tr.resources(job, svc.settings),
-                        checkpoints=[tr.checkpoint_out(job, c) for c in reversed(cks)])
+                        resources_allocated=resources, checkpoints=[tr.checkpoint_out(job, c) for c in reversed(cks)])
 
 
 def _artifacts(svc: Svc, who: Principal, job_uuid: str) -> JobArtifactsOut:
@@ -152,19 +157,24 @@ def register_dataset(svc: Svc, who: Caller, body: RegisterDatasetIn) -> DatasetO
     """Register rows (validated now, like an upload) or a URI under ``dataset_id``."""
     ds = svc.datasets.register(who, purpose=body.purpose, source=body.source.model_dump(),
                                dataset_id=body.dataset_id, metadata=body.metadata)
-    return tr.dataset_out(ds)
+    return _dataset_out(svc, who, ds)
+
+
+def _dataset_out(svc: Svc, who: Principal, ds) -> DatasetOut:
+    rows = svc.datasets.stored_rows(who, ds) if ds.source.get("type") == "rows" else None
+    return tr.dataset_out(ds, rows)
 
 
 @datasets.get("", response_model=DatasetList)
 def list_datasets(svc: Svc, who: Caller) -> DatasetList:
     """The organisation's datasets."""
-    return DatasetList(data=[tr.dataset_out(d) for d in svc.datasets.list(who)])
+    return DatasetList(data=[_dataset_out(svc, who, d) for d in svc.datasets.list(who)])
 
 
 @datasets.get("/{dataset_id:path}", response_model=DatasetOut)
 def get_dataset(svc: Svc, who: Caller, dataset_id: str) -> DatasetOut:
     """One dataset."""
-    return tr.dataset_out(svc.datasets.get(who, dataset_id))
+    return _dataset_out(svc, who, svc.datasets.get(who, dataset_id))
 
 
 @datasets.delete("/{dataset_id:path}", status_code=204)
@@ -172,3 +182,22 @@ def unregister_dataset(svc: Svc, who: Caller, dataset_id: str) -> Response:
     """Forget a dataset and its stored rows."""
     svc.datasets.unregister(who, dataset_id)
     return Response(status_code=204)
+
+
+# ----- datasetio -----------------------------------------------------------------------------------
+MAX_INDEX = 2**31 - 1  # a bound the row iterator can take (a larger number is a 400, not an overflow)
+@datasetio.get("/iterrows/{dataset_id:path}", response_model=IterrowsOut)
+def iterrows(svc: Svc, who: Caller, dataset_id: str,
+             start_index: Annotated[int | None, Query(le=MAX_INDEX)] = None,
+             limit: Annotated[int | None, Query(le=MAX_INDEX)] = None) -> IterrowsOut:
+    """A page of the dataset's rows from ``start_index`` (default 0); ``limit`` absent or -1: every row."""
+    rows, more = svc.datasets.rows(who, dataset_id, start_index=start_index or 0,
+                                   limit=None if limit is None or limit == -1 else limit)
+    return IterrowsOut(data=rows, has_more=more)
+
+
+@datasetio.post("/append-rows/{dataset_id:path}")
+def append_rows(svc: Svc, who: Caller, dataset_id: str, body: AppendRowsIn) -> Response:
+    """Add rows to a dataset registered from rows, validated like registered rows (all of them, or none)."""
+    svc.datasets.append_rows(who, dataset_id, body.rows)
+    return Response(status_code=200)

@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tuneyard.api.wire import omitted_if_none
 from tuneyard.domain.spec import MAX_COUNT
 
 
@@ -118,12 +119,14 @@ class CheckpointOut(BaseModel):
 
 
 class JobStatusOut(BaseModel):
+    # The optional timestamps are not nullable in the spec: left out until known.
     job_uuid: str
     status: Literal["completed", "in_progress", "failed", "scheduled", "cancelled"]
-    scheduled_at: str | None = None
-    started_at: str | None = None
-    completed_at: str | None = None
-    resources_allocated: dict[str, Any] | None = None
+    scheduled_at: str | None = omitted_if_none()
+    started_at: str | None = omitted_if_none()
+    completed_at: str | None = omitted_if_none()
+    # Also where a failed job says why (``error``): the one object of the status the spec leaves open.
+    resources_allocated: dict[str, Any] | None = omitted_if_none()
     checkpoints: list[CheckpointOut]
 
 
@@ -140,6 +143,19 @@ class UriSource(_Closed):
 class RowsSource(_Closed):
     type: Literal["rows"]
     rows: list[Any]
+
+
+class AppendRowsIn(_Closed):
+    """POST /v1/datasetio/append-rows/{dataset_id}."""
+
+    rows: list[Any]
+
+
+class IterrowsOut(BaseModel):
+    """GET /v1/datasetio/iterrows/{dataset_id}: Llama Stack's PaginatedResponse."""
+
+    data: list[dict[str, Any]]
+    has_more: bool
 
 
 class RegisterDatasetIn(_Closed):

@@ -17,7 +17,7 @@ from tuneyard.api.dialects.llamastack.schemas import (
     SupervisedFineTuneIn,
     TrainingMetrics,
 )
-from tuneyard.domain.errors import InvalidRequest, Problems, TuneyardError
+from tuneyard.domain.errors import InvalidRequest, InvalidState, Problems, TuneyardError
 from tuneyard.domain.jobs import JobStatus
 from tuneyard.domain.spec import (
     AdapterSpec,
@@ -58,8 +58,17 @@ SERVICE_PARAMS = {
 }
 
 
+# What each job action is called when it cannot be done.
+DONE = {"cancel": "cancelled", "pause": "paused", "resume": "resumed"}
+
+
 def dialect_error(e: TuneyardError) -> TuneyardError:
-    """The same error with its field named the Llama Stack way."""
+    """The same error in Llama Stack's words: its field names, the job_uuid its client knows, its status names."""
+    if isinstance(e, InvalidState):
+        already = "already " if JobStatus(e.status).terminal else ""
+        e.message = (f"training job '{e.external_id or e.job_id}' is {already}{STATUS[JobStatus(e.status)]} and "
+                     f"cannot be {DONE[e.action]}")
+        e.param = e.param or "job_uuid"
     return e.rename_params(SERVICE_PARAMS)
 
 
@@ -223,10 +232,16 @@ def resources(job: Job, settings: Settings) -> dict:
             "memory_mib_total": total // 2**20}
 
 
-def dataset_out(ds: Dataset) -> DatasetOut:
-    """The Llama Stack view of a registered dataset (rows are not echoed: they live in a file)."""
-    source = dict(ds.source)
-    if ds.file_id:
-        source = {**source, "file_id": ds.file_id, "n_rows": ds.n_rows}
+def failure(job: Job) -> dict | None:
+    """Why a failed job failed, ``{code, message}``, for the status' ``resources_allocated.error``."""
+    if job.status != JobStatus.FAILED or not job.error:
+        return None
+    return {"code": job.error.get("code"), "message": job.error.get("message")}
+
+
+def dataset_out(ds: Dataset, rows: list[dict] | None) -> DatasetOut:
+    """The Llama Stack view of a registered dataset: a ``rows`` source reads back with its rows (as stored, appended
+    ones included), a ``uri`` source as registered."""
+    source = {"type": "rows", "rows": rows or []} if ds.source.get("type") == "rows" else dict(ds.source)
     return DatasetOut(identifier=ds.dataset_id, provider_resource_id=ds.dataset_id, purpose=ds.purpose,
                       source=source, metadata=ds.metadata_ or {})

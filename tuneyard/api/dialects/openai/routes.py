@@ -47,23 +47,23 @@ def _metadata_filter(request: Request) -> dict[str, str]:
 # ----- files ---------------------------------------------------------------------------------------
 @router.post("/files", response_model=FileOut)
 async def create_file(
-    svc: Svc, who: Caller,
+    request: Request, svc: Svc, who: Caller,
     file: Annotated[UploadFile | None, File()] = None,
     purpose: Annotated[str | None, Form()] = None,
+    expires_after: Annotated[str | None, Form()] = None,
     expires_after_anchor: Annotated[str | None, Form(alias="expires_after[anchor]")] = None,
     expires_after_seconds: Annotated[str | None, Form(alias="expires_after[seconds]")] = None,
 ) -> FileOut:
     """Upload a file (multipart); ``fine-tune`` files are validated row by row before they are kept."""
-    if file is None:
-        raise InvalidRequest("Missing required parameter: 'file'.", param="file")
-    seconds = None
-    if expires_after_seconds is not None or expires_after_anchor is not None:
-        if expires_after_anchor != "created_at":
-            raise InvalidRequest("expires_after[anchor] must be 'created_at'", param="expires_after[anchor]")
-        try:
-            seconds = int(expires_after_seconds or "")
-        except ValueError as e:
-            raise InvalidRequest("expires_after[seconds] must be an integer", param="expires_after[seconds]") from e
+    try:
+        tr.check_file_parts(list((await request.form()).keys()))
+        if file is None:
+            raise InvalidRequest("'file' must be a file part (multipart filename given)", param="file")
+        seconds = tr.expires_after_seconds(expires_after, expires_after_anchor, expires_after_seconds)
+    except InvalidRequest:
+        if file is not None:
+            await file.close()
+        raise
     try:
         f = await run_in_threadpool(svc.files.create, who, file.file, file.filename, purpose, seconds)
     finally:

@@ -6,6 +6,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator
 
+from tuneyard.api.wire import omitted_if_none
+
 Auto = Literal["auto"]
 Number = StrictInt | StrictFloat
 
@@ -93,6 +95,14 @@ class CreateJobIn(_In):
 
 
 # ----- responses --------------------------------------------------------------------------------
+class ExpiresAfterIn(_In):
+    """``expires_after`` of POST /v1/files, in either form: ``expires_after[anchor]``/``[seconds]`` parts, or one
+    ``expires_after`` part holding the JSON object."""
+
+    anchor: Literal["created_at"]
+    seconds: Annotated[StrictInt, Field(ge=3600, le=2592000)]
+
+
 class ErrorOut(BaseModel):
     code: str
     message: str
@@ -152,8 +162,9 @@ class FileOut(BaseModel):
     filename: str
     purpose: str
     status: Literal["uploaded", "processed", "error"]
-    status_details: str | None = None
-    expires_at: int | None = None
+    # Optional, not nullable in OpenAI's spec: left out when the file has none.
+    status_details: str | None = omitted_if_none()
+    expires_at: int | None = omitted_if_none()
 
 
 class FileDeletedOut(BaseModel):

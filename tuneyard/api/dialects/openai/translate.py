@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 from typing import Any
 
+from pydantic import ValidationError
+
+from tuneyard import jsontext
 from tuneyard.api.dialects.openai.schemas import (
     CheckpointOut,
     CreateJobIn,
     EventOut,
+    ExpiresAfterIn,
     FileOut,
     HyperparametersIn,
     JobOut,
@@ -150,16 +155,64 @@ METRIC_KEYS = ("step", "train_loss", "train_mean_token_accuracy", "valid_loss", 
 
 
 def checkpoint_out(ck: Checkpoint, job: Job) -> CheckpointOut:
+    """A checkpoint with the metrics it has: a metric not measured (no validation file: ``valid_*``) is left out,
+    the spec's metrics being optional but not nullable."""
     metrics = {k: ck.metrics.get(k) for k in METRIC_KEYS}
     metrics["step"] = ck.step
     if metrics.get("full_valid_loss") is None:
         metrics["full_valid_loss"] = metrics.get("valid_loss")
     if metrics.get("full_valid_mean_token_accuracy") is None:
         metrics["full_valid_mean_token_accuracy"] = metrics.get("valid_mean_token_accuracy")
+    metrics = {k: v for k, v in metrics.items() if v is not None}
     model_name = fine_tuned_model_name(job.model, job.org_id, job.suffix, job.id)
     return CheckpointOut(id=ck.id, created_at=int(ck.created_at), fine_tuning_job_id=ck.job_id, step_number=ck.step,
                          fine_tuned_model_checkpoint=f"{model_name}:ckpt-step-{ck.step}",
                          metrics=metrics)
+
+
+FILE_PARTS = {"file", "purpose", "expires_after", "expires_after[anchor]", "expires_after[seconds]"}
+
+
+def check_file_parts(names: list[str]) -> None:
+    """A missing ``file`` part, and any part POST /v1/files does not know (it would otherwise be ignored), are a
+    400 naming each."""
+    problems = [] if "file" in names else [("file", "Missing required parameter: 'file'.")]
+    problems += [(n, f"Unrecognized request argument supplied: '{n}'.") for n in sorted(set(names) - FILE_PARTS)]
+    if problems:
+        raise InvalidRequest(" ".join(m for _, m in problems), param=problems[0][0])
+
+
+def expires_after_seconds(json_part: str | None, anchor: str | None, seconds: str | None) -> int | None:
+    """``expires_after`` from one JSON part or from the ``[anchor]``/``[seconds]`` parts, checked by the same rules
+    either way; a 400 names every problem (as ``expires_after[<key>]``)."""
+    if json_part is None and anchor is None and seconds is None:
+        return None
+    if json_part is not None:
+        if anchor is not None or seconds is not None:
+            raise InvalidRequest("Give expires_after either as one JSON part or as expires_after[anchor] and "
+                                 "expires_after[seconds], not both", param="expires_after")
+        try:
+            value = jsontext.loads(json_part)
+        except json.JSONDecodeError as e:
+            raise InvalidRequest(f"expires_after is not valid JSON: {e.msg}", param="expires_after") from None
+        if not isinstance(value, dict):
+            raise InvalidRequest("expires_after must be a JSON object {\"anchor\": \"created_at\", \"seconds\": N}",
+                                 param="expires_after")
+    else:
+        value = {k: v for k, v in (("anchor", anchor), ("seconds", seconds)) if v is not None}
+        # Multipart values are text: a whole number is the number it spells.
+        if isinstance(seconds, str) and seconds.strip().lstrip("-").isdigit():
+            value["seconds"] = int(seconds)
+    try:
+        return ExpiresAfterIn.model_validate(value).seconds
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            key = ".".join(str(p) for p in err["loc"])
+            what = {"missing": "is required", "extra_forbidden": "is not a field of expires_after"}.get(
+                err["type"], err["msg"].replace("Input should be", "must be"))
+            problems.append((f"expires_after[{key}]", f"expires_after[{key}] {what}"))
+        raise InvalidRequest("; ".join(m for _, m in problems), param=problems[0][0]) from None
 
 
 def file_out(f: File) -> FileOut:

@@ -15,7 +15,8 @@ from tuneyard.api.deps import Caller, Svc
 from tuneyard.api.dialects.simplismart import translate as tr
 from tuneyard.api.dialects.simplismart.schemas import CancelOut, CreateOut, JobList, JobRecord, MetricsOut
 from tuneyard.api.jsonbody import StrictJSONRoute
-from tuneyard.domain.errors import NotFound, Problem, Problems, TuneyardError
+from tuneyard.domain.errors import NotFound, Problem, Problems
+from tuneyard.scheduler.capacity import detect
 from tuneyard.service.auth import Principal
 
 router = APIRouter(prefix="/job", tags=["simplismart"], route_class=StrictJSONRoute)
@@ -47,7 +48,8 @@ def create_job(svc: Svc, who: Caller, org: Annotated[str, Form()],
                dataset_config: JsonForm, model_details: JsonForm, train_config: JsonForm, dataset_details: JsonForm,
                infra_config: JsonForm) -> CreateOut:
     """Create a job from the five JSON configs; every field is honoured or refused with a 400 naming it."""
-    # Every independent problem in one 400: the organisation, the configs, then what the service checks.
+    # Every independent problem in one 400: the organisation, the configs, then what the service checks. Errors
+    # are worded the Simplismart way by tr.dialect_error, registered for this prefix (api/app.py).
     problems = Problems()
     with problems.check():
         _own_org(who, org, "org")
@@ -57,12 +59,9 @@ def create_job(svc: Svc, who: Caller, org: Annotated[str, Form()],
                                     "train_config": train_config, "dataset_details": dataset_details,
                                     "infra_config": infra_config})
         sub = tr.to_submission(org, experiment_name, configs)
-    try:
-        if sub is None:
-            problems.raise_if_any()
-        job = svc.jobs.submit(who, sub, problems=problems)
-    except TuneyardError as e:
-        raise tr.dialect_error(e) from None
+    if sub is None:
+        problems.raise_if_any()
+    job = svc.jobs.submit(who, sub, problems=problems)
     return CreateOut(request_id=job.id, status=tr.STATUS[job.status], experiment_name=experiment_name,
                      message="Training job submitted: validating the dataset and the model")
 
@@ -71,7 +70,7 @@ def create_job(svc: Svc, who: Caller, org: Annotated[str, Form()],
 def get_job(svc: Svc, who: Caller, org_id: Annotated[str, Query()], request_id: Annotated[str, Query()]) -> JobRecord:
     """The whole job record, configs as resolved."""
     _own_org(who, org_id, "org_id")
-    return tr.job_record(_job(svc, who, request_id))
+    return tr.job_record(_job(svc, who, request_id), detect(svc.settings))
 
 
 @router.get("/list/", response_model=JobList, summary="List training jobs")

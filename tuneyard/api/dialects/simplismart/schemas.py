@@ -13,6 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tuneyard.domain.spec import MAX_COUNT
 
+# Numbers a client may write either way: kept as written (16 stays 16, the record echoes it so).
+Number = int | float
+
 
 class _Closed(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -33,11 +36,11 @@ class Preprocessing(_Closed):
 class Split(_Closed):
     type: Literal["random", "sequential"] = "random"
     # [train, validation]; a third, test share is not used by training and must be 0.
-    ratios: list[float] = Field(default_factory=lambda: [1.0, 0.0], min_length=1, max_length=3)
+    ratios: list[Number] = Field(default_factory=lambda: [1.0, 0.0], min_length=1, max_length=3)
 
     @field_validator("ratios")
     @classmethod
-    def _shares(cls, v: list[float]) -> list[float]:
+    def _shares(cls, v: list[Number]) -> list[Number]:
         if any(not 0.0 <= r <= 1.0 for r in v):
             raise ValueError("each ratio must be between 0 and 1")
         if not math.isclose(sum(v), 1.0, abs_tol=1e-6):
@@ -78,14 +81,14 @@ class TrainHyperparameters(_Closed):
     keep_best_checkpoint: bool = False
     eval_steps: int | None = Field(None, ge=1, le=MAX_COUNT)
     logging_steps: int | None = Field(None, ge=1, le=MAX_COUNT)
-    learning_rate: float | None = Field(None, gt=0, le=1)
+    learning_rate: Number | None = Field(None, gt=0, le=1)
     dataloader_num_workers: int = Field(0, ge=0, le=64)
 
 
 class AdapterConfig(_Closed):
     r: int = Field(8, ge=1, le=1024)
-    alpha: float = Field(16, gt=0, le=4096)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    alpha: Number = Field(16, gt=0, le=4096)
+    dropout: Number = Field(0.0, ge=0.0, lt=1.0)
     targets: list[str] = Field(default_factory=lambda: ["all-linear"], min_length=1)
 
 

@@ -25,8 +25,10 @@ from tuneyard.api.dialects.simplismart.schemas import (
     ModelDetails,
     TrainConfig,
 )
+from tuneyard.api.wire import echo_as_sent
+from tuneyard.data.sources import kind_of
 from tuneyard.domain import capabilities
-from tuneyard.domain.errors import InvalidRequest, Problems, TuneyardError
+from tuneyard.domain.errors import InvalidRequest, InvalidState, Problems, TuneyardError
 from tuneyard.domain.jobs import JobStatus
 from tuneyard.domain.spec import (
     AdapterSpec,
@@ -39,6 +41,7 @@ from tuneyard.domain.spec import (
     SplitSpec,
     TrainingSpec,
 )
+from tuneyard.scheduler.capacity import Capacity
 from tuneyard.service.jobs import Submission
 from tuneyard.service.paths import looks_like_path
 from tuneyard.store.models import Job, JobEvent
@@ -47,6 +50,12 @@ DIALECT = "simplismart"
 # train_config.type -> TrainingSpec.method (ppo has no counterpart).
 METHODS = {"sft": "sft", "dpo": "dpo"}
 DEFAULT_MAX_LENGTH = 2048
+# Simplismart's vocabulary for what a job from another dialect carries; a value outside it is shown as null
+# (the Simplismart default: detected from the data, chosen by the server).
+DATASET_TYPES = ("jsonl", "csv", "parquet")
+DATASET_FORMATS = ("sharegpt", "alpaca", "instruction")
+GPU_TYPES = ("h100", "a100", "a10g", "v100", "t4")
+TORCH_DTYPES = ("float16", "bfloat16", "float32")
 # tuneyard executes the job whatever the caller calls its tuner; these names all mean "the PEFT/TRL stack".
 TUNER_BACKENDS = {"simplismart", "tuneyard", "peft", "trl", "transformers", "huggingface"}
 
@@ -78,8 +87,16 @@ SERVICE_PARAMS = {
 }
 
 
+# What each job action is called when it cannot be done.
+DONE = {"cancel": "cancelled", "pause": "paused", "resume": "resumed"}
+
+
 def dialect_error(e: TuneyardError) -> TuneyardError:
-    """The same error with its field named the Simplismart way."""
+    """The same error in Simplismart's words: its field names, its status names."""
+    if isinstance(e, InvalidState):
+        status = STATUS[JobStatus(e.status)]
+        already = "already " if JobStatus(e.status).terminal else ""
+        e.message = f"Training job {e.job_id} is {already}{status} and cannot be {DONE[e.action]}"
     return e.rename_params(SERVICE_PARAMS)
 
 
@@ -297,8 +314,9 @@ def progress(job: Job) -> float:
     return 0.0
 
 
-def configs_of(job: Job) -> dict[str, dict[str, Any]]:
-    """The five configs as the job actually runs (defaults and resolved values filled in), for any job."""
+def configs_of(job: Job, cap: Capacity | None = None) -> dict[str, dict[str, Any]]:
+    """The five configs as the job actually runs (defaults and resolved values filled in), for any job, in
+    Simplismart's words; numbers the Simplismart client sent are echoed as it sent them (16 stays 16)."""
     spec = TrainingSpec.model_validate(job.spec)
     hp = dict(job.resolved_hyperparameters or {})
     req = job.request if job.dialect == DIALECT else {}
@@ -311,7 +329,7 @@ def configs_of(job: Job) -> dict[str, dict[str, Any]]:
     quant = spec.model.quant_bits
     train_type = "full" if spec.adapter.type == "full" else "qlora" if quant in (4, 8) else "lora"
     dd_req = req.get("dataset_details", {})
-    return {
+    out = {
         "dataset_config": {
             "preprocessing": {"lazy_tokenize": spec.data.lazy_tokenize, "streaming": spec.data.streaming,
                               "prompt": {"system": spec.data.system_prompt, "max_length": spec.data.max_length,
@@ -324,8 +342,9 @@ def configs_of(job: Job) -> dict[str, dict[str, Any]]:
                           "source_type": spec.model.source, "model_type": spec.model.model_type,
                           "quantization": {"quant_bits": quant or 16}},
         "train_config": {
-            "type": spec.method, "torch_dtype": spec.model.torch_dtype, "task_type": "causal_lm",
-            "train_type": train_type,
+            "type": spec.method,
+            "torch_dtype": spec.model.torch_dtype if spec.model.torch_dtype in TORCH_DTYPES else None,
+            "task_type": "causal_lm", "train_type": train_type,
             "tuner_backend": req.get("train_config", {}).get("tuner_backend") or "tuneyard",
             "hyperparameters": {
                 "num_epochs": hp.get("n_epochs", spec.hyperparameters.n_epochs),
@@ -346,20 +365,39 @@ def configs_of(job: Job) -> dict[str, dict[str, Any]]:
             "distributed": {"type": spec.resources.distributed},
         },
         "dataset_details": {
-            "dataset_name": dd_req.get("dataset_name") or Path(src.path).name or src.file_id,
-            "dataset_path": dd_req.get("dataset_path") or src.file_id or src.path,
+            "dataset_name": dd_req.get("dataset_name") or Path(src.path or "").name or None,
+            "dataset_path": dd_req.get("dataset_path") or src.path,
             "dataset_description": dd_req.get("dataset_description"),
-            "dataset_type": src.container if src.container != "auto" else dd_req.get("dataset_type"),
-            "dataset_format": dd_req.get("dataset_format") or (None if src.format == "auto" else src.format),
-            "source_type": dd_req.get("source_type") or ("local" if src.file_id is None else "upload"),
+            "dataset_type": src.container if src.container in DATASET_TYPES else dd_req.get("dataset_type"),
+            "dataset_format": dd_req.get("dataset_format") or (src.format if src.format in DATASET_FORMATS
+                                                               else None),
+            # Another dialect's uploaded file or registered rows are a file on this server: a local source.
+            "source_type": dd_req.get("source_type") or kind_of(src.path or "") or "local",
             "ownership": dd_req.get("ownership", "private"),
-            "secret_id": dd_req.get("secret_id"), "region": dd_req.get("region"),
+            "secret_id": dd_req.get("secret_id") if req else src.secret_id,
+            "region": dd_req.get("region") if req else src.region,
         },
-        "infra_config": {"gpu_type": "cpu" if spec.resources.device == "cpu" else spec.resources.gpu_type,
-                         "gpu_count": spec.resources.nproc_per_node,
+        "infra_config": {"gpu_type": _gpu_type(spec, cap), "gpu_count": spec.resources.nproc_per_node,
                          "infra_type": req.get("infra_config", {}).get("infra_type") or "tuneyard",
                          "node_count": spec.resources.node_count},
     }
+    return echo_as_sent(out, {k: v for k, v in req.items() if k in out})
+
+
+def _gpu_type(spec: TrainingSpec, cap: Capacity | None) -> str | None:
+    """``cpu``, the GPU type asked for, or (a device left to the server) what the worker will run it on."""
+    res = spec.resources
+    if res.device == "cpu":
+        return "cpu"
+    if res.gpu_type:
+        return res.gpu_type
+    if cap is None:
+        return None
+    if not cap.has_cuda:
+        return "cpu"
+    name = (cap.gpu_name or "").lower().replace(" ", "")
+    # Simplismart's names where the server's GPU is one of them, else the model name as the driver reports it.
+    return next((g for g in GPU_TYPES if g in name), name.removeprefix("nvidia") or None)
 
 
 def experiment_name(job: Job) -> str:
@@ -367,13 +405,13 @@ def experiment_name(job: Job) -> str:
     return (job.request or {}).get("experiment_name") if job.dialect == DIALECT else (job.suffix or job.id)
 
 
-def job_record(job: Job) -> JobRecord:
-    """``GET /job/get/``."""
+def job_record(job: Job, cap: Capacity | None = None) -> JobRecord:
+    """``GET /job/get/``; ``cap`` (this server's capacity) says where a job that left the device open runs."""
     status = STATUS[JobStatus(job.status)]
     done = job.status == JobStatus.SUCCEEDED and job.output_dir
     return JobRecord(request_id=job.id, experiment_name=experiment_name(job), status=status,
                      created_at=iso(job.created_at), updated_at=iso(job.updated_at), started_at=iso(job.started_at),
-                     completed_at=iso(job.finished_at), progress=progress(job), **configs_of(job),
+                     completed_at=iso(job.finished_at), progress=progress(job), **configs_of(job, cap),
                      output_model_path=str(Path(job.output_dir) / "output") if done else None,
                      error_message=(job.error or {}).get("message"))
 
