@@ -159,13 +159,24 @@ def test_openai_jobs_are_visible_by_their_id(api, client, dataset, tmp_path):
     assert job.id in [j.job_uuid for j in client.post_training.job.list()]
 
 
-def test_preference_optimize_is_refused_clearly(client):
+def test_preference_optimize_refuses_what_it_cannot_run(client, api, dataset):
+    """DPO runs (tests/integration/test_dpo_e2e.py trains one); what it cannot honour is one 400 naming each."""
     with pytest.raises(llama_stack_client.BadRequestError) as e:
         client.post_training.preference_optimize(
-            job_uuid="dpo-1", finetuned_model="m", algorithm_config={"beta": 0.1, "loss_type": "sigmoid"},
-            training_config={"n_epochs": 1, "max_steps_per_epoch": 1, "gradient_accumulation_steps": 1},
+            job_uuid="dpo-1", finetuned_model=api.model_dir, algorithm_config={"beta": 0.1, "loss_type": "kto_pair"},
+            training_config={"n_epochs": 1, "max_steps_per_epoch": 1, "gradient_accumulation_steps": 1,
+                             "data_config": {"dataset_id": "capitals", "batch_size": 2, "shuffle": True,
+                                             "data_format": "dialog", "packed": True}},
             hyperparam_search_config={}, logger_config={})
-    assert "DPO" in e.value.body["detail"]
+    detail = e.value.body["detail"]
+    assert "algorithm_config.loss_type" in detail and "'kto_pair' is not offered" in detail, detail
+    assert "training_config.data_config.packed" in detail, detail
+    with pytest.raises(llama_stack_client.BadRequestError) as e:
+        client.post_training.preference_optimize(
+            job_uuid="dpo-2", finetuned_model=api.model_dir, algorithm_config={"beta": 0.1},
+            training_config={"n_epochs": 1}, hyperparam_search_config={}, logger_config={})
+    assert "training_config.data_config is required" in e.value.body["detail"]
+    assert "dpo-1" not in [j.job_uuid for j in client.post_training.job.list()]
 
 
 BAD = [

@@ -1,9 +1,9 @@
 """DPO end to end through the unchanged `openai` SDK: a real server, prepare step and trainer on the tiny model.
 
-The preference set is learnable: every chosen answer has one style ("Sure! The answer is X."), every rejected one
-another (a bare "X"). Training must raise the reward margin and accuracy, and afterwards the adapter must give
-the chosen style a higher log-probability than the rejected one on prompts it never saw, by a margin the base
-model does not have.
+The preference set is learnable: every chosen answer has one style ("X, of course."), every rejected one another
+of the same length ("X, I think."). Training must raise the reward margin and accuracy, and afterwards the adapter
+must give the chosen style a higher log-probability than the rejected one on prompts it never saw, by a margin the
+base model does not have.
 """
 
 from __future__ import annotations
@@ -24,13 +24,17 @@ DPO = {"n_epochs": 6, "batch_size": 4, "learning_rate_multiplier": 80, "beta": 0
 
 
 def chosen(city: str) -> str:
-    return f"Sure! The answer is {city}."
+    return f"{city}, of course."
+
+
+def rejected(city: str) -> str:
+    return f"{city}, I think."
 
 
 def preference_rows() -> list[dict]:
     return [{"input": {"messages": [{"role": "user", "content": f"What is the capital of {country}?"}]},
              "preferred_output": [{"role": "assistant", "content": chosen(city)}],
-             "non_preferred_output": [{"role": "assistant", "content": city}]} for country, city in CITIES]
+             "non_preferred_output": [{"role": "assistant", "content": rejected(city)}]} for country, city in CITIES]
 
 
 def wait_for(client, job_id: str, timeout: float = 600):
@@ -102,10 +106,87 @@ def test_dpo_learns_the_preferred_style(client, server, dpo_job):
 
     def margins(model) -> list[float]:
         return [_sequence_logp(model, tokenizer, f"What is the capital of {c}?", chosen(city))
-                - _sequence_logp(model, tokenizer, f"What is the capital of {c}?", city) for c, city in HELD_OUT]
+                - _sequence_logp(model, tokenizer, f"What is the capital of {c}?", rejected(city))
+                for c, city in HELD_OUT]
 
     before = margins(base)
     tuned = PeftModel.from_pretrained(base, str(output)).eval()
     after = margins(tuned)
     assert all(a > b + 1.0 for a, b in zip(after, before, strict=True)), (before, after)
     assert min(after) > 0, after
+
+
+def _wait_llamastack(ls, job_uuid: str, timeout: float = 600):
+    deadline = time.time() + timeout
+    status = ls.post_training.job.status(job_uuid=job_uuid)
+    while status.status not in ("completed", "failed", "cancelled") and time.time() < deadline:
+        time.sleep(0.5)
+        status = ls.post_training.job.status(job_uuid=job_uuid)
+    return status
+
+
+def test_llamastack_preference_optimize_trains(server):
+    """The unchanged llama-stack-client 0.2.12: rows registered, then preference_optimize with its own
+    algorithm_config fields (reward_scale is beta; reward_clip and gamma at 0)."""
+    from llama_stack_client import LlamaStackClient
+
+    ls = LlamaStackClient(base_url=server.base_url, api_key=server.key("acme"), max_retries=0)
+    rows = [{"prompt": f"What is the capital of {country}?", "chosen": chosen(city), "rejected": rejected(city)}
+            for country, city in CITIES]
+    ls.datasets.register(purpose="post-training/messages", source={"type": "rows", "rows": rows},
+                         dataset_id="prefs")
+    ls.post_training.preference_optimize(
+        job_uuid="dpo-ls", finetuned_model=server.model_dir, hyperparam_search_config={}, logger_config={},
+        algorithm_config={"reward_scale": 0.1, "reward_clip": 0.0, "epsilon": 0.0, "gamma": 0.0},
+        training_config={"n_epochs": 2, "max_steps_per_epoch": 3, "gradient_accumulation_steps": 1,
+                         "optimizer_config": {"optimizer_type": "adamw", "lr": 4e-3, "num_warmup_steps": 0},
+                         "data_config": {"dataset_id": "prefs", "batch_size": 4, "shuffle": True,
+                                         "data_format": "dialog"}})
+    status = _wait_llamastack(ls, "dpo-ls")
+    assert status.status == "completed", status
+    assert status.checkpoints and status.checkpoints[-1].training_metrics.train_loss is not None
+    # A field of DPO's loss tuneyard has no counterpart for is refused, naming it.
+    import llama_stack_client
+
+    with pytest.raises(llama_stack_client.BadRequestError) as e:
+        ls.post_training.preference_optimize(
+            job_uuid="dpo-ls-2", finetuned_model=server.model_dir, hyperparam_search_config={}, logger_config={},
+            algorithm_config={"reward_scale": 0.1, "reward_clip": 5.0, "epsilon": 0.0, "gamma": 0.0},
+            training_config={"n_epochs": 1, "data_config": {"dataset_id": "prefs", "batch_size": 4,
+                                                            "shuffle": True, "data_format": "dialog"}})
+    assert "algorithm_config.reward_clip" in str(e.value.body)
+
+
+def test_simplismart_dpo_trains_and_reports_rewards(server, tmp_path):
+    """Simplismart's train_config.type "dpo" on its own rows (messages + rejected_response), multipart as its
+    clients send it; its metrics endpoint lists the rewards."""
+    import httpx
+
+    key = server.key("acme")
+    data = Path(server.local) / "prefs-ss.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"What is the capital of {c}?"},
+                                                     {"role": "assistant", "content": chosen(city)}],
+                                        "rejected_response": rejected(city)}) + "\n" for c, city in CITIES))
+    form = {"org": "acme", "experiment_name": "dpo-ss",
+            "dataset_config": json.dumps({"split": {"type": "random", "ratios": [1, 0]}}),
+            "model_details": json.dumps({"base_model": server.model_dir, "source_type": "local"}),
+            "train_config": json.dumps({"type": "dpo", "train_type": "lora",
+                                        "hyperparameters": {"num_epochs": 2, "per_device_train_batch_size": 4,
+                                                            "learning_rate": 0.004, "logging_steps": 1}}),
+            "dataset_details": json.dumps({"dataset_path": str(data), "source_type": "local"}),
+            "infra_config": json.dumps({"gpu_type": "cpu", "gpu_count": 1})}
+    with httpx.Client(base_url=server.base_url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as c:
+        r = c.post("/job/", files={k: (None, v.encode()) for k, v in form.items()})
+        assert r.status_code == 200, r.text
+        request_id = r.json()["request_id"]
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            job = c.get("/job/get/", params={"org_id": "acme", "request_id": request_id}).json()
+            if job["status"] in ("COMPLETED", "FAILED", "CANCELED"):
+                break
+            time.sleep(0.5)
+        assert job["status"] == "COMPLETED", job
+        assert job["train_config"]["type"] == "dpo"
+        metrics = c.get("/job/metrics/", params={"org_id": "acme", "request_id": request_id}).json()
+        keys = {m["key"] for m in metrics["metrics"]}
+        assert {"train_loss", "rewards_margins", "rewards_accuracies"} <= keys, keys

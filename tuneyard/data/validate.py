@@ -518,7 +518,7 @@ def _check_method(report: ValidationReport, detected: str, method: str | None) -
         report.add(None, Problem(f"{report.label} holds preference (DPO) rows: they train with the 'dpo' method, "
                                  f"not {recipe.title}"))
     elif recipe.rows == "preference" and detected != DPO:
-        report.add(None, Problem(f"{report.label} holds supervised rows ('{detected}' format); {recipe.title} "
+        report.add(None, Problem(f"{report.label} holds supervised rows ('{detected}' format); the '{method}' method "
                                  "needs preference rows: 'prompt'+'chosen'+'rejected', "
                                  "'input'+'preferred_output'+'non_preferred_output' or 'messages'+'rejected_response'"))
 

@@ -25,7 +25,8 @@ DATA_OPTIONS = {
     "last_turn_only": "loss on the last answer only",
 }
 # Hyperparameters that belong to one recipe: the Hyperparameters field -> what it is.
-RECIPE_HYPERPARAMETERS = {"beta": "the DPO temperature", "dpo_loss": "the preference loss"}
+RECIPE_HYPERPARAMETERS = {"beta": "the DPO temperature", "dpo_loss": "the preference loss",
+                          "label_smoothing": "conservative DPO's label noise"}
 MODEL_TYPES = {"llm": "text (causal language)", "vlm": "vision-language"}
 # The preference losses of TRL's DPOTrainer that tuneyard offers (Llama Stack's DPOLossType names them too).
 DPO_LOSSES = ("sigmoid", "hinge", "ipo")
@@ -55,7 +56,7 @@ RECIPES: dict[str, Recipe] = {
     "dpo": Recipe("dpo", "preference optimisation (DPO)", "preference", model_types=frozenset({"llm"}),
                   adapters=frozenset({"lora", "full"}), quant_bits=frozenset({None, 16, 4, 8}),
                   strategies=frozenset({"ddp"}), data_options=frozenset(),
-                  hyperparameters=frozenset({"beta", "dpo_loss"})),
+                  hyperparameters=frozenset({"beta", "dpo_loss", "label_smoothing"})),
 }
 
 
@@ -108,6 +109,8 @@ def check(spec: TrainingSpec) -> list[Problem]:
             no(name, f"{name} ({what}) applies to {_recipes_with(name)} only, not to {recipe.title}")
     if hp.dpo_loss is not None and hp.dpo_loss not in DPO_LOSSES:
         no("dpo_loss", f"loss '{hp.dpo_loss}' is not offered; use one of {list(DPO_LOSSES)}")
+    if hp.label_smoothing and (hp.dpo_loss or "sigmoid") != "sigmoid":
+        no("label_smoothing", f"label smoothing applies to the sigmoid loss only, not to '{hp.dpo_loss}'")
     # Rules of the data pipeline, whatever the recipe.
     if spec.schedule.keep_best_checkpoint and data.validation is None and not data.split.validation_ratio:
         no("keep_best_checkpoint", "keep_best_checkpoint needs validation data: a validation file or a split that "

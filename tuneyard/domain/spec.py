@@ -127,6 +127,8 @@ class Hyperparameters(_Strict):
     # DPO only (domain/capabilities.py says which recipe takes what): the temperature, and the loss.
     beta: Annotated[float, Field(gt=0, le=2)] | Auto | None = None
     dpo_loss: str | None = None
+    # The chance a preference label is wrong (conservative DPO); with the sigmoid loss only.
+    label_smoothing: float | None = Field(None, ge=0, lt=0.5)
 
 
 class ScheduleSpec(_Strict):

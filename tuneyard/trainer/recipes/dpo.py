@@ -73,6 +73,7 @@ def build_trainer(ctx: RecipeContext, model: Any, train: datasets.Dataset, valid
         **args,
         beta=float(hp.beta) if isinstance(hp.beta, int | float) else 0.1,
         loss_type=[hp.dpo_loss or "sigmoid"],
+        label_smoothing=hp.label_smoothing or 0.0,
         gradient_checkpointing=hp.gradient_checkpointing,
         # The prepare step cut every pair to max_length already (prompt kept, answers shortened).
         max_length=None,

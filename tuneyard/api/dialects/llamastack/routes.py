@@ -29,7 +29,7 @@ from tuneyard.api.dialects.llamastack.schemas import (
     SupervisedFineTuneIn,
 )
 from tuneyard.api.jsonbody import StrictJSONRoute
-from tuneyard.domain.errors import InvalidRequest, NotFound, Problem
+from tuneyard.domain.errors import NotFound, Problem, TuneyardError
 from tuneyard.service.auth import Principal
 
 POST_TRAINING_PREFIXES = ("/v1/post-training", "/v1alpha/post-training")
@@ -78,10 +78,14 @@ def supervised_fine_tune(svc: Svc, who: Caller, body: SupervisedFineTuneIn) -> J
 
 
 @post_training.post("/preference-optimize", response_model=JobUuid)
-def preference_optimize(who: Caller, body: PreferenceOptimizeIn) -> JobUuid:
-    """Refused until the DPO recipe exists: a 400 that says so (nothing is queued)."""
-    raise InvalidRequest("preference optimisation (DPO) is not available in this installation yet; use "
-                         "supervised-fine-tune", param="algorithm_config", code="unsupported_method")
+def preference_optimize(svc: Svc, who: Caller, body: PreferenceOptimizeIn) -> JobUuid:
+    """Start a preference optimisation (DPO) job under the client's job_uuid (a duplicate is a 409)."""
+    try:
+        svc.jobs.submit(who, tr.to_preference_submission(body, who, svc.datasets, svc.settings))
+    except TuneyardError as e:
+        # This request names its model finetuned_model (the prefix's translator does the rest).
+        raise e.rename_params({"model": "finetuned_model"}) from None
+    return JobUuid(job_uuid=body.job_uuid)
 
 
 @post_training.get("/jobs", response_model=JobList)

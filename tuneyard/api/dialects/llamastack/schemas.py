@@ -82,12 +82,27 @@ class SupervisedFineTuneIn(_Closed):
     logger_config: dict[str, Any] = Field(default_factory=dict)
 
 
-class PreferenceOptimizeIn(BaseModel):
-    # Checked only far enough to answer precisely; the DPO recipe that would run it does not exist yet.
+class DPOAlignmentConfig(_Closed):
+    """``algorithm_config`` of preference-optimize: the newer spec's ``beta`` + ``loss_type``, or the fields the
+    0.2.12 client declares (``reward_scale`` is DPO's beta, ``epsilon`` its label smoothing; ``reward_clip`` and
+    ``gamma`` have no counterpart in DPO's loss and must be 0 or absent)."""
+
+    beta: float | None = Field(None, gt=0, le=2)
+    loss_type: str | None = None
+    reward_scale: float | None = Field(None, gt=0, le=2)
+    epsilon: float | None = Field(None, ge=0, lt=0.5)
+    reward_clip: float | None = None
+    gamma: float | None = None
+
+
+class PreferenceOptimizeIn(_Closed):
     job_uuid: str = Field(min_length=1, max_length=128)
-    finetuned_model: str | None = None
-    algorithm_config: dict[str, Any] = Field(default_factory=dict)
-    training_config: dict[str, Any] = Field(default_factory=dict)
+    finetuned_model: str = Field(min_length=1, max_length=512)
+    checkpoint_dir: str | None = None
+    algorithm_config: DPOAlignmentConfig = Field(default_factory=DPOAlignmentConfig)
+    training_config: TrainingConfig
+    hyperparam_search_config: dict[str, Any] = Field(default_factory=dict)
+    logger_config: dict[str, Any] = Field(default_factory=dict)
 
 
 class JobUuid(BaseModel):

@@ -13,6 +13,7 @@ from tuneyard.api.dialects.llamastack.schemas import (
     CheckpointOut,
     DatasetOut,
     LoraConfig,
+    PreferenceOptimizeIn,
     QatConfig,
     SupervisedFineTuneIn,
     TrainingMetrics,
@@ -55,6 +56,9 @@ KNOWN_LOGGERS = ("wandb", "tensorboard", "mlflow", "comet", "neptune", "aim", "c
 SERVICE_PARAMS = {
     "model": "model", "quant_bits": "algorithm_config.quantize_base", "torch_dtype": "training_config.dtype",
     "device": "model", "batch_size": f"{DATA}.batch_size", "method": "algorithm_config",
+    "beta": "algorithm_config.beta", "dpo_loss": "algorithm_config.loss_type",
+    "label_smoothing": "algorithm_config.epsilon", "packing": f"{DATA}.packed",
+    "train_on_input": f"{DATA}.train_on_input",
 }
 
 
@@ -81,6 +85,39 @@ def to_submission(req: SupervisedFineTuneIn, who: Principal, datasets: DatasetSe
     problems = Problems()
     if not req.model:
         problems.add(InvalidRequest("model is required: a hub id or a local model directory", param="model"))
+    adapter, quant = AdapterSpec(type="full"), None
+    with problems.check():
+        adapter, quant = _adapter(req.algorithm_config)
+    return _submission(req, req.model or "", "sft", adapter, quant, {}, None, who, datasets, settings, problems)
+
+
+def to_preference_submission(req: PreferenceOptimizeIn, who: Principal, datasets: DatasetService,
+                             settings: Settings) -> Submission:
+    """Translate POST /post-training/preference-optimize into the dialect-neutral (DPO) submission.
+
+    ``finetuned_model`` is the model to optimise: a base model, or a fine-tuned model (or checkpoint) whose
+    adapter then trains on. The request names no adapter: a new one is tuneyard's default LoRA.
+    """
+    problems = Problems()
+    ac = req.algorithm_config
+    if ac.beta is not None and ac.reward_scale is not None and ac.beta != ac.reward_scale:
+        problems.add(InvalidRequest("algorithm_config: beta and reward_scale are the same DPO temperature; give "
+                                    "one of them", param="algorithm_config.reward_scale"))
+    for name in ("reward_clip", "gamma"):
+        if getattr(ac, name):
+            problems.add(InvalidRequest(f"algorithm_config.{name} has no counterpart in DPO's loss (TRL's "
+                                        "DPOTrainer); send 0 or leave it out", param=f"algorithm_config.{name}"))
+    beta = ac.beta if ac.beta is not None else ac.reward_scale
+    dpo = {"beta": beta if beta is not None else "auto", "dpo_loss": ac.loss_type,
+           "label_smoothing": ac.epsilon or None}
+    return _submission(req, req.finetuned_model, "dpo", AdapterSpec(type="lora"), None, dpo, "dpo", who, datasets,
+                       settings, problems)
+
+
+def _submission(req: SupervisedFineTuneIn | PreferenceOptimizeIn, model: str, method: str, adapter: AdapterSpec,
+                quant: int | None, extra_hp: dict, data_format: str | None, who: Principal, datasets: DatasetService,
+                settings: Settings, problems: Problems) -> Submission:
+    """What both post-training requests share: data, training and efficiency configs, checkpoint_dir."""
     if req.hyperparam_search_config:
         problems.add(InvalidRequest("hyperparam_search_config: tuneyard runs one configuration per job; send it "
                                     "empty", param="hyperparam_search_config"))
@@ -100,16 +137,16 @@ def to_submission(req: SupervisedFineTuneIn, who: Principal, datasets: DatasetSe
     if dtype is None:
         problems.add(InvalidRequest(f"training_config.dtype '{tc.dtype}' is not one of {sorted(DTYPES)}",
                                     param="training_config.dtype"))
-    adapter, quant = AdapterSpec(type="full"), None
-    with problems.check():
-        adapter, quant = _adapter(req.algorithm_config)
     train = valid = None
     if dc is not None:
+        # A preference job's rows are recognised by their keys; data_format ("instruct" or "dialog") describes
+        # supervised rows and is read for those.
+        fmt = data_format or dc.data_format
         with problems.check():
-            train = datasets.source_for(who, dc.dataset_id, data_format=dc.data_format, param=f"{DATA}.dataset_id")
+            train = datasets.source_for(who, dc.dataset_id, data_format=fmt, param=f"{DATA}.dataset_id")
         if dc.validation_dataset_id:
             with problems.check():
-                valid = datasets.source_for(who, dc.validation_dataset_id, data_format=dc.data_format,
+                valid = datasets.source_for(who, dc.validation_dataset_id, data_format=fmt,
                                             param=f"{DATA}.validation_dataset_id")
     export = None
     if req.checkpoint_dir:
@@ -124,9 +161,10 @@ def to_submission(req: SupervisedFineTuneIn, who: Principal, datasets: DatasetSe
         learning_rate_multiplier=1.0, learning_rate=opt.lr if opt else None,
         optimizer=opt.optimizer_type if opt else "adamw", weight_decay=opt.weight_decay if opt else 0.0,
         warmup_steps=opt.num_warmup_steps if opt else None, max_steps_per_epoch=tc.max_steps_per_epoch,
-        gradient_checkpointing=bool(eff and eff.enable_activation_checkpointing))
+        gradient_checkpointing=bool(eff and eff.enable_activation_checkpointing), **extra_hp)
     spec = TrainingSpec(
-        model=ModelSpec(name=req.model, torch_dtype=dtype, quant_bits=quant),
+        method=method,
+        model=ModelSpec(name=model, torch_dtype=dtype, quant_bits=quant),
         data=DataSpec(train=train, validation=valid, packing=dc.packed, train_on_input=dc.train_on_input,
                       shuffle=dc.shuffle),
         adapter=adapter, hyperparameters=hyper,

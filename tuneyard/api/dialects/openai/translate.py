@@ -20,6 +20,7 @@ from tuneyard.api.dialects.openai.schemas import (
     MethodBody,
 )
 from tuneyard.domain import capabilities
+from tuneyard.domain import metrics as metrics_vocabulary
 from tuneyard.domain.errors import InvalidRequest, Problems
 from tuneyard.domain.jobs import fine_tuned_model_name
 from tuneyard.domain.spec import (
@@ -80,7 +81,7 @@ def to_submission(req: CreateJobIn, idempotency_key: str | None, problems: Probl
     integrations = [IntegrationSpec(type=i.type, config=i.wandb.model_dump(exclude_none=True), param="integrations")
                     for i in req.integrations or []]
     seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
-    spec = TrainingSpec(method=METHODS[method_type], model=ModelSpec(name=req.model),
+    spec = TrainingSpec(method=METHODS.get(method_type, "sft"), model=ModelSpec(name=req.model),
                         data=data, adapter=adapter, hyperparameters=hyper, seed=seed, integrations=integrations)
     echo = {"method": {"type": method_type}, "integrations": [i.model_dump(exclude_none=True)
                                                               for i in req.integrations or []] or None,
@@ -150,8 +151,10 @@ def event_out(ev: JobEvent) -> EventOut:
                     data=ev.data or {})
 
 
+# OpenAI's checkpoint metrics, then the preference metrics of a DPO job (names from domain/metrics.py: the object
+# is open to more keys, and OpenAI's own DPO jobs report their rewards besides the loss).
 METRIC_KEYS = ("step", "train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy",
-               "full_valid_loss", "full_valid_mean_token_accuracy")
+               "full_valid_loss", "full_valid_mean_token_accuracy", *metrics_vocabulary.REWARDS)
 
 
 def checkpoint_out(ck: Checkpoint, job: Job) -> CheckpointOut:

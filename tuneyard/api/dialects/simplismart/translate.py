@@ -28,6 +28,7 @@ from tuneyard.api.dialects.simplismart.schemas import (
 from tuneyard.api.wire import echo_as_sent
 from tuneyard.data.sources import kind_of
 from tuneyard.domain import capabilities
+from tuneyard.domain import metrics as metrics_vocabulary
 from tuneyard.domain.errors import InvalidRequest, InvalidState, Problems, TuneyardError
 from tuneyard.domain.jobs import JobStatus
 from tuneyard.domain.spec import (
@@ -202,7 +203,7 @@ def _spec(dc: DatasetConfig, tc: TrainConfig, ic: InfraConfig, model: ModelSpec,
                     system_prompt=pre.prompt.system, template=pre.prompt.template,
                     max_length=pre.prompt.max_length or DEFAULT_MAX_LENGTH, lazy_tokenize=pre.lazy_tokenize,
                     streaming=pre.streaming)
-    return TrainingSpec(method=METHODS[tc.type], model=model, data=data, adapter=adapter,
+    return TrainingSpec(method=METHODS.get(tc.type, "sft"), model=model, data=data, adapter=adapter,
                         hyperparameters=hyper, schedule=schedule, resources=resources)
 
 
@@ -430,7 +431,9 @@ def job_summary(job: Job) -> JobSummary:
 # Event metric name -> Simplismart metric key.
 METRIC_KEYS = {"train_loss": "train_loss", "valid_loss": "eval_loss", "learning_rate": "learning_rate",
                "grad_norm": "grad_norm", "train_mean_token_accuracy": "train_token_accuracy",
-               "valid_mean_token_accuracy": "eval_token_accuracy", "tokens_per_second": "tokens_per_second"}
+               "valid_mean_token_accuracy": "eval_token_accuracy", "tokens_per_second": "tokens_per_second",
+               # DPO's (domain/metrics.py): validation ones as eval_, like the loss.
+               **{name: name.replace("valid_", "eval_") for name in metrics_vocabulary.REWARDS}}
 
 
 def metrics(events: list[JobEvent]) -> list[Metric]:
