@@ -144,7 +144,7 @@ def test_llamastack_preference_optimize_trains(server):
                                          "data_format": "dialog"}})
     status = _wait_llamastack(ls, "dpo-ls")
     assert status.status == "completed", status
-    assert status.checkpoints and status.checkpoints[-1].training_metrics.train_loss is not None
+    assert status.checkpoints and status.checkpoints[-1]["training_metrics"]["train_loss"] is not None
     # A field of DPO's loss tuneyard has no counterpart for is refused, naming it.
     import llama_stack_client
 
