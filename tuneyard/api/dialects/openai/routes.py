@@ -12,6 +12,7 @@ from fastapi import APIRouter, BackgroundTasks, File, Form, Header, Query, Reque
 from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
+from tuneyard import jsontext
 from tuneyard.api.deps import Caller, Svc
 from tuneyard.api.dialects.openai import translate as tr
 from tuneyard.api.dialects.openai.schemas import (
@@ -44,30 +45,68 @@ def _metadata_filter(request: Request) -> dict[str, str]:
 
 
 # ----- files ---------------------------------------------------------------------------------------
+# The form fields of POST /files. ``expires_after`` comes either as one JSON part (OpenAPI's encoding of an
+# object in multipart, which OpenAI's document implies) or as bracketed fields (what the OpenAI SDKs send).
+FILE_FORM_FIELDS = ("file", "purpose", "expires_after", "expires_after[anchor]", "expires_after[seconds]")
+
+
 @router.post("/files", response_model=FileOut)
 async def create_file(
-    svc: Svc, who: Caller,
+    request: Request, svc: Svc, who: Caller,
     file: Annotated[UploadFile | None, File()] = None,
     purpose: Annotated[str | None, Form()] = None,
+    expires_after: Annotated[str | None, Form()] = None,
     expires_after_anchor: Annotated[str | None, Form(alias="expires_after[anchor]")] = None,
     expires_after_seconds: Annotated[str | None, Form(alias="expires_after[seconds]")] = None,
 ) -> FileOut:
     """Upload a file (multipart); ``fine-tune`` files are validated row by row before they are kept."""
+    # FastAPI has parsed the form already (Starlette caches it): unknown fields are refused, not ignored.
+    unknown = [k for k in dict.fromkeys((await request.form()).keys()) if k not in FILE_FORM_FIELDS]
+    if unknown:
+        raise InvalidRequest(" ".join(f"Unrecognized request argument supplied: '{k}'." for k in unknown),
+                             param=unknown[0])
     if file is None:
         raise InvalidRequest("Missing required parameter: 'file'.", param="file")
-    seconds = None
-    if expires_after_seconds is not None or expires_after_anchor is not None:
-        if expires_after_anchor != "created_at":
-            raise InvalidRequest("expires_after[anchor] must be 'created_at'", param="expires_after[anchor]")
-        try:
-            seconds = int(expires_after_seconds or "")
-        except ValueError as e:
-            raise InvalidRequest("expires_after[seconds] must be an integer", param="expires_after[seconds]") from e
+    seconds = _expires_after_seconds(expires_after, expires_after_anchor, expires_after_seconds)
     try:
         f = await run_in_threadpool(svc.files.create, who, file.file, file.filename, purpose, seconds)
     finally:
         await file.close()
     return tr.file_out(f)
+
+
+def _expires_after_seconds(as_json: str | None, anchor: str | None, seconds: str | None) -> int | None:
+    """The expiry asked for, from the JSON part or the bracketed fields; None when none is asked."""
+    param = "expires_after[anchor]"
+    if as_json is not None:
+        if anchor is not None or seconds is not None:
+            raise InvalidRequest("Give expires_after either as one JSON field or as expires_after[anchor] and "
+                                 "expires_after[seconds], not both", param="expires_after")
+        try:
+            value = jsontext.loads(as_json)
+        except ValueError:
+            value = None
+        if not isinstance(value, dict):
+            raise InvalidRequest("expires_after must be a JSON object with 'anchor' and 'seconds'",
+                                 param="expires_after")
+        extra = [k for k in value if k not in ("anchor", "seconds")]
+        if extra:
+            raise InvalidRequest(" ".join(f"Unrecognized request argument supplied: 'expires_after.{k}'."
+                                          for k in extra), param=f"expires_after.{extra[0]}")
+        anchor, seconds, param = value.get("anchor"), value.get("seconds"), "expires_after.anchor"
+        if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, int)):
+            raise InvalidRequest("expires_after.seconds must be an integer", param="expires_after.seconds")
+    elif anchor is None and seconds is None:
+        return None
+    if anchor != "created_at":
+        raise InvalidRequest(f"{param} must be 'created_at'", param=param)
+    if isinstance(seconds, int):
+        return seconds
+    try:
+        return int(seconds or "")
+    except ValueError as e:
+        sparam = param.replace("anchor", "seconds")
+        raise InvalidRequest(f"{sparam} must be an integer", param=sparam) from e
 
 
 @router.get("/files", response_model=ListOut)
