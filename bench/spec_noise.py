@@ -93,4 +93,11 @@ def _openai_refused_valid(operation: str, response: Any) -> str | None:
 
 
 def _llamastack(operation: str, check: str, message: str, status: int, case: Any, response: Any) -> str | None:
+    if check == "positive_data_acceptance" and status == 400:
+        body = _body(response)
+        detail = str(body.get("detail", "")) if isinstance(body, dict) else ""
+        if "at least 1 character" in detail or "non-empty string" in detail:
+            return "ids, names and URIs have no minLength in the document; an empty one names nothing"
+        if "greater than or equal to 1" in detail:
+            return "n_epochs, max_steps_per_epoch and the like have no minimum; zero of them trains nothing"
     return None
