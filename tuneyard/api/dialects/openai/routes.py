@@ -61,12 +61,11 @@ async def create_file(
 ) -> FileOut:
     """Upload a file (multipart); ``fine-tune`` files are validated row by row before they are kept."""
     # FastAPI has parsed the form already (Starlette caches it): unknown fields are refused, not ignored.
-    unknown = [k for k in dict.fromkeys((await request.form()).keys()) if k not in FILE_FORM_FIELDS]
-    if unknown:
-        raise InvalidRequest(" ".join(f"Unrecognized request argument supplied: '{k}'." for k in unknown),
-                             param=unknown[0])
-    if file is None:
-        raise InvalidRequest("Missing required parameter: 'file'.", param="file")
+    problems = [("file", "Missing required parameter: 'file'.")] if file is None else []
+    problems += [(k, f"Unrecognized request argument supplied: '{k}'.")
+                 for k in dict.fromkeys((await request.form()).keys()) if k not in FILE_FORM_FIELDS]
+    if problems:
+        raise InvalidRequest(" ".join(m for _, m in problems), param=problems[0][0])
     seconds = _expires_after_seconds(expires_after, expires_after_anchor, expires_after_seconds)
     try:
         f = await run_in_threadpool(svc.files.create, who, file.file, file.filename, purpose, seconds)
