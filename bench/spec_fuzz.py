@@ -1,6 +1,6 @@
 """The API driven by documents nobody here wrote: OpenAI's own OpenAPI document and Llama Stack's 0.2.12 spec.
 
-    python -m bench spec_fuzz                         # 300 examples per operation and mode, both documents
+    python -m bench spec_fuzz                         # 400 examples per operation and mode, both documents
     python -m bench spec_fuzz --examples 50 --spec openai
     python -m bench spec_fuzz --show 3                # also print 3 sample failures of each kind
 
@@ -242,8 +242,14 @@ def _substitute(case: Any, seeds: Seeds, target: str) -> None:
                 body["suffix"] = "fuzz"
         elif case.operation.path == "/files" and "file" in body:
             body["file"] = seeds.training
-    if target == "llamastack" and isinstance(body, dict) and isinstance(body.get("model"), str):
-        body["model"] = seeds.model_path
+    if target == "llamastack":
+        # tuneyard knows a job by the client's job_uuid or by its own id.
+        if "job_uuid" in (case.query or {}):
+            case.query["job_uuid"] = seeds.job()
+        if isinstance(body, dict) and "job_uuid" in body and case.operation.path.endswith("/cancel"):
+            body["job_uuid"] = seeds.new_job("queued")
+        if isinstance(body, dict) and isinstance(body.get("model"), str):
+            body["model"] = seeds.model_path
 
 
 def _checks() -> list[Any]:
@@ -436,7 +442,7 @@ def bench(argv: list[str] | None = None) -> dict[str, Any]:
     from bench.common import print_table, write_result
 
     ap = argparse.ArgumentParser(prog="python -m bench spec_fuzz")
-    ap.add_argument("--examples", type=int, default=300, help="generated examples per operation and mode")
+    ap.add_argument("--examples", type=int, default=400, help="generated examples per operation and mode")
     ap.add_argument("--spec", choices=[*TARGETS, "all"], default="all")
     ap.add_argument("--minutes", type=float, default=60, help="stop generating after this long")
     ap.add_argument("--show", type=int, default=0, help="sample failures to print of each kind")
