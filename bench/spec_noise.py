@@ -8,6 +8,7 @@ a whole operation, so that a new fault in the same operation still shows.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 # Findings that other branches of issue 12 fix; until they are merged they are reported apart, not as noise.
@@ -77,6 +78,11 @@ def _openai_refused_valid(operation: str, response: Any) -> str | None:
         return ("the request schemas allow any extra property; the live API refuses unknown arguments "
                 "with this very message, and tuneyard never accepts a setting it would ignore")
     if operation == "POST /fine_tuning/jobs":
+        if "either in 'method' or at the top level" in text:
+            return ("hyperparameters given both at the top level (deprecated) and in method: the document allows "
+                    "both at once; tuneyard refuses rather than silently pick one")
+        if code == "unsupported_method":
+            return "a method this installation cannot run is refused naming it, never accepted and ignored"
         if param == "suffix" and "may contain only" in text:
             return ("suffix has no pattern in the document; it becomes part of the model's name "
                     "(ft:base:org:suffix:id) and so is held to letters, digits, '-', '_' and '.'")
@@ -92,7 +98,21 @@ def _openai_refused_valid(operation: str, response: Any) -> str | None:
     return None
 
 
+# A negation that lands on a type another branch of the same oneOf allows (metadata and row values may be any
+# JSON value), and null for an optional field: still valid for Llama Stack's own server (pydantic Optional).
+_LS_STILL_VALID = re.compile(r"violates `type` at (/properties/metadata/additionalProperties/oneOf/\d+|"
+                             r"/properties/source/oneOf/1/allOf/0/properties/rows/items/additionalProperties/oneOf/\d+"
+                             r") \(was \w+, became (integer|number|string|boolean|null|array|object)\)|"
+                             r"violates `type` at /properties/\w+ \(was string, became null\)")
+
+
 def _llamastack(operation: str, check: str, message: str, status: int, case: Any, response: Any) -> str | None:
+    if check == "negative_data_rejection":
+        violations = re.findall(r"violates `[^`]+` at \S+ \(was \w+, became \w+\)", message)
+        if violations and all(_LS_STILL_VALID.fullmatch(v) for v in violations):
+            return ("the 'invalid' value is still valid: another branch of the same any-JSON-value oneOf allows "
+                    "it, or it is null for an optional field, which Llama Stack's server (pydantic Optional) "
+                    "reads as absent")
     if check == "positive_data_acceptance" and status == 400:
         body = _body(response)
         detail = str(body.get("detail", "")) if isinstance(body, dict) else ""
@@ -100,4 +120,15 @@ def _llamastack(operation: str, check: str, message: str, status: int, case: Any
             return "ids, names and URIs have no minLength in the document; an empty one names nothing"
         if "greater than or equal to 1" in detail:
             return "n_epochs, max_steps_per_epoch and the like have no minimum; zero of them trains nothing"
+        if "less than or equal to" in detail:
+            return ("the training numbers have no maximum in the document; tuneyard's bounds (n_epochs <= 1000, "
+                    "gradient_accumulation_steps <= 1024, ...) refuse what no run could do, naming each field")
+        if "not available in this installation" in detail:
+            return "a method this installation cannot run is refused naming it, never accepted and ignored"
+        if detail.startswith("dataset_id must be"):
+            return ("dataset_id has no pattern in the document; it becomes a path segment (/v1/datasets/{id}) "
+                    "and so is held to letters, digits and . _ : / -")
+        if "the scheme is not supported" in detail:
+            return ("source.uri is any string in the document; tuneyard fetches https://, s3://, hf://, data: "
+                    "URIs and local paths, and names the field for anything else")
     return None

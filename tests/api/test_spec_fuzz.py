@@ -84,3 +84,18 @@ def test_unknown_upload_fields_are_refused_not_ignored(srv, sample_jsonl):
     assert err["param"] == "expires_at" and "'expires_at'" in err["message"] and "'purpose_details'" in err["message"]
     after = httpx.get(f"{srv.base_url}/v1/files", headers={"Authorization": f"Bearer {key}"}).json()["data"]
     assert after == before  # nothing kept
+
+
+def test_nul_in_job_metadata_is_a_400_not_a_500(srv, sample_jsonl):
+    """The spec fuzz's one 5xx: a NUL in a metadata filter key broke SQLite's JSON path."""
+    key = srv.key("spec-fuzz-nul")
+    auth = {"Authorization": f"Bearer {key}"}
+    for params in ({"metadata[a\x00b]": "x"}, {"metadata[a]": "x\x00"}):
+        r = httpx.get(f"{srv.base_url}/v1/fine_tuning/jobs", headers=auth, params=params, timeout=30)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == next(iter(params))
+    training = _upload(srv, key, {"purpose": "fine-tune"}, sample_jsonl).json()["id"]
+    r = httpx.post(f"{srv.base_url}/v1/fine_tuning/jobs", headers=auth, timeout=30,
+                   json={"model": str(srv.local / "tiny-llama"), "training_file": training, "metadata": {"a\x00": "b"}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "metadata", r.text
+    assert httpx.get(f"{srv.base_url}/v1/fine_tuning/jobs", headers=auth).json()["data"] == []

@@ -38,9 +38,16 @@ def _list(items: list, has_more: bool) -> ListOut:
 
 def _metadata_filter(request: Request) -> dict[str, str]:
     out: dict[str, str] = {}
+    bad: list[str] = []
     for k, v in request.query_params.multi_items():
         if k.startswith("metadata[") and k.endswith("]"):
+            # No stored metadata holds a NUL (refused at submit), and the database's JSON path cannot take one.
+            if "\x00" in k or "\x00" in v:
+                bad.append(k)
             out[k[len("metadata["):-1]] = v
+    if bad:
+        raise InvalidRequest(" ".join(f"Invalid value for '{k}': metadata may not contain NUL characters."
+                                      for k in bad), param=bad[0])
     return out
 
 
