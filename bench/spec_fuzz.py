@@ -173,7 +173,7 @@ class Seeds:
                 transition(s, job_id, JobStatus.PAUSED)
                 return
             transition(s, job_id, JobStatus.RUNNING, trained_steps=3, total_steps=6, trained_tokens=300,
-                       estimated_finish=time.time() + 60)
+                       estimated_finish=time.time() + 60, started_at=time.time())
             add_event(s, job_id, "Step 3/6: training loss=1.5", type="metrics",
                       data={"step": 3, "total_steps": 6, "train_loss": 1.5, "train_mean_token_accuracy": 0.5})
             s.add(Checkpoint(id=new_id("ftckpt"), job_id=job_id, step=3, created_at=time.time(), path="",

@@ -71,6 +71,9 @@ def _openai_refused_valid(operation: str, response: Any) -> str | None:
     if not isinstance(err, dict):
         return None
     text, param, code = str(err.get("message", "")), err.get("param"), err.get("code")
+    if param and param.startswith("metadata") and "NUL" in text:
+        return ("metadata may hold any character in the document; a NUL can be neither stored in every "
+                "database nor searched for, and is refused naming the key")
     if param == "limit" and "between 1 and" in text:
         return ("limit has no bounds in the schema; tuneyard refuses values outside 1..10000 for files (the "
                 "range the document's prose gives) and 1..1000 for jobs, events and checkpoints")
@@ -123,6 +126,9 @@ def _llamastack(operation: str, check: str, message: str, status: int, case: Any
         if "less than or equal to" in detail:
             return ("the training numbers have no maximum in the document; tuneyard's bounds (n_epochs <= 1000, "
                     "gradient_accumulation_steps <= 1024, ...) refuse what no run could do, naming each field")
+        if "source.rows must be a non-empty list" in detail or "unrecognised row format" in detail:
+            return ("rows has no minItems and its rows no required fields in the document; an empty dataset, "
+                    "or a row with nothing to train on, is refused naming the row")
         if "not available in this installation" in detail:
             return "a method this installation cannot run is refused naming it, never accepted and ignored"
         if detail.startswith("dataset_id must be"):
