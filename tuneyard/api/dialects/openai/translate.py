@@ -212,8 +212,12 @@ def expires_after_seconds(json_part: str | None, anchor: str | None, seconds: st
         problems = []
         for err in e.errors():
             key = ".".join(str(p) for p in err["loc"])
-            what = {"missing": "is required", "extra_forbidden": "is not a field of expires_after"}.get(
-                err["type"], err["msg"].replace("Input should be", "must be"))
+            if err["type"] == "extra_forbidden":
+                # OpenAI's own wording for an argument it does not know.
+                problems.append((f"expires_after[{key}]", f"Unrecognized request argument supplied: "
+                                                          f"'expires_after[{key}]'"))
+                continue
+            what = "is required" if err["type"] == "missing" else err["msg"].replace("Input should be", "must be")
             problems.append((f"expires_after[{key}]", f"expires_after[{key}] {what}"))
         raise InvalidRequest("; ".join(m for _, m in problems), param=problems[0][0]) from None
 
