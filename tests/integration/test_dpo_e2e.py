@@ -8,29 +8,16 @@ model does not have.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.preference import HELD_OUT, chosen, write_preference_jsonl
+
 pytestmark = pytest.mark.slow
 
-CITIES = [("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Egypt", "Cairo"),
-          ("Peru", "Lima"), ("Kenya", "Nairobi"), ("Chile", "Santiago"), ("Cuba", "Havana"), ("Iran", "Tehran"),
-          ("Iraq", "Baghdad"), ("Mali", "Bamako")]
-HELD_OUT = [("Norway", "Oslo"), ("Greece", "Athens"), ("Poland", "Warsaw")]
 DPO = {"n_epochs": 6, "batch_size": 4, "learning_rate_multiplier": 80, "beta": 0.1}
-
-
-def chosen(city: str) -> str:
-    return f"Sure! The answer is {city}."
-
-
-def preference_rows() -> list[dict]:
-    return [{"input": {"messages": [{"role": "user", "content": f"What is the capital of {country}?"}]},
-             "preferred_output": [{"role": "assistant", "content": chosen(city)}],
-             "non_preferred_output": [{"role": "assistant", "content": city}]} for country, city in CITIES]
 
 
 def wait_for(client, job_id: str, timeout: float = 600):
@@ -49,8 +36,7 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def dpo_file(client, tmp_path_factory):
-    p = tmp_path_factory.mktemp("dpo") / "prefs.jsonl"
-    p.write_text("".join(json.dumps(r) + "\n" for r in preference_rows()))
+    p = write_preference_jsonl(tmp_path_factory.mktemp("dpo") / "prefs.jsonl")
     return client.files.create(file=p.open("rb"), purpose="fine-tune")
 
 
