@@ -9,8 +9,7 @@ import time
 import pytest
 
 from tests.conftest import Server
-from tests.faults.helpers import train_steps, wait_done, wait_steps
-from tests.preference import write_preference_jsonl
+from tests.faults.helpers import job_args, train_steps, wait_done, wait_steps
 from tuneyard.scheduler.local import pid_alive
 
 pytestmark = pytest.mark.slow
@@ -51,24 +50,20 @@ def _adapter(jd) -> dict:
 
 # Either recipe on 12 rows at batch 4: 3 steps an epoch, a checkpoint at each epoch's end.
 RUNS = {
-    "sft": ({"hyperparameters": {"n_epochs": 20, "batch_size": 4}}, ("train_loss",)),
-    "dpo": ({"method": {"type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 20, "batch_size": 4, "beta": 0.1,
-                                                                   "learning_rate_multiplier": 20}}}},
+    "sft": ({"n_epochs": 20, "batch_size": 4}, ("train_loss",)),
+    "dpo": ({"n_epochs": 20, "batch_size": 4, "beta": 0.1, "learning_rate_multiplier": 20},
             ("train_loss", "rewards_chosen", "rewards_rejected", "rewards_margins", "rewards_accuracies")),
 }
 
 
 @pytest.mark.parametrize("method", sorted(RUNS))
-def test_kill_9_of_a_trainer_retries_from_the_latest_checkpoint(setup, tmp_path, method):
+def test_kill_9_of_a_trainer_retries_from_the_latest_checkpoint(setup, method):
     """The retried run is the uninterrupted one: same metrics step by step, same adapter, same token count."""
     import torch
 
     srv, key, client, f = setup
-    over, names = RUNS[method]
-    if method == "dpo":
-        f = client.files.create(file=write_preference_jsonl(tmp_path / "prefs.jsonl").open("rb"),
-                                purpose="fine-tune")
-    make = {"model": str(srv.local / "tiny-llama"), "training_file": f.id, "seed": 7, **over}
+    hyperparameters, names = RUNS[method]
+    make = {**job_args(srv, client, f, method, hyperparameters), "seed": 7}
     reference = client.fine_tuning.jobs.create(**make)
     job = client.fine_tuning.jobs.create(**make)  # runs once the reference is done (one CPU slot)
     wait_steps(client, job.id, 8, timeout=300)  # past the checkpoints of epochs 1 and 2
