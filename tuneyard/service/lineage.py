@@ -140,8 +140,9 @@ def _same(field: str, value: Any, have: Any, on_disk: Any) -> bool:
             # PEFT stores "all-linear" as the module names it found; only the parent's spec knows the words.
             if value == have:
                 return True
+            # PEFT matches a short name against the end of a module's path: compare the layers' own names.
             names = value if value != "all-linear" else have
-            return on_disk is not None and not isinstance(on_disk, str) and set(names) == set(on_disk)
+            return isinstance(on_disk, list) and set(names) == {str(t).rsplit(".", 1)[-1] for t in on_disk}
         return set(value) == set(have)
     if field == "modules_to_save":
         return set(value) == set(have)

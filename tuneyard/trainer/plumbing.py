@@ -366,6 +366,11 @@ def save_output(trainer: Any, job: JobDir, ranks: Ranks) -> None:
         dist.barrier()
     if ranks.is_main:
         (partial / "training_args.bin").unlink(missing_ok=True)  # a pickle; nothing downstream needs it
+        # PEFT saves every adapter the model holds: DPO's frozen reference copy of a continued adapter ("ref")
+        # is no part of the result, which stays the one trained adapter.
+        for name in getattr(trainer.model, "peft_config", None) or {}:
+            if name != "default":
+                shutil.rmtree(partial / name, ignore_errors=True)
         shutil.rmtree(job.output, ignore_errors=True)
         partial.rename(job.output)
 
