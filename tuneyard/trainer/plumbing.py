@@ -190,7 +190,7 @@ def load_tokenizer(spec: TrainingSpec):
 
 
 def load_model(spec: TrainingSpec, device: str, precision: dict[str, Any], ranks: Ranks) -> PreTrainedModel:
-    """The base model in the chosen dtype, quantised with bitsandbytes for QLoRA."""
+    """The base model in the chosen dtype, quantised with bitsandbytes for QLoRA, with the adapter it continues."""
     m = spec.model
     kwargs: dict[str, Any] = {"dtype": precision["load"], "revision": m.revision,
                               "trust_remote_code": m.trust_remote_code}
@@ -217,6 +217,15 @@ def load_model(spec: TrainingSpec, device: str, precision: dict[str, Any], ranks
 
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=spec.hyperparameters.gradient_checkpointing)
+    if m.init_adapter:
+        # Continued training: the parent's adapter, trained on (the recipes then add no adapter of their own).
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(model, m.init_adapter, is_trainable=True)
+        except Exception as e:
+            raise TrainerError("model_load_error", f"cannot load the adapter {m.parent or m.init_adapter} that the "
+                                                   f"job continues: {_short(e)}") from e
     return model
 
 
@@ -357,6 +366,11 @@ def save_output(trainer: Any, job: JobDir, ranks: Ranks) -> None:
         dist.barrier()
     if ranks.is_main:
         (partial / "training_args.bin").unlink(missing_ok=True)  # a pickle; nothing downstream needs it
+        # PEFT saves every adapter the model holds: DPO's frozen reference copy of a continued adapter ("ref")
+        # is no part of the result, which stays the one trained adapter.
+        for name in getattr(trainer.model, "peft_config", None) or {}:
+            if name != "default":
+                shutil.rmtree(partial / name, ignore_errors=True)
         shutil.rmtree(job.output, ignore_errors=True)
         partial.rename(job.output)
 

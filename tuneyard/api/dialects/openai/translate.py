@@ -52,7 +52,8 @@ def to_submission(req: CreateJobIn, idempotency_key: str | None, problems: Probl
                                     f"{capabilities.available(METHODS)}", param="method.type",
                                     code="unsupported_method"))
     hp = _method_hyperparameters(req, method_type, problems)
-    adapter = AdapterSpec(type="full" if hp.lora is False else "lora")
+    # Only what was asked is set: a job that continues a fine-tuned model takes the rest from it.
+    adapter = AdapterSpec() if hp.lora is None else AdapterSpec(type="lora" if hp.lora else "full")
     if hp.lora is False and any(v is not None for v in (hp.lora_r, hp.lora_alpha, hp.lora_dropout)):
         problems.add(InvalidRequest("lora_r, lora_alpha and lora_dropout apply only when lora is true",
                                     param="hyperparameters.lora"))
