@@ -220,6 +220,10 @@ class JobService:
             problems.add(InvalidRequest(f"node_count {res.node_count}: this installation runs jobs on one node with "
                                         "the local launcher; a multi-node launcher is not configured",
                                         param="node_count"))
+        if spec.schedule.keep_best_checkpoint and spec.data.validation is None and not spec.data.split.validation_ratio:
+            # About the inputs, not the recipe: the prepare step checks it again on what it holds out.
+            problems.add(InvalidRequest("keep_best_checkpoint needs validation data: a validation file or a split "
+                                        "that holds some rows out", param="keep_best_checkpoint"))
         # What the recipe supports, then what the launcher's devices allow: the one table in domain/.
         found = capabilities.check(spec) + capabilities.check_hardware(spec, detect(self.settings),
                                                                        bitsandbytes=bitsandbytes_available())
