@@ -58,7 +58,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    TypeAdapter,
+    ValidationError,
+    model_serializer,
+)
 
 from tuneyard import jsontext
 
@@ -98,6 +107,14 @@ class JobError(_File):
     param: str | None = None
     # The trainer rank that wrote it, when not rank 0 (torchrun tore rank 0 down before it could).
     rank: int | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_rank_unless_set(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Only a trainer's replica rank names itself: every other error keeps the shape it always had.
+        out = handler(self)
+        if out.get("rank") is None:
+            out.pop("rank", None)
+        return out
 
 
 class PreparedOk(_File):
