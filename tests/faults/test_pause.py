@@ -27,8 +27,8 @@ EPOCH = 12  # the 12 rows (SFT or DPO), one a step: a metrics event, a stop chec
 
 def _trained(root: Path) -> list[int]:
     """Every training step any attempt of the job logged, from its event file (nothing there is ever removed)."""
-    return [e["data"]["step"] for e in iter_events(root / "events.jsonl")
-            if e["type"] == "metrics" and "train_loss" in e["data"]]
+    return [e.data["step"] for e in iter_events(root / "events.jsonl")
+            if e.type == "metrics" and "train_loss" in e.data]
 
 
 def _until(what: Callable[[], object], timeout: float = 90, every: float = 0.05) -> object:
@@ -103,7 +103,7 @@ def test_paused_only_once_the_checkpoint_of_the_stop_step_is_complete(setup, met
 def test_queued_pause_crash_while_pausing_and_cancel_while_pausing(setup):
     srv, key, client, f = setup
     job, root = _create(srv, client, f, 4)  # after the resume at step 12, 36 steps to be stopped in
-    _until(lambda: any(e["type"] == "checkpoint" for e in iter_events(root / "events.jsonl")))  # end of epoch 1
+    _until(lambda: any(e.type == "checkpoint" for e in iter_events(root / "events.jsonl")))  # end of epoch 1
     # The only CPU slot is taken: a second job waits in the queue, and with no trainer it pauses at once.
     queued, _ = _create(srv, client, f, 1)
     _until(lambda: client.fine_tuning.jobs.retrieve(queued.id).status == "queued", every=0.2)
@@ -123,7 +123,7 @@ def test_queued_pause_crash_while_pausing_and_cancel_while_pausing(setup):
 
     # Resumed from there; then cancelled while pausing: the cancel wins, nothing pauses afterwards.
     client.fine_tuning.jobs.resume(job.id)
-    _until(lambda: any(e["message"].startswith(f"Training resumed at step {EPOCH}/{4 * EPOCH}")
+    _until(lambda: any(e.message.startswith(f"Training resumed at step {EPOCH}/{4 * EPOCH}")
                        for e in iter_events(root / "events.jsonl")))
     _signal(root, signal.SIGSTOP)
     try:

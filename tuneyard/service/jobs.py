@@ -17,7 +17,7 @@ from tuneyard.domain.errors import Conflict, InvalidRequest, InvalidState, NotFo
 from tuneyard.domain.jobs import JobStatus, is_fine_tuned_name
 from tuneyard.domain.spec import DataSource, TrainingSpec
 from tuneyard.ids import new_id
-from tuneyard.jobdir import JobDir, write_json_atomic
+from tuneyard.jobdir import JobDir, StopReason, write_json_atomic
 from tuneyard.scheduler.capacity import bitsandbytes_available, detect
 from tuneyard.service import lineage
 from tuneyard.service.audit import record_by
@@ -385,12 +385,10 @@ class JobService:
         return self.get(who, job_id)
 
     @staticmethod
-    def _request_stop(job: Job, reason: str) -> None:
+    def _request_stop(job: Job, reason: StopReason) -> None:
         # Tell a running trainer directly: it stops at the next step even before the worker notices.
         if job.status == JobStatus.RUNNING and job.output_dir:
-            ctl = JobDir(Path(job.output_dir)).control
-            ctl.mkdir(parents=True, exist_ok=True)
-            (ctl / "stop").write_text(reason)
+            JobDir(Path(job.output_dir)).request_stop(reason)
 
     # ----- models -----------------------------------------------------------------------------
     def models(self, who: Principal) -> list[tuple[str, float, str]]:
