@@ -335,3 +335,13 @@ def test_several_bad_fields_are_one_400_listing_them_all(acme, api, train_file):
                                      method={"type": "reinforcement", "reinforcement": {"grader": {}}})
     assert e.value.body["param"] == "method.type" and "file-doesnotexist" in e.value.body["message"]
     assert len(list(acme.fine_tuning.jobs.list(limit=100))) == before
+
+
+def test_integer_fields_take_integral_floats_and_nothing_else(acme, api, train_file):
+    """JSON Schema's integer (OpenAI's document) includes 47.0; a bool, a string or 2.5 is still refused."""
+    job = _create(acme, api, train_file, seed=5.0, hyperparameters={"n_epochs": 2.0, "batch_size": 4.0})
+    assert job.seed == 5 and job.hyperparameters.n_epochs == 2 and job.hyperparameters.batch_size == 4
+    for bad in (True, "2", 2.5):
+        with pytest.raises(openai.BadRequestError) as e:
+            _create(acme, api, train_file, hyperparameters={"n_epochs": bad})
+        assert e.value.body["param"] == "hyperparameters.n_epochs", e.value.body

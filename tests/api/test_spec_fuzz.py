@@ -2,8 +2,7 @@
 
 A few examples per operation keep it under a minute; ``python -m bench spec_fuzz`` is the long run. Every
 failure is either a finding or noise of the document with its reason (``bench/spec_noise.py``,
-``docs/spec-conformance.md``): the test fails on any finding and on any 5xx. Findings that other branches of
-issue 12 fix are reported apart (``spec_noise.PENDING``) until those are merged.
+``docs/spec-conformance.md``): the test fails on any finding and on any 5xx.
 """
 
 from __future__ import annotations

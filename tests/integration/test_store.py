@@ -238,3 +238,18 @@ def test_rows_stored_with_lone_surrogates_are_repaired_on_upgrade(store):
 
     for value in (job.metadata_, job.request, *[e.data for e in events]):
         json.dumps(value, ensure_ascii=False).encode("utf-8")  # every row reads back as UTF-8
+
+
+@pytest.mark.parametrize("key", ["team", "équipe", 'say "hi"', "back\\slash", "a.b", "$[0]", "日本"])
+def test_a_metadata_filter_matches_any_key(store, key):
+    """SQLite's JSON path cannot hold every key; the filter compares keys as values (store.repo.json_value_is)."""
+    from tuneyard.store.repo import json_value_is
+
+    create_key(store, "acme")
+    wanted, other = _job(store, "acme"), _job(store, "acme", 1)
+    with store.session() as s:
+        s.scalar(select(Job).where(Job.id == wanted)).metadata_ = {key: "v", "x": "y"}
+        s.scalar(select(Job).where(Job.id == other)).metadata_ = {key: "w"}
+    with store.session() as s:
+        found = s.scalars(select(Job.id).where(json_value_is(Job.metadata_, key, "v", store.engine.dialect.name)))
+        assert list(found) == [wanted]

@@ -28,7 +28,7 @@ from tuneyard.service.secrets import SecretService
 from tuneyard.settings import Settings
 from tuneyard.store.db import Store
 from tuneyard.store.models import Checkpoint, File, Job, JobEvent
-from tuneyard.store.repo import add_event, page, transition
+from tuneyard.store.repo import add_event, json_value_is, page, transition
 
 PAUSING_MESSAGE = "Pausing fine-tuning job: saving a checkpoint at the next step"
 ACTIVE = [JobStatus.VALIDATING_FILES, JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.PAUSED]
@@ -262,7 +262,7 @@ class JobService:
             raise InvalidRequest("limit must be between 1 and 1000", param="limit")
         q = select(Job).where(visible(Job, who))
         for k, v in (metadata or {}).items():
-            q = q.where(Job.metadata_[k].as_string() == v)
+            q = q.where(json_value_is(Job.metadata_, k, v, self.store.engine.dialect.name))
         with self.store.session() as s:
             return page(s, q, Job, after=after, limit=limit)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any, TypeVar
 
-from sqlalchemy import Select, select, update
+from sqlalchemy import ColumnElement, Select, exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -61,3 +61,16 @@ def page(s: Session, query: Select, model: type[T], *, after: str | None, limit:
     order = model.pk.desc() if descending else model.pk.asc()  # type: ignore[attr-defined]
     rows = list(s.scalars(query.order_by(order).limit(limit + 1)))
     return rows[:limit], len(rows) > limit
+
+
+def json_value_is(column: Any, key: str, value: str, dialect: str) -> ColumnElement[bool]:
+    """``column[key] == value`` for a JSON object column, for any key text.
+
+    SQLite's JSON path (``'$."key"'``, what SQLAlchemy renders) cannot hold every key: one with a quote, a
+    backslash or some non-ASCII text matches nothing. ``json_each`` compares the key as a value instead.
+    PostgreSQL binds the key as a parameter of ``->>`` and needs nothing more.
+    """
+    if dialect == "sqlite":
+        pairs = func.json_each(column).table_valued("key", "value")
+        return exists().select_from(pairs).where(pairs.c.key == key, pairs.c.value == value)
+    return column[key].as_string() == value

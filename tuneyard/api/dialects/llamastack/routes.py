@@ -181,11 +181,11 @@ def get_dataset(svc: Svc, who: Caller, dataset_id: str) -> DatasetOut:
     return _dataset_out(svc, who, svc.datasets.get(who, dataset_id))
 
 
-@datasets.delete("/{dataset_id:path}", status_code=204)
+@datasets.delete("/{dataset_id:path}", status_code=200)
 def unregister_dataset(svc: Svc, who: Caller, dataset_id: str) -> Response:
-    """Forget a dataset and its stored rows."""
+    """Forget a dataset and its stored rows (200 and no body, as Llama Stack's document and server answer)."""
     svc.datasets.unregister(who, dataset_id)
-    return Response(status_code=204)
+    return Response(status_code=200)
 
 
 # ----- datasetio -----------------------------------------------------------------------------------

@@ -4,12 +4,22 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator
 
 from tuneyard.api.wire import omitted_if_none
 
 Auto = Literal["auto"]
 Number = StrictInt | StrictFloat
+
+
+def _whole(value: Any) -> Any:
+    # JSON Schema's "integer" includes 47.0 (OpenAI's document types these fields so); a bool or a string is
+    # still refused, and 47.5 stays a float for StrictInt to refuse.
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# An integer field as OpenAI's document types it: a JSON integer, written with or without ".0".
+Whole = Annotated[StrictInt, BeforeValidator(_whole)]
 
 
 class _In(BaseModel):
@@ -19,19 +29,19 @@ class _In(BaseModel):
 class HyperparametersIn(_In):
     """``method.<type>.hyperparameters`` (and the deprecated top-level ``hyperparameters``)."""
 
-    batch_size: Auto | Annotated[StrictInt, Field(ge=1, le=256)] | None = None
+    batch_size: Auto | Annotated[Whole, Field(ge=1, le=256)] | None = None
     learning_rate_multiplier: Auto | Annotated[Number, Field(gt=0, le=100)] | None = None
-    n_epochs: Auto | Annotated[StrictInt, Field(ge=1, le=50)] | None = None
+    n_epochs: Auto | Annotated[Whole, Field(ge=1, le=50)] | None = None
     beta: Auto | Annotated[Number, Field(gt=0, le=2)] | None = None
     # Nebius extras
     learning_rate: Annotated[Number, Field(gt=0, le=1)] | None = None
     warmup_ratio: Annotated[Number, Field(ge=0, le=1)] | None = None
     weight_decay: Annotated[Number, Field(ge=0, le=10)] | None = None
     max_grad_norm: Annotated[Number, Field(ge=0, le=1e9)] | None = None
-    context_length: Annotated[StrictInt, Field(ge=8, le=1_048_576)] | None = None
+    context_length: Annotated[Whole, Field(ge=8, le=1_048_576)] | None = None
     packing: StrictBool | None = None
     lora: StrictBool | None = None
-    lora_r: Annotated[StrictInt, Field(ge=1, le=1024)] | None = None
+    lora_r: Annotated[Whole, Field(ge=1, le=1024)] | None = None
     lora_alpha: Annotated[Number, Field(gt=0, le=4096)] | None = None
     lora_dropout: Annotated[Number, Field(ge=0, lt=1)] | None = None
 
@@ -66,7 +76,7 @@ class CreateJobIn(_In):
     training_file: Annotated[str, Field(min_length=1, max_length=128)]
     validation_file: Annotated[str, Field(min_length=1, max_length=128)] | None = None
     suffix: Annotated[str, Field(min_length=1, max_length=64)] | None = None
-    seed: Annotated[StrictInt, Field(ge=0, le=2147483647)] | None = None
+    seed: Annotated[Whole, Field(ge=0, le=2147483647)] | None = None
     metadata: dict[str, str] | None = None
     integrations: list[IntegrationIn] | None = None
     hyperparameters: HyperparametersIn | None = None
@@ -102,7 +112,7 @@ class ExpiresAfterIn(_In):
     ``expires_after`` part holding the JSON object."""
 
     anchor: Literal["created_at"]
-    seconds: Annotated[StrictInt, Field(ge=3600, le=2592000)]
+    seconds: Annotated[Whole, Field(ge=3600, le=2592000)]
 
 
 class ErrorOut(BaseModel):
