@@ -173,3 +173,6 @@ def test_simplismart_dpo_trains_and_reports_rewards(server, tmp_path):
         metrics = c.get("/job/metrics/", params={"org_id": "acme", "request_id": request_id}).json()
         keys = {m["key"] for m in metrics["metrics"]}
         assert {"train_loss", "rewards_margins", "rewards_accuracies"} <= keys, keys
+        margins = [m["value"] for m in sorted(metrics["metrics"], key=lambda m: m["step"])
+                   if m["key"] == "rewards_margins"]
+        assert len(margins) >= 4 and sum(margins[-2:]) > sum(margins[:2]), margins

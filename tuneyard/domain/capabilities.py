@@ -106,7 +106,7 @@ def check(spec: TrainingSpec) -> list[Problem]:
     hp = spec.hyperparameters
     for name, what in RECIPE_HYPERPARAMETERS.items():
         if getattr(hp, name) is not None and name not in recipe.hyperparameters:
-            no(name, f"{name} ({what}) applies to {_recipes_with(name)} only, not to {recipe.title}")
+            no(name, f"{name} ({what}) applies to {recipes_with(name)} only, not to {recipe.title}")
     if hp.dpo_loss is not None and hp.dpo_loss not in DPO_LOSSES:
         no("dpo_loss", f"loss '{hp.dpo_loss}' is not offered; use one of {list(DPO_LOSSES)}")
     if hp.label_smoothing and (hp.dpo_loss or "sigmoid") != "sigmoid":
@@ -150,5 +150,6 @@ def check_hardware(spec: TrainingSpec, hw: Hardware, *, bitsandbytes: bool) -> l
     return out
 
 
-def _recipes_with(hyperparameter: str) -> str:
+def recipes_with(hyperparameter: str) -> str:
+    """The recipes that take ``hyperparameter``, in words."""
     return " and ".join(r.title for r in RECIPES.values() if hyperparameter in r.hyperparameters)

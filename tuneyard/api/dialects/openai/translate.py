@@ -100,9 +100,12 @@ def _method_hyperparameters(req: CreateJobIn, method_type: str, problems: Proble
         problems.add(InvalidRequest("Give hyperparameters either in 'method' or at the top level, not both",
                                     param="hyperparameters"))
     hp = from_method or legacy or HyperparametersIn()
-    if method_type != "dpo" and hp.beta is not None:
+    if hp.beta is not None:
         where = f"method.{method_type}.hyperparameters" if hp is from_method else "hyperparameters"
-        problems.add(InvalidRequest("beta applies only to the dpo method", param=f"{where}.beta"))
+        # Which recipe takes beta is the capabilities table's to say; here only the field's place is named.
+        if "beta" not in capabilities.RECIPES[METHODS.get(method_type, "sft")].hyperparameters:
+            problems.add(InvalidRequest(f"beta applies only to {capabilities.recipes_with('beta')}",
+                                        param=f"{where}.beta"))
     return hp
 
 
