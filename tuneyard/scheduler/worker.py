@@ -418,6 +418,18 @@ class Worker:
         _, value = self.secrets.resolve(job.org_id, secret_id, param="model_secret_id")
         return {"HF_TOKEN": value["token"]}
 
+    def _tracking_credentials(self, job: Job) -> dict[str, str]:
+        """WANDB_API_KEY (and WANDB_BASE_URL) of a W&B integration, from the secret the service resolved at submit."""
+        for integration in (job.spec or {}).get("integrations") or []:
+            secret_id = (integration.get("config") or {}).get("secret_id")
+            if integration.get("type") == "wandb" and secret_id:
+                _, value = self.secrets.resolve(job.org_id, secret_id, param=integration.get("param") or "integrations")
+                env = {"WANDB_API_KEY": value["api_key"]}
+                if value.get("host"):
+                    env["WANDB_BASE_URL"] = value["host"]
+                return env
+        return {}
+
     def _source_credentials(self, job: Job) -> dict[str, str]:
         """The environment that hands each remote source its secret (decrypted here, never written to disk)."""
         creds: dict[str, dict] = {}
@@ -489,7 +501,7 @@ class Worker:
             jd.result.unlink(missing_ok=True)
             try:
                 proc = self.launcher.train(job.id, jd, job.attempt + 1, nproc, free_gpus[:nproc] if use_gpu else [],
-                                           env=self._model_credentials(job))
+                                           env={**self._model_credentials(job), **self._tracking_credentials(job)})
             except (OSError, SecretUnavailable) as e:
                 with self.store.session() as s:
                     transition(s, job.id, JobStatus.FAILED, worker_id=None, lease_expires_at=None, error=_error(
