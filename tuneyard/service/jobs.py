@@ -153,8 +153,7 @@ class JobService:
         found = tracking.check(spec.integrations)
         for p in found:
             problems.add(InvalidRequest(p.message, param=p.param, code=p.code))
-        if found:
-            return spec.integrations
+        # Whether a key is stored is independent of the settings' shape: both are reported at once.
         out = []
         for i in spec.integrations:
             if i.type == "wandb":
@@ -167,7 +166,7 @@ class JobService:
         """The id of the stored 'wandb' secret a W&B integration uses: the one it names, else the organisation's."""
         param = integration.param
         named = integration.config.get("secret_id")
-        if named:
+        if isinstance(named, str) and named:
             row = self.secrets.check(who, named, param=param)
             if row.type != "wandb":
                 raise InvalidRequest(f"{param}: secret '{named}' is a '{row.type}' secret; W&B needs a 'wandb' secret "
