@@ -202,7 +202,8 @@ class Worker:
                     if transition(s, job.id, JobStatus.QUEUED, expect={JobStatus.RUNNING}, worker_id=None,
                                   lease_expires_at=None, pid=None):
                         add_event(s, job.id, f"Worker {job.worker_id} was lost with the trainer; retrying from the "
-                                  f"latest checkpoint (attempt {job.attempt + 1} of {MAX_ATTEMPTS})", level="warn")
+                                  f"latest checkpoint (attempt {job.attempt + 1} of {MAX_ATTEMPTS})", level="warn",
+                                  data={"retry_cause": "worker_lost"})
                 elif transition(s, job.id, JobStatus.FAILED, expect={JobStatus.RUNNING}, worker_id=None,
                                 lease_expires_at=None, pid=None, error=_error({
                                     "code": "worker_lost",
@@ -570,7 +571,8 @@ class Worker:
             if job.attempt < MAX_ATTEMPTS:
                 if transition(s, job.id, JobStatus.QUEUED, expect={JobStatus.RUNNING}, worker_id=None):
                     add_event(s, job.id, f"Trainer exited unexpectedly (exit code {code}); retrying from the "
-                              f"latest checkpoint (attempt {job.attempt + 1} of {MAX_ATTEMPTS})", level="warn")
+                              f"latest checkpoint (attempt {job.attempt + 1} of {MAX_ATTEMPTS})", level="warn",
+                              data={"retry_cause": "trainer_exited"})
                 return
             if transition(s, job.id, JobStatus.FAILED, expect={JobStatus.RUNNING}, worker_id=None, error=_error({
                     "code": "trainer_crashed",
