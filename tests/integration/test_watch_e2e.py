@@ -1,11 +1,14 @@
 """Watching jobs through a real server with two HTTP processes and its worker: GET /metrics during and after one
-trained job (tiny model, a few steps)."""
+trained job (tiny model, a few steps), that job's signed fine_tuning.job.succeeded webhook, and a webhook delivery
+retried across a receiver that is down and a server restart."""
 
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
@@ -29,6 +32,61 @@ def srv(tmp_path_factory, tiny_model_dir):
     s.stop()
 
 
+class Receiver:
+    """A webhook receiver on loopback: answers 500 to its first ``fail_first`` requests, then 200."""
+
+    def __init__(self, fail_first: int = 0) -> None:
+        self.calls: list[tuple[int, dict, bytes]] = []
+        self.fail_first = fail_first
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                body = self.rfile.read(int(self.headers["content-length"]))
+                status = 500 if len(outer.calls) < outer.fail_first else 200
+                outer.calls.append((status, dict(self.headers.items()), body))
+                self.send_response(status)
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait(self, n: int, timeout: float = 60) -> None:
+        deadline = time.time() + timeout
+        while len(self.calls) < n:
+            assert time.time() < deadline, f"{len(self.calls)} webhook requests, waiting for {n}"
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def register(srv, key: str, **body) -> httpx.Response:
+    return httpx.post(f"{srv.base_url}/v1/webhooks", json=body, headers={"Authorization": f"Bearer {key}"})
+
+
+@pytest.fixture(scope="module")
+def hook(srv):
+    receiver = Receiver()
+    r = register(srv, srv.client.api_key, url=receiver.url)
+    assert r.status_code == 200, r.text
+    receiver.secret = r.json()["secret"]
+    yield receiver
+    receiver.close()
+
+
+def unwrap(call: tuple[int, dict, bytes], secret: str):
+    """The event, verified by the openai SDK exactly as a receiver would."""
+    from openai import OpenAI
+
+    _, headers, body = call
+    return OpenAI(api_key="unused").webhooks.unwrap(body.decode(), headers, secret=secret)
+
+
 def scrape(srv, **headers) -> dict[tuple[str, tuple], float]:
     """{(sample name, sorted labels): value} of one GET /metrics."""
     r = httpx.get(f"{srv.base_url}/metrics", headers=headers)
@@ -42,7 +100,7 @@ def value(samples: dict, name: str, **labels) -> float | None:
     return samples.get((name, tuple(sorted(labels.items()))))
 
 
-def test_metrics_count_a_job_while_it_runs_and_after(srv, tmp_path):
+def test_metrics_count_a_job_while_it_runs_and_after(srv, hook, tmp_path):
     client = srv.client
     f = client.files.create(file=write_sample_jsonl(tmp_path / "t.jsonl").open("rb"), purpose="fine-tune")
     job = client.fine_tuning.jobs.create(model=str(srv.local / "tiny-llama"), training_file=f.id,
@@ -55,6 +113,7 @@ def test_metrics_count_a_job_while_it_runs_and_after(srv, tmp_path):
             during = scrape(srv)
         time.sleep(0.2)
     assert job.status == "succeeded", job.error
+    srv.job_id = job.id
     # The job might have run between two polls; then "during" saw it queued or done, which proves less.
     if during is not None and value(during, "tuneyard_running_trainers") == 1:
         assert value(during, "tuneyard_jobs", status="running", org=ORG) == 1
@@ -91,4 +150,56 @@ def test_metrics_need_the_token_when_one_is_set(tmp_path):
         samples = scrape(s, Authorization="Bearer scrape-me")
         assert value(samples, "tuneyard_running_trainers") == 0
     finally:
+        s.stop()
+
+
+def test_the_job_that_succeeded_is_announced_with_a_signed_webhook(srv, hook):
+    hook.wait(1)
+    time.sleep(1)  # nothing else follows
+    assert len(hook.calls) == 1
+    event = unwrap(hook.calls[0], hook.secret)
+    assert event.type == "fine_tuning.job.succeeded" and event.data.id == srv.job_id and event.object == "event"
+    with pytest.raises(Exception, match="(?i)signature"):
+        unwrap(hook.calls[0], "whsec_" + "A" * 44)
+    listed = httpx.get(f"{srv.base_url}/v1/webhooks", headers={"Authorization": f"Bearer {srv.client.api_key}"})
+    assert listed.status_code == 200 and "secret" not in listed.json()["data"][0], listed.text
+
+
+def test_a_delivery_survives_a_receiver_that_is_down_and_a_server_restart(tmp_path, tiny_model_dir):
+    env = {"TUNEYARD_WEBHOOK_RETRY_SECONDS": "3", "TUNEYARD_RATE_LIMIT_PER_SECOND": "0"}
+    home = tmp_path / "home"
+    s = Server(home, env)
+    shutil.copytree(tiny_model_dir, s.local / "tiny-llama")
+    receiver = Receiver(fail_first=2)
+    try:
+        key = s.key("hooks")
+        # Refused, every problem at once, nothing stored: a private address and an unknown event.
+        bad = register(s, key, url="http://10.1.2.3/hook", events=["fine_tuning.job.exploded"])
+        assert bad.status_code == 400, bad.text
+        assert "private" in bad.json()["error"]["message"] and "exploded" in bad.json()["error"]["message"]
+        made = register(s, key, url=receiver.url, events=["fine_tuning.job.cancelled"])
+        assert made.status_code == 200, made.text
+        endpoint, secret = made.json()["id"], made.json()["secret"]
+        client = s.openai(key)
+        f = client.files.create(file=write_sample_jsonl(tmp_path / "t.jsonl").open("rb"), purpose="fine-tune")
+        job = client.fine_tuning.jobs.create(model=str(s.local / "tiny-llama"), training_file=f.id)
+        client.fine_tuning.jobs.cancel(job.id)
+        receiver.wait(1)
+        s.stop()
+        assert len(receiver.calls) == 1  # the restart comes between the first try and the second
+        time.sleep(1)
+        s = Server(home, env)
+        receiver.wait(3, timeout=60)
+        time.sleep(2)
+        assert [c[0] for c in receiver.calls] == [500, 500, 200]
+        assert len({c[1]["webhook-id"] for c in receiver.calls}) == 1
+        event = unwrap(receiver.calls[-1], secret)
+        assert event.type == "fine_tuning.job.cancelled" and event.data.id == job.id
+        log = httpx.get(f"{s.base_url}/v1/webhooks/{endpoint}/deliveries", headers={"Authorization": f"Bearer {key}"})
+        assert log.status_code == 200, log.text
+        (entry,) = log.json()["data"]
+        assert entry["id"] == receiver.calls[0][1]["webhook-id"] and entry["status"] == "delivered"
+        assert entry["attempts"] == 3 and entry["last_status_code"] == 200
+    finally:
+        receiver.close()
         s.stop()

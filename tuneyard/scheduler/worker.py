@@ -41,6 +41,7 @@ from tuneyard.scheduler.local import (
 )
 from tuneyard.service.files import FileService
 from tuneyard.service.secrets import SecretService, SecretUnavailable
+from tuneyard.service.webhooks import WebhookSender
 from tuneyard.settings import Settings
 from tuneyard.store.db import Store
 from tuneyard.store.models import Checkpoint, Job, JobEvent
@@ -68,6 +69,7 @@ class Worker:
         self.worker_id = worker_id or default_worker_id(settings)
         self.capacity: Capacity = detect(settings)
         self.secrets = SecretService(store, settings)
+        self.webhooks = WebhookSender(store, settings)
         self.procs: dict[str, Proc] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -79,11 +81,14 @@ class Worker:
         """Run the loop in a background thread."""
         self._thread = threading.Thread(target=self.run_forever, name="tuneyard-worker", daemon=True)
         self._thread.start()
+        # Webhook deliveries on a thread of their own: a slow receiver must not hold up the jobs.
+        self.webhooks.start()
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the loop, then drain for ``TUNEYARD_DRAIN_SECONDS`` (0: leave every process running, to be
         re-adopted by the next worker on this machine)."""
         self._stop.set()
+        self.webhooks.stop()
         if self._thread is not None:
             self._thread.join(timeout)
         self.launcher.close()
