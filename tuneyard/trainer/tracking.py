@@ -38,17 +38,27 @@ TRACKER_TIMEOUT_SECONDS = "20"
 def callbacks(spec: TrainingSpec, job: JobDir, reporter: Reporter, log: logging.Logger) -> list[TrainerCallback]:
     """The tracking callbacks of this run: TensorBoard always, then each integration of the spec."""
     job.tracking.mkdir(parents=True, exist_ok=True)
-    tensorboard = TensorBoardCallback()
-    tensorboard.logging_dir = str(tensorboard_dir(job))
-    out: list[TrainerCallback] = [Guarded(tensorboard, "TensorBoard", reporter, log)]
     spec_json = spec.model_dump(mode="json")
+    made: list[tuple[str, Any]] = [("TensorBoard", lambda: _tensorboard(job))]
     for integration in spec.integrations:
         cfg = tracking.parse(integration)
         if isinstance(cfg, tracking.WandbConfig):
-            out.append(Guarded(_Wandb(cfg, job, spec_json), "W&B", reporter, log))
+            made.append(("W&B", lambda cfg=cfg: _Wandb(cfg, job, spec_json)))
         elif isinstance(cfg, tracking.MlflowConfig):
-            out.append(Guarded(_Mlflow(cfg, job), "MLflow", reporter, log))
+            made.append(("MLflow", lambda cfg=cfg: _Mlflow(cfg, job)))
+    out: list[TrainerCallback] = []
+    for name, make in made:
+        try:
+            out.append(Guarded(make(), name, reporter, log))
+        except Exception as e:  # the tracker's library missing or broken: the run goes on without it
+            Guarded(TrainerCallback(), name, reporter, log).fail("set up", e)
     return out
+
+
+def _tensorboard(job: JobDir) -> TensorBoardCallback:
+    callback = TensorBoardCallback()
+    callback.logging_dir = str(tensorboard_dir(job))
+    return callback
 
 
 def tensorboard_dir(job: JobDir) -> Path:
@@ -141,12 +151,16 @@ class Guarded(TrainerCallback):
         try:
             return getattr(self.inner, event)(args, state, control, **kwargs)
         except Exception as e:  # any failure of a tracker library: the run goes on without it
-            self.failed = True
-            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-            self.log.warning("%s failed in %s: %s", self.name, event, why, exc_info=True)
-            self.reporter.emit("message", f"{self.name}: the metrics could not be sent ({why}); training goes on "
-                                          f"without {self.name}", {"tracker": self.name, "error": why}, level="warn")
+            self.fail(event, e)
             return None
+
+    def fail(self, where: str, e: Exception) -> None:
+        """Switch the tracker off for this attempt, with one warning event saying why."""
+        self.failed = True
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        self.log.warning("%s failed in %s: %s", self.name, where, why, exc_info=True)
+        self.reporter.emit("message", f"{self.name}: the metrics could not be sent ({why}); training goes on "
+                                      f"without {self.name}", {"tracker": self.name, "error": why}, level="warn")
 
 
 def _forward(event: str):
