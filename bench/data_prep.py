@@ -98,7 +98,7 @@ def prepare_peak_rss(path: Path, model_dir: Path, work: Path) -> tuple[float, fl
     """(peak RSS in MiB of the prepare process, of its largest worker process, seconds) of the real prepare
     step on ``path``, run as its own process."""
     from tuneyard.domain.spec import DataSource, DataSpec, Hyperparameters, ModelSpec, TrainingSpec
-    from tuneyard.jobdir import JobDir
+    from tuneyard.jobdir import JobDir, PreparedOk
 
     job = JobDir(work / f"job-{path.stem}").create()
     spec = TrainingSpec(model=ModelSpec(name=str(model_dir), source="local"),
@@ -114,8 +114,8 @@ def prepare_peak_rss(path: Path, model_dir: Path, work: Path) -> tuple[float, fl
     proc = subprocess.run([sys.executable, "-m", "bench._peak", str(peak_file), "tuneyard.data.prepare",
                            str(job.root)], env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
-    prepared = json.loads((job.root / "prepared.json").read_text()) if (job.root / "prepared.json").exists() else {}
-    if proc.returncode != 0 or not prepared.get("ok"):
+    prepared = job.read_prepared()
+    if proc.returncode != 0 or not isinstance(prepared, PreparedOk):
         raise RuntimeError(f"prepare failed: {prepared} {proc.stdout[-2000:]} {proc.stderr[-2000:]}")
     peak = json.loads(peak_file.read_text())
     return peak["max_rss_mb"], peak["children_max_rss_mb"], seconds

@@ -178,18 +178,18 @@ def run_baseline(work: Path, model_dir: Path, data_dir: Path, p: dict[str, Any])
 
 def run_tuneyard(job_root: Path, env_over: dict[str, str] | None = None) -> dict[str, Any]:
     """(b) the trainer process on the job directory; rates from its own metrics events."""
-    from tuneyard.jobdir import iter_events, read_json
+    from tuneyard.jobdir import JobDir, Succeeded, iter_events
 
     peak_file = job_root.parent / f"peak-{job_root.name}.json"
     env = {**_env(), "TUNEYARD_JOB_ID": job_root.name, **(env_over or {})}
     proc = subprocess.run([sys.executable, "-m", "bench._peak", str(peak_file), "tuneyard.trainer", str(job_root)],
                           cwd=REPO, env=env, capture_output=True, text=True)
-    result = read_json(job_root / "result.json") or {}
-    if proc.returncode != 0 or result.get("status") != "succeeded":
+    result = JobDir(job_root).read_result()
+    if proc.returncode != 0 or not isinstance(result, Succeeded):
         raise RuntimeError(f"tuneyard trainer failed ({proc.returncode}): {result}\n{proc.stderr[-3000:]}")
-    marks = [(e["data"]["step"], e["data"]["elapsed_s"], e["data"]["trained_tokens"])
+    marks = [(e.data["step"], e.data["elapsed_s"], e.data["trained_tokens"])
              for e in iter_events(job_root / "events.jsonl")
-             if e["type"] == "metrics" and "trained_tokens" in e["data"]]
+             if e.type == "metrics" and "trained_tokens" in e.data]
     return {**_rate(marks), **json.loads(peak_file.read_text())}
 
 

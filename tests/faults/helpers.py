@@ -1,4 +1,5 @@
-"""What the fault tests share: a server with the tiny model and a training file, and waits on a job."""
+"""What the fault tests share: a server with the tiny model and a training file, jobs of either recipe, and waits
+on a job."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import time
 import pytest
 
 from tests.conftest import Server
+from tests.preference import write_preference_jsonl
 from tuneyard.demo.tiny import write_sample_jsonl
 
 
@@ -22,6 +24,18 @@ def setup(tmp_path, tiny_model_dir):
     f = client.files.create(file=write_sample_jsonl(tmp_path / "t.jsonl").open("rb"), purpose="fine-tune")
     yield srv, key, client, f
     srv.stop()
+
+
+def job_args(srv, client, f, method: str, hyperparameters: dict) -> dict:
+    """``jobs.create`` arguments for a job of ``method`` on the tiny model: SFT on the sample file ``f``, DPO on the
+    shared preference set (uploaded here). Both sets are 12 rows, so a schedule has the same steps either way."""
+    args = {"model": str(srv.local / "tiny-llama")}
+    if method == "sft":
+        return {**args, "training_file": f.id, "hyperparameters": hyperparameters}
+    assert method == "dpo", method
+    prefs = write_preference_jsonl(srv.home / "prefs.jsonl")
+    return {**args, "training_file": client.files.create(file=prefs.open("rb"), purpose="fine-tune").id,
+            "method": {"type": "dpo", "dpo": {"hyperparameters": hyperparameters}}}
 
 
 def wait_steps(client, job_id: str, steps: int, timeout: float = 120):

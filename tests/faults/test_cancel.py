@@ -8,8 +8,9 @@ import time
 import pytest
 
 from tests.conftest import Server
-from tests.faults.helpers import wait_steps
+from tests.faults.helpers import job_args, train_steps, wait_steps
 from tuneyard.demo.tiny import write_sample_jsonl
+from tuneyard.jobdir import read_json
 from tuneyard.scheduler.local import job_processes
 
 pytestmark = pytest.mark.slow
@@ -58,3 +59,25 @@ def test_cancel_queued_and_paused_jobs(tmp_path, tiny_model_dir):
         assert [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(running.id).data] == kept
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_cancel_a_running_job_stops_its_trainer_at_the_next_step(setup, method):
+    srv, key, client, f = setup
+    job = client.fine_tuning.jobs.create(**job_args(srv, client, f, method, {"n_epochs": 50, "batch_size": 1}))
+    wait_steps(client, job.id, 14)  # past the checkpoint of epoch 1 (12 steps an epoch)
+    root = srv.home / "jobs" / "acme" / job.id
+    assert client.fine_tuning.jobs.cancel(job.id).status == "cancelled"
+    deadline = time.time() + 30
+    while job_processes(root):
+        assert time.time() < deadline, "the cancelled trainer did not exit"
+        time.sleep(0.2)
+    result = read_json(root / "result.json")
+    assert result["status"] == "stopped" and result["reason"] == "cancel", result
+    assert not (root / "output").exists(), "a cancelled run saved its output"
+    time.sleep(1.0)  # a few worker ticks: the job stays cancelled, its steps as the trainer left them
+    j = client.fine_tuning.jobs.retrieve(job.id)
+    assert j.status == "cancelled" and j.finished_at
+    steps = train_steps(client, job.id)  # 600 steps: logged every 6th
+    assert steps == list(range(steps[0], steps[-1] + 1, steps[0])) and 12 <= steps[-1] < 600, steps
+    assert 12 in [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id).data]

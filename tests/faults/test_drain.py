@@ -7,18 +7,18 @@ import time
 import pytest
 
 from tests.conftest import Server
-from tests.faults.helpers import train_steps, wait_done, wait_steps
+from tests.faults.helpers import job_args, train_steps, wait_done, wait_steps
 from tuneyard.scheduler.local import job_processes
 
 pytestmark = pytest.mark.slow
 
 
-def test_sigterm_checkpoints_running_jobs_and_the_next_server_resumes_them(setup):
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_sigterm_checkpoints_running_jobs_and_the_next_server_resumes_them(setup, method):
     srv, key, client, f = setup
     home = srv.home
     # 12 steps an epoch, checkpoints at epoch ends: step 4 is far from the next one.
-    job = client.fine_tuning.jobs.create(model=str(srv.local / "tiny-llama"), training_file=f.id,
-                                         hyperparameters={"n_epochs": 6, "batch_size": 1})
+    job = client.fine_tuning.jobs.create(**job_args(srv, client, f, method, {"n_epochs": 6, "batch_size": 1}))
     wait_steps(client, job.id, 4)
     jd = home / "jobs" / "acme" / job.id
     t0 = time.time()

@@ -1,4 +1,4 @@
-"""Fault injection against a real server and real trainers: kill -9 of the server, kill -9 of a trainer."""
+"""Fault injection against a real server and real trainers: kill -9 of the server, of a trainer (SFT, DPO)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 import pytest
 
 from tests.conftest import Server
-from tests.faults.helpers import train_steps, wait_done, wait_steps
+from tests.faults.helpers import job_args, train_steps, wait_done, wait_steps
 from tuneyard.scheduler.local import pid_alive
 
 pytestmark = pytest.mark.slow
@@ -35,8 +35,10 @@ def test_kill_9_of_the_server_loses_nothing(setup, tmp_path):
     assert steps == list(range(every, j.total_steps + 1, every)), "metrics lost or duplicated across the kill"
 
 
-def _losses(client, job_id: str) -> dict[int, float]:
-    return {e.data["step"]: e.data["train_loss"] for e in client.fine_tuning.jobs.list_events(job_id, limit=1000)
+def _metrics(client, job_id: str, names: tuple[str, ...]) -> dict[int, dict[str, float]]:
+    """{step: {name: value}} of every training metrics event."""
+    return {e.data["step"]: {n: e.data[n] for n in names}
+            for e in client.fine_tuning.jobs.list_events(job_id, limit=1000)
             if e.type == "metrics" and "train_loss" in e.data}
 
 
@@ -46,16 +48,25 @@ def _adapter(jd) -> dict:
     return load_file(str(jd / "output" / "adapter_model.safetensors"))
 
 
-def test_kill_9_of_a_trainer_retries_from_the_latest_checkpoint(setup):
-    """The retried run is the uninterrupted one: same losses step by step, same adapter."""
+# Either recipe on 12 rows at batch 4: 3 steps an epoch, a checkpoint at each epoch's end.
+RUNS = {
+    "sft": ({"n_epochs": 20, "batch_size": 4}, ("train_loss",)),
+    "dpo": ({"n_epochs": 20, "batch_size": 4, "beta": 0.1, "learning_rate_multiplier": 20},
+            ("train_loss", "rewards_chosen", "rewards_rejected", "rewards_margins", "rewards_accuracies")),
+}
+
+
+@pytest.mark.parametrize("method", sorted(RUNS))
+def test_kill_9_of_a_trainer_retries_from_the_latest_checkpoint(setup, method):
+    """The retried run is the uninterrupted one: same metrics step by step, same adapter, same token count."""
     import torch
 
     srv, key, client, f = setup
-    make = {"model": str(srv.local / "tiny-llama"), "training_file": f.id, "seed": 7,
-            "hyperparameters": {"n_epochs": 20, "batch_size": 4}}
+    hyperparameters, names = RUNS[method]
+    make = {**job_args(srv, client, f, method, hyperparameters), "seed": 7}
     reference = client.fine_tuning.jobs.create(**make)
     job = client.fine_tuning.jobs.create(**make)  # runs once the reference is done (one CPU slot)
-    wait_steps(client, job.id, 8, timeout=300)  # past the checkpoints of epochs 1 and 2 (3 steps an epoch)
+    wait_steps(client, job.id, 8, timeout=300)  # past the checkpoints of epochs 1 and 2
     jd = srv.home / "jobs" / "acme" / job.id
     pid = int((jd / "train.pid").read_text())
     os.killpg(pid, signal.SIGKILL)  # torchrun and its trainer, as an OOM kill or a reboot would
@@ -77,11 +88,15 @@ def test_kill_9_of_a_trainer_retries_from_the_latest_checkpoint(setup):
     assert sorted(steps) == list(range(1, 61)), "a step is reported twice (or not at all) after the retry"
 
     # Deterministic resume: optimizer, scheduler, RNG and data position came back with the checkpoint.
-    assert wait_done(client, reference.id).status == "succeeded"
-    want, got = _losses(client, reference.id), _losses(client, job.id)
+    ref = wait_done(client, reference.id)
+    assert ref.status == "succeeded"
+    want, got = _metrics(client, reference.id, names), _metrics(client, job.id, names)
     assert sorted(got) == sorted(want) == list(range(1, 61))
     for k in range(1, 61):
-        assert abs(got[k] - want[k]) <= 1e-4 * max(1.0, abs(want[k])), (k, got[k], want[k])
+        for n in names:
+            assert abs(got[k][n] - want[k][n]) <= 1e-4 * max(1.0, abs(want[k][n])), (k, n, got[k][n], want[k][n])
+    # The token count went on from the checkpoint's, not from zero.
+    assert j.trained_tokens == ref.trained_tokens and j.trained_tokens > 0
     a, b = _adapter(srv.home / "jobs" / "acme" / reference.id), _adapter(jd)
     assert a.keys() == b.keys()
     for name in a:

@@ -16,19 +16,19 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.faults.helpers import train_steps, wait_done
+from tests.faults.helpers import job_args, train_steps, wait_done
 from tuneyard.jobdir import CHECKPOINT_MARKER, iter_events
 from tuneyard.scheduler.local import job_processes
 from tuneyard.service.jobs import PAUSING_MESSAGE
 
 pytestmark = pytest.mark.slow
-EPOCH = 12  # the 12 sample rows, one a step: a metrics event, a stop check each step; a checkpoint each epoch
+EPOCH = 12  # the 12 rows (SFT or DPO), one a step: a metrics event, a stop check each step; a checkpoint each epoch
 
 
 def _trained(root: Path) -> list[int]:
     """Every training step any attempt of the job logged, from its event file (nothing there is ever removed)."""
-    return [e["data"]["step"] for e in iter_events(root / "events.jsonl")
-            if e["type"] == "metrics" and "train_loss" in e["data"]]
+    return [e.data["step"] for e in iter_events(root / "events.jsonl")
+            if e.type == "metrics" and "train_loss" in e.data]
 
 
 def _until(what: Callable[[], object], timeout: float = 90, every: float = 0.05) -> object:
@@ -44,9 +44,8 @@ def _signal(root: Path, sig: int) -> None:
         os.kill(pid, sig)
 
 
-def _create(srv, client, f, epochs: int):
-    job = client.fine_tuning.jobs.create(model=str(srv.local / "tiny-llama"), training_file=f.id,
-                                         hyperparameters={"n_epochs": epochs, "batch_size": 1})
+def _create(srv, client, f, epochs: int, method: str = "sft"):
+    job = client.fine_tuning.jobs.create(**job_args(srv, client, f, method, {"n_epochs": epochs, "batch_size": 1}))
     return job, srv.home / "jobs" / "acme" / job.id
 
 
@@ -58,10 +57,11 @@ def _wait_not_running(client, job_id: str, timeout: float = 90):
     return _until(lambda: (j := client.fine_tuning.jobs.retrieve(job_id)).status != "running" and j, timeout)
 
 
-def test_paused_only_once_the_checkpoint_of_the_stop_step_is_complete(setup):
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_paused_only_once_the_checkpoint_of_the_stop_step_is_complete(setup, method):
     srv, key, client, f = setup
     steps = 2 * EPOCH
-    job, root = _create(srv, client, f, 2)
+    job, root = _create(srv, client, f, 2, method)
     _until(lambda: len(_trained(root)) >= 2)
     _signal(root, signal.SIGSTOP)  # a busy machine: the trainer makes no progress for a while
     try:
@@ -103,7 +103,7 @@ def test_paused_only_once_the_checkpoint_of_the_stop_step_is_complete(setup):
 def test_queued_pause_crash_while_pausing_and_cancel_while_pausing(setup):
     srv, key, client, f = setup
     job, root = _create(srv, client, f, 4)  # after the resume at step 12, 36 steps to be stopped in
-    _until(lambda: any(e["type"] == "checkpoint" for e in iter_events(root / "events.jsonl")))  # end of epoch 1
+    _until(lambda: any(e.type == "checkpoint" for e in iter_events(root / "events.jsonl")))  # end of epoch 1
     # The only CPU slot is taken: a second job waits in the queue, and with no trainer it pauses at once.
     queued, _ = _create(srv, client, f, 1)
     _until(lambda: client.fine_tuning.jobs.retrieve(queued.id).status == "queued", every=0.2)
@@ -123,7 +123,7 @@ def test_queued_pause_crash_while_pausing_and_cancel_while_pausing(setup):
 
     # Resumed from there; then cancelled while pausing: the cancel wins, nothing pauses afterwards.
     client.fine_tuning.jobs.resume(job.id)
-    _until(lambda: any(e["message"].startswith(f"Training resumed at step {EPOCH}/{4 * EPOCH}")
+    _until(lambda: any(e.message.startswith(f"Training resumed at step {EPOCH}/{4 * EPOCH}")
                        for e in iter_events(root / "events.jsonl")))
     _signal(root, signal.SIGSTOP)
     try:

@@ -14,27 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.preference import CITIES, HELD_OUT, chosen, rejected, write_preference_jsonl
+
 pytestmark = pytest.mark.slow
 
-CITIES = [("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Egypt", "Cairo"),
-          ("Peru", "Lima"), ("Kenya", "Nairobi"), ("Chile", "Santiago"), ("Cuba", "Havana"), ("Iran", "Tehran"),
-          ("Iraq", "Baghdad"), ("Mali", "Bamako")]
-HELD_OUT = [("Norway", "Oslo"), ("Greece", "Athens"), ("Poland", "Warsaw")]
 DPO = {"n_epochs": 6, "batch_size": 4, "learning_rate_multiplier": 80, "beta": 0.1}
-
-
-def chosen(city: str) -> str:
-    return f"{city}, of course."
-
-
-def rejected(city: str) -> str:
-    return f"{city}, I think."
-
-
-def preference_rows() -> list[dict]:
-    return [{"input": {"messages": [{"role": "user", "content": f"What is the capital of {country}?"}]},
-             "preferred_output": [{"role": "assistant", "content": chosen(city)}],
-             "non_preferred_output": [{"role": "assistant", "content": rejected(city)}]} for country, city in CITIES]
 
 
 def wait_for(client, job_id: str, timeout: float = 600):
@@ -53,8 +37,7 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def dpo_file(client, tmp_path_factory):
-    p = tmp_path_factory.mktemp("dpo") / "prefs.jsonl"
-    p.write_text("".join(json.dumps(r) + "\n" for r in preference_rows()))
+    p = write_preference_jsonl(tmp_path_factory.mktemp("dpo") / "prefs.jsonl")
     return client.files.create(file=p.open("rb"), purpose="fine-tune")
 
 

@@ -323,11 +323,11 @@ def prepare(tmp_path: Path, name: str, model: Path, train: str | Path) -> dict:
     job = make_job(tmp_path / name, model, train)
     assert run(job.root) == 0
     prepared = read_json(job.prepared)
-    prepared["reused"] = any(e["message"].startswith("Reused the tokenised data") for e in _events(job))
+    prepared["reused"] = any(e.message.startswith("Reused the tokenised data") for e in _events(job))
     return prepared
 
 
-def _events(job) -> list[dict]:
+def _events(job) -> list:
     from tuneyard.jobdir import iter_events
 
     return list(iter_events(job.events))

@@ -172,7 +172,7 @@ def test_failures_become_a_failed_result(make_job, run_main, overrides, code, fr
     assert res["status"] == "failed" and res["error"]["code"] == code
     assert fragment in res["error"]["message"]
     last = list(iter_events(job.events))[-1]
-    assert last["type"] == "message" and last["level"] == "error" and fragment in last["message"]
+    assert last.type == "message" and last.level == "error" and fragment in last.message
 
 
 def test_missing_data_is_a_data_error(make_job, run_main):

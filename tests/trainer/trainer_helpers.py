@@ -49,7 +49,7 @@ def run_trainer(job: JobDir, nproc: int = 1, timeout: float = 180) -> subprocess
 
 def events(job: JobDir, type: str | None = None) -> list[dict]:
     """The job's events, optionally of one type."""
-    return [e for e in iter_events(job.events) if type is None or e["type"] == type]
+    return [e.model_dump() for e in iter_events(job.events) if type is None or e.type == type]
 
 
 def train_losses(job: JobDir) -> list[tuple[int, float]]:
@@ -59,7 +59,7 @@ def train_losses(job: JobDir) -> list[tuple[int, float]]:
 
 
 def result(job: JobDir) -> dict:
-    """result.json, which must exist."""
-    res = read_json(job.result)
+    """result.json, which must exist and read as a Result, as a dict."""
+    res = job.read_result()
     assert res is not None, f"no result.json in {job.root}"
-    return res
+    return res.model_dump()

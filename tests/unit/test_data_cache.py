@@ -11,7 +11,7 @@ from tuneyard.jobdir import iter_events, read_json
 
 
 def _reused(job) -> bool:
-    return any(e["message"].startswith("Reused the tokenised data") for e in iter_events(job.events))
+    return any(e.message.startswith("Reused the tokenised data") for e in iter_events(job.events))
 
 
 def test_second_prepare_reuses_the_tokens_and_changes_miss(tmp_path, tiny_model_dir, monkeypatch):

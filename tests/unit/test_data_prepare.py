@@ -58,10 +58,10 @@ def test_prepare_writes_prepared_json_and_datasets(tmp_path, tiny_model_dir, tin
     hp = prepared["hyperparameters"]
     assert hp["n_epochs"] == resolved.hyperparameters.n_epochs == 6  # ceil(100 / 18)
     assert hp["batch_size"] == 1 and prepared["total_steps"] == 6 * 18
-    messages = [e["message"] for e in iter_events(job.events)]
+    messages = [e.message for e in iter_events(job.events)]
     assert "Training file: 24 examples (openai format)" in messages
     assert any(m.startswith("Tokenised 18 training examples: ") for m in messages)
-    assert all(e["source"] == "prepare" for e in iter_events(job.events))
+    assert all(e.source == "prepare" for e in iter_events(job.events))
     assert not list(job.data.glob(".*")), "scratch files are removed"
 
 
@@ -88,7 +88,7 @@ def test_prepare_with_validation_file_text_rows_and_truncation(tmp_path, tiny_mo
     assert prepared["n_train"] == 6 and prepared["n_validation"] == 0
     assert not (job.data / "validation").exists()
     assert prepared["truncated"] == 4 and prepared["dropped"] == 12
-    messages = [e["message"] for e in iter_events(job.events)]
+    messages = [e.message for e in iter_events(job.events)]
     assert ("12 example(s) longer than max_length 24 were dropped (truncating them left nothing to train on)"
             in messages)
     train_ds = load_split(job.data / "train")
@@ -134,8 +134,8 @@ def test_invalid_training_and_validation_files(tmp_path, tiny_model_dir, sample_
     assert err["message"] == "Example 2, message 1: unknown role 'bot'"
     # The scheduler reports the failure from prepared.json; the events only tell the progress.
     events = list(iter_events(job.events))
-    assert "Validating validation file" in [e["message"] for e in events]
-    assert not [e for e in events if e["level"] == "error"]
+    assert "Validating validation file" in [e.message for e in events]
+    assert not [e for e in events if e.level == "error"]
 
 
 def test_every_row_dropped(tmp_path, tiny_model_dir, sample_jsonl):

@@ -40,6 +40,14 @@ def test_terminal_states_lead_nowhere():
 def test_fine_tuned_model_name():
     assert fine_tuned_model_name("org/base", "acme", "demo", "ftjob-abc") == "ft:org/base:acme:demo:abc"
     assert fine_tuned_model_name("/models/my-base/", "acme", None, "ftjob-abc") == "ft:my-base:acme::abc"
+    assert fine_tuned_model_name("/models/a:b", "acme", None, "ftjob-abc") == "ft:a-b:acme::abc"
+
+
+@pytest.mark.parametrize("parent", ["ft:org/base:acme:sft:abc", "ft:org/base:acme::abc:ckpt-step-7",
+                                    "ft:org/base:other:x:y"])
+def test_a_continued_model_keeps_its_original_base_in_its_name(parent):
+    # OpenAI's convention: the name stays ft:<base>:<org>:<suffix>:<id>; the job's model names the parent.
+    assert fine_tuned_model_name(parent, "acme", "dpo", "ftjob-def") == "ft:org/base:acme:dpo:def"
 
 
 def test_auto_epochs_follows_the_openai_rule():

@@ -4,11 +4,9 @@ Reads ``spec.json``, checks that the model's config and tokenizer load, validate
 tokenises them (streaming, in a process per core for a big file: see ``pipeline.py``) into ``data/train`` and
 ``data/validation`` (Arrow files, columns ``input_ids`` and ``labels``: see ``splits.py``), resolves the
 "auto" hyperparameters from the number of training examples into ``resolved_spec.json`` and finally
-writes ``prepared.json`` (atomically, last, so that its presence means the step finished)::
-
-    {"ok": true, "n_train", "n_validation", "train_tokens", "trainable_tokens", "validation_tokens",
-     "truncated", "dropped", "total_steps", "format", "template", "hyperparameters": {...}}
-    {"ok": false, "error": {"code", "message", "param"}}
+writes ``prepared.json`` (atomically, last, so that its presence means the step finished): a
+``tuneyard.jobdir.PreparedOk`` (counts, tokens, total steps, format, template, resolved hyperparameters) or a
+``PreparedFailed`` (``error``: code, message, param).
 
 The training file, the validation file and the model are tried independently: when several fail, the error is
 the first one's code and param, its message listing them all. Error codes: ``invalid_training_file``,
@@ -40,13 +38,13 @@ from tuneyard.domain import capabilities
 from tuneyard.domain.errors import Problem, TuneyardError, combined_message
 from tuneyard.domain.hparams import resolve, total_steps
 from tuneyard.domain.spec import DataSource, TrainingSpec
-from tuneyard.jobdir import EventWriter, JobDir, write_json_atomic
+from tuneyard.jobdir import EventWriter, JobDir, JobError, PreparedFailed, PreparedOk, write_json_atomic
 
 INTERNAL_ERROR = "internal_error"
 
 
 class PrepareFailure(Exception):
-    """A failure the caller can act on; becomes ``prepared.json`` ``{"ok": false, "error": ...}``."""
+    """A failure the caller can act on; becomes a ``PreparedFailed`` ``prepared.json``."""
 
     def __init__(self, code: str, message: str, param: str | None = None) -> None:
         super().__init__(message)
@@ -54,8 +52,9 @@ class PrepareFailure(Exception):
         self.message = message
         self.param = param
 
-    def to_dict(self) -> dict:
-        return {"code": self.code, "message": self.message, "param": self.param}
+    def to_error(self) -> JobError:
+        """The failure as ``prepared.json`` carries it."""
+        return JobError(code=self.code, message=self.message, param=self.param)
 
     @classmethod
     def combine(cls, failures: list[PrepareFailure]) -> PrepareFailure:
@@ -187,8 +186,8 @@ def _rows(src: DataSource, fmt: str, keep: Callable[[int], bool]) -> Iterator[tu
             yield n, row
 
 
-def prepare(jobdir: JobDir, events: EventWriter | None = None, *, max_errors: int | None = None) -> dict:
-    """Run the prepare step for ``jobdir``; return the ``prepared.json`` payload or raise PrepareFailure."""
+def prepare(jobdir: JobDir, events: EventWriter | None = None, *, max_errors: int | None = None) -> PreparedOk:
+    """Run the prepare step for ``jobdir``; return the ``prepared.json`` it succeeded with or raise PrepareFailure."""
 
     log = _Log(events)
     if max_errors is None:
@@ -313,20 +312,19 @@ def prepare(jobdir: JobDir, events: EventWriter | None = None, *, max_errors: in
     hp = resolved.hyperparameters
     log(f"Resolved hyperparameters: {hp.n_epochs} epoch(s), batch size {hp.batch_size}, learning rate "
         f"{hp.learning_rate:g}: {steps:,} steps", total_steps=steps)
-    return {
-        "ok": True,
-        "n_train": n_train,
-        "n_validation": n_val,
-        "train_tokens": None if deferred else tr.tokens,
-        "trainable_tokens": None if deferred else tr.trainable_tokens,
-        "validation_tokens": None if deferred else va.tokens,
-        "truncated": tr.truncated + va.truncated,
-        "dropped": tr.dropped + va.dropped,
-        "total_steps": steps,
-        "format": train_report.format,
-        "template": template_label(tokenizer, data.template),
-        "hyperparameters": hp.model_dump(mode="json"),
-    }
+    return PreparedOk(
+        n_train=n_train,
+        n_validation=n_val,
+        train_tokens=None if deferred else tr.tokens,
+        trainable_tokens=None if deferred else tr.trainable_tokens,
+        validation_tokens=None if deferred else va.tokens,
+        truncated=tr.truncated + va.truncated,
+        dropped=tr.dropped + va.dropped,
+        total_steps=steps,
+        format=train_report.format,
+        template=template_label(tokenizer, data.template),
+        hyperparameters=hp.model_dump(mode="json"),
+    )
 
 
 def _tokenise(jobdir: JobDir, train_src: DataSource, val_src: DataSource | None,
@@ -528,15 +526,14 @@ def run(root: str | Path) -> int:
     except PrepareFailure as f:
         # No error event here: the scheduler reports the failure from prepared.json, once.
         print(f"[prepare] error: {f.code}: {f.message}", flush=True)
-        write_json_atomic(jobdir.prepared, {"ok": False, "error": f.to_dict()})
+        jobdir.write_prepared(PreparedFailed(error=f.to_error()))
         return 0
     except Exception as e:
         traceback.print_exc()
         message = f"data preparation failed: {type(e).__name__}: {_first_line(e)}"
-        write_json_atomic(jobdir.prepared, {"ok": False, "error": {"code": INTERNAL_ERROR, "message": message,
-                                                                   "param": None}})
+        jobdir.write_prepared(PreparedFailed(error=JobError(code=INTERNAL_ERROR, message=message)))
         return 1
-    write_json_atomic(jobdir.prepared, result)
+    jobdir.write_prepared(result)
     return 0
 
 

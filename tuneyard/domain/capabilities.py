@@ -112,9 +112,6 @@ def check(spec: TrainingSpec) -> list[Problem]:
     if hp.label_smoothing and (hp.dpo_loss or "sigmoid") != "sigmoid":
         no("label_smoothing", f"label smoothing applies to the sigmoid loss only, not to '{hp.dpo_loss}'")
     # Rules of the data pipeline, whatever the recipe.
-    if spec.schedule.keep_best_checkpoint and data.validation is None and not data.split.validation_ratio:
-        no("keep_best_checkpoint", "keep_best_checkpoint needs validation data: a validation file or a split that "
-                                   "holds some rows out", "invalid_request")
     if data.streaming and data.packing:
         no("streaming", "packing needs every row's length before training; it cannot be combined with streaming "
                         "(padding-free batches need no packing)", "invalid_request")

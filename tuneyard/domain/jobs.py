@@ -52,8 +52,26 @@ def check_transition(current: JobStatus, target: JobStatus) -> None:
 
 
 def fine_tuned_model_name(base_model: str, org_id: str, suffix: str | None, job_id: str) -> str:
-    """OpenAI's naming, ``ft:<base>:<org>:<suffix>:<id>``; a local base model is named by its directory."""
-    base = base_model.rstrip("/")
+    """OpenAI's naming, ``ft:<base>:<org>:<suffix>:<id>``; a local base model is named by its directory.
+
+    A job that continues a fine-tuned model (``base_model`` is an ``ft:...`` name, or a checkpoint's) keeps that
+    model's original base, as OpenAI names a model fine-tuned from another: the name stays five fields, and the
+    job's ``model`` says which model it continued.
+    """
+    base = original_base(base_model)
     if base.startswith(("/", ".", "~")):
         base = PurePosixPath(base).name
-    return f"ft:{base}:{org_id}:{suffix or ''}:{job_id.removeprefix('ftjob-')}"
+    # ':' separates the fields: a directory named with one would make the name unreadable.
+    return f"ft:{base.replace(':', '-')}:{org_id}:{suffix or ''}:{job_id.removeprefix('ftjob-')}"
+
+
+def is_fine_tuned_name(model: str) -> bool:
+    """True for a fine-tuned model's name (``ft:...``, a checkpoint's included) rather than a base model."""
+    return isinstance(model, str) and model.startswith("ft:")
+
+
+def original_base(model: str) -> str:
+    """The base model a fine-tuned model's name records (its second field); any other name as it is."""
+    if not is_fine_tuned_name(model):
+        return model.rstrip("/")
+    return model.split(":", 2)[1]

@@ -24,7 +24,12 @@ class _Strict(BaseModel):
 
 
 class ModelSpec(_Strict):
-    """The base model: a Hugging Face hub id or a local directory (already checked against the allowed roots)."""
+    """The base model: a Hugging Face hub id or a local directory (already checked against the allowed roots).
+
+    A job that continues a fine-tuned model (``parent``, the ``ft:...`` name the caller gave) names that model's
+    own base here and, when it was an adapter, the adapter directory it trains on (``init_adapter``); a fully
+    fine-tuned parent is the base itself (``name`` is its directory).
+    """
 
     name: str
     source: Literal["hf", "local", "s3"] = "hf"
@@ -36,6 +41,10 @@ class ModelSpec(_Strict):
     trust_remote_code: bool = False
     # A stored 'hf' secret whose token reads a private or gated hub model.
     secret_id: str | None = None
+    # Continued training: the absolute path of the adapter the job trains on from (the parent's output/ or one
+    # of its checkpoints), and the fine-tuned model (or checkpoint) name it continues.
+    init_adapter: str | None = None
+    parent: str | None = None
 
 
 class DataSource(_Strict):
@@ -188,6 +197,8 @@ class TrainingSpec(_Strict):
     def _consistent(self) -> TrainingSpec:
         if self.model.quant_bits in (4, 8) and self.adapter.type == "full":
             raise ValueError("a quantised base model can only be trained with an adapter (QLoRA), not full")
+        if self.model.init_adapter and self.adapter.type == "full":
+            raise ValueError("a job that continues an adapter trains that adapter; it cannot be full fine-tuning")
         return self
 
     @property

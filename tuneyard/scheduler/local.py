@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tuneyard.jobdir import JobDir
+from tuneyard.jobdir import JobDir, StopReason
 
 # The server's own W&B key must not report a job to the operator's account: a job's key is its organisation's.
 PRIVATE_ENV = frozenset({"TUNEYARD_SECRET_KEY", "TUNEYARD_SOURCE_CREDENTIALS", "WANDB_API_KEY"})
@@ -35,7 +35,7 @@ class Proc:
     cpu_slot: bool = False
     stop_sent_at: float | None = None
     # What the last stop request sent to it asked for ("cancel", "pause", "drain"): a cancel overrides a pause.
-    stop_reason: str | None = None
+    stop_reason: StopReason | None = None
     term_sent_at: float | None = None
     # The job directory: every process of the job has it on its command line (see job_processes).
     root: Path | None = None
@@ -243,10 +243,9 @@ class LocalLauncher:
         return Proc(job_id=job_id, phase=phase, pid=pid, root=jd.root) if pid_alive(pid, job_id) else None
 
     @staticmethod
-    def stop(proc: Proc, jd: JobDir, reason: str) -> None:
+    def stop(proc: Proc, jd: JobDir, reason: StopReason) -> None:
         """Ask the trainer to stop at its next step (it checkpoints first when pausing)."""
-        jd.control.mkdir(parents=True, exist_ok=True)
-        (jd.control / "stop").write_text(reason)
+        jd.request_stop(reason)
         proc.stop_reason = reason
 
     @staticmethod
@@ -256,8 +255,3 @@ class LocalLauncher:
     @staticmethod
     def kill(proc: Proc) -> None:
         proc.signal_group(signal.SIGKILL)
-
-
-def clear_stop(jd: JobDir) -> None:
-    """Remove a stop request left by an earlier pause, before the job runs again."""
-    Path(jd.control / "stop").unlink(missing_ok=True)

@@ -5,7 +5,8 @@ that ended; carry out cancel/pause for running jobs; start prepare steps for job
 ``validating_files``; start trainers for ``queued`` jobs while capacity lasts; renew leases.
 Every status change is a conditional update (``store.repo.transition``), so several workers can
 share one database, and the one place where a process outcome becomes a job status is
-``_finish_train`` / ``_finish_prepare``.
+``_finish_train`` / ``_finish_prepare``. The processes' files are read through ``tuneyard.jobdir``'s models;
+one that is malformed counts as missing (the process left no result), never as an error of the loop.
 """
 
 from __future__ import annotations
@@ -21,20 +22,33 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import or_, select, update
 
 from tuneyard.data.sources import CREDENTIALS_ENV
 from tuneyard.domain.jobs import JobStatus, fine_tuned_model_name
 from tuneyard.domain.spec import TrainingSpec
-from tuneyard.jobdir import CHECKPOINT_MARKER, JobDir, iter_events, latest_complete_checkpoint, read_json
+from tuneyard.jobdir import (
+    CheckpointSaved,
+    Failed,
+    JobDir,
+    JobError,
+    PreparedOk,
+    Progress,
+    ProtocolError,
+    Stopped,
+    Succeeded,
+    iter_events,
+    latest_complete_checkpoint,
+    read_checkpoint_marker,
+)
 from tuneyard.scheduler.capacity import Capacity, detect
 from tuneyard.scheduler.local import (
     LocalLauncher,
     Proc,
-    clear_stop,
     job_processes,
     resident_bytes,
     rotate_logs,
@@ -197,8 +211,8 @@ class Worker:
             with self.store.session() as s:
                 if job.pause_requested_at is not None:
                     # Pausing when its worker was lost: paused at the checkpoint the trainer left, not retried.
-                    res = read_json(jd.result) or {}
-                    if res.get("status") == "stopped":
+                    res, _ = _read(jd.read_result, job.id)
+                    if isinstance(res, Stopped):
                         self._pause(s, job, jd, res=res)
                     else:
                         self._pause(s, job, jd, died=f"Worker {job.worker_id} was lost with the trainer while "
@@ -315,37 +329,36 @@ class Worker:
         with self.store.session(write=True) as s:
             saved = False
             for ev in new:
-                data = ev.get("data") or {}
-                kind = ev.get("type", "message")
-                if kind == "progress":
-                    self._progress_fields(data, updates)
+                if ev.type == "progress":
+                    self._progress_fields(ev.progress(), updates)
                     continue
-                if kind == "message" and isinstance(data.get("start_step"), int) and data["start_step"] > 0:
-                    self._supersede_metrics(s, job.id, data["start_step"])
-                add_event(s, job.id, ev.get("message", ""), type=kind, level=ev.get("level", "info"),
-                          data=data, file_seq=ev["seq"], created_at=ev.get("ts"))
-                if kind == "metrics":
-                    self._progress_fields(data, updates)
-                elif kind == "checkpoint" and data.get("step") is not None:
-                    self._add_checkpoint(s, job.id, data, ev.get("ts"))
+                start = ev.start_step()
+                if start is not None and start > 0:
+                    self._supersede_metrics(s, job.id, start)
+                add_event(s, job.id, ev.message, type=ev.type, level=ev.level, data=ev.data, file_seq=ev.seq,
+                          created_at=ev.ts)
+                if ev.type == "metrics":
+                    self._progress_fields(ev.progress(), updates)
+                elif (saved_ckpt := ev.checkpoint()) is not None:
+                    self._add_checkpoint(s, job.id, saved_ckpt, ev.ts)
                     saved = True
             if saved:
                 self._prune_checkpoints(s, job.id)
-            updates["events_seq"] = max(ev["seq"] for ev in new)
+            updates["events_seq"] = max(ev.seq for ev in new)
             s.execute(update(Job).where(Job.id == job.id, Job.events_seq < updates["events_seq"]).values(**updates))
         job.events_seq = updates["events_seq"]
         return len(new)
 
     @staticmethod
-    def _progress_fields(data: dict, updates: dict[str, Any]) -> None:
-        if isinstance(data.get("step"), int | float):
-            updates["trained_steps"] = int(data["step"])
-        if isinstance(data.get("total_steps"), int | float):
-            updates["total_steps"] = int(data["total_steps"])
-        if isinstance(data.get("trained_tokens"), int | float):
-            updates["trained_tokens"] = int(data["trained_tokens"])
-        if isinstance(data.get("eta_s"), int | float):
-            updates["estimated_finish"] = time.time() + float(data["eta_s"])
+    def _progress_fields(p: Progress, updates: dict[str, Any]) -> None:
+        if p.step is not None:
+            updates["trained_steps"] = p.step
+        if p.total_steps is not None:
+            updates["total_steps"] = p.total_steps
+        if p.trained_tokens is not None:
+            updates["trained_tokens"] = p.trained_tokens
+        if p.eta_s is not None:
+            updates["estimated_finish"] = time.time() + p.eta_s
 
     @staticmethod
     def _supersede_metrics(s, job_id: str, start_step: int) -> None:
@@ -364,14 +377,13 @@ class Worker:
                 s.delete(ck)
 
     @staticmethod
-    def _add_checkpoint(s, job_id: str, data: dict, ts: float | None) -> None:
+    def _add_checkpoint(s, job_id: str, saved: CheckpointSaved, ts: float | None) -> None:
         from sqlalchemy.exc import IntegrityError
 
         from tuneyard.ids import new_id
 
-        ck = Checkpoint(id=new_id("ftckpt"), job_id=job_id, step=int(data["step"]), created_at=ts or time.time(),
-                        path=str(data.get("path", "")),
-                        metrics={"step": int(data["step"]), **(data.get("metrics") or {})})
+        ck = Checkpoint(id=new_id("ftckpt"), job_id=job_id, step=saved.step, created_at=ts or time.time(),
+                        path=saved.path, metrics={"step": saved.step, **saved.metrics})
         try:
             with s.begin_nested():
                 s.add(ck)
@@ -448,27 +460,26 @@ class Worker:
         return {CREDENTIALS_ENV: json.dumps(creds)} if creds else {}
 
     def _finish_prepare(self, job: Job, jd: JobDir, code: int) -> None:
-        res = read_json(jd.prepared) or {}
+        res, unreadable = _read(jd.read_prepared, job.id)
         with self.store.session() as s:
-            if res.get("ok"):
-                hp = res.get("hyperparameters") or {}
+            if isinstance(res, PreparedOk):
                 if transition(s, job.id, JobStatus.QUEUED, expect={JobStatus.VALIDATING_FILES}, worker_id=None,
-                              lease_expires_at=None, pid=None, resolved_hyperparameters=hp,
-                              total_steps=res.get("total_steps"), n_train_examples=res.get("n_train"),
+                              lease_expires_at=None, pid=None, resolved_hyperparameters=res.hyperparameters,
+                              total_steps=res.total_steps, n_train_examples=res.n_train,
                               trained_steps=0, trained_tokens=0):
                     add_event(s, job.id, "Files validated, moving job to queued state")
                 return
-            if self._draining and not res:
+            if self._draining and res is None:
                 # Stopped by this worker's shutdown: the next worker prepares the job again.
                 s.execute(update(Job).where(Job.id == job.id, Job.status == JobStatus.VALIDATING_FILES)
                           .values(worker_id=None, lease_expires_at=None, pid=None))
                 return
-            err = res.get("error") or {"code": "internal_error",
-                                       "message": f"data preparation exited with code {code} without a result; "
-                                                  f"see {jd.logs}"}
+            err = res.error.model_dump() if res is not None else {
+                "code": "internal_error",
+                "message": f"data preparation exited with code {code} without a result{unreadable}; see {jd.logs}"}
             if transition(s, job.id, JobStatus.FAILED, expect={JobStatus.VALIDATING_FILES}, worker_id=None,
                           lease_expires_at=None, pid=None, error=_error(err)):
-                add_event(s, job.id, f"Validation failed: {err.get('message')}", level="error")
+                add_event(s, job.id, f"Validation failed: {err['message']}", level="error")
 
     # ----- training phase ---------------------------------------------------------------------
     def _free_devices(self) -> tuple[list[int], int]:
@@ -503,7 +514,7 @@ class Worker:
             if not won:
                 continue
             jd = JobDir(Path(job.output_dir)).create()
-            clear_stop(jd)
+            jd.clear_stop()
             jd.result.unlink(missing_ok=True)
             try:
                 proc = self.launcher.train(job.id, jd, job.attempt + 1, nproc, free_gpus[:nproc] if use_gpu else [],
@@ -518,15 +529,14 @@ class Worker:
                 s.execute(update(Job).where(Job.id == job.id).values(pid=proc.pid))
 
     def _finish_train(self, job: Job, jd: JobDir, code: int, proc: Proc | None = None) -> None:
-        res = read_json(jd.result) or {}
+        res, unreadable = _read(jd.read_result, job.id)
         if proc is not None and proc.over_memory is not None:
             mib, limit = proc.over_memory // 2**20, self.settings.job_memory_bytes // 2**20
-            res = {"status": "failed", "error": {
-                "code": "out_of_memory",
-                "message": f"the trainer used {mib:,} MiB of memory, over this installation's limit of {limit:,} MiB "
-                           "per job (TUNEYARD_JOB_MEMORY_BYTES); lower the batch size or max_length, or turn on "
-                           "gradient checkpointing"}}
-        outcome = res.get("status")
+            res = Failed(error=JobError(
+                code="out_of_memory",
+                message=f"the trainer used {mib:,} MiB of memory, over this installation's limit of {limit:,} MiB "
+                        "per job (TUNEYARD_JOB_MEMORY_BYTES); lower the batch size or max_length, or turn on "
+                        "gradient checkpointing"))
         with self.store.session() as s:
             current, pausing = s.execute(select(Job.status, Job.pause_requested_at).where(Job.id == job.id)).one()
             s.execute(update(Job).where(Job.id == job.id).values(pid=None, lease_expires_at=None))
@@ -534,31 +544,29 @@ class Worker:
                 # Cancelled meanwhile (or paused at once by an earlier release): that status stands.
                 s.execute(update(Job).where(Job.id == job.id).values(worker_id=None))
                 return
-            if outcome == "succeeded":
+            if isinstance(res, Succeeded):
                 if pausing is not None:
                     add_event(s, job.id, "The trainer finished its last step before it could pause")
                 self._succeed(s, job, jd, res)
                 return
-            if outcome == "stopped" and (res.get("reason") == "pause" or pausing is not None
-                                         and res.get("reason") == "drain"):
+            if isinstance(res, Stopped) and (res.reason == "pause" or pausing is not None and res.reason == "drain"):
                 # Stopped at a step boundary with its checkpoint written (a drain's counts as the pause's).
                 self._pause(s, job, jd, res=res)
                 return
-            if outcome == "stopped" and res.get("reason") == "drain":
+            if isinstance(res, Stopped) and res.reason == "drain":
                 # Not a failed attempt: the restart continues this one from its checkpoint.
                 if transition(s, job.id, JobStatus.QUEUED, expect={JobStatus.RUNNING}, worker_id=None,
                               attempt=max(0, job.attempt - 1)):
-                    add_event(s, job.id, f"The worker is shutting down: checkpointed at step {res.get('step')}; "
-                              "the job resumes from there when a worker is free", data={"step": res.get("step")})
+                    add_event(s, job.id, f"The worker is shutting down: checkpointed at step {res.step}; "
+                              "the job resumes from there when a worker is free", data={"step": res.step})
                 return
-            if outcome == "failed":
-                err = res.get("error") or {}
+            if isinstance(res, Failed):
                 if transition(s, job.id, JobStatus.FAILED, expect={JobStatus.RUNNING}, worker_id=None,
-                              error=_error(err)):
-                    add_event(s, job.id, f"Fine-tuning job failed: {err.get('message', 'unknown error')}",
-                              level="error")
+                              error=_error(res.error.model_dump())):
+                    add_event(s, job.id, f"Fine-tuning job failed: {res.error.message}", level="error")
                 return
-            # No result: the trainer died (killed, OOM-killed, machine rebooted), or could not even write one.
+            # No result: the trainer died (killed, OOM-killed, machine rebooted), or could not even write one
+            # (or wrote one that does not read: the same to us, but said in the event).
             free = _free_bytes(jd.root)
             if free is not None and free < DISK_FULL_BYTES:
                 # Retrying on a full disk cannot help: say what is wrong.
@@ -571,21 +579,22 @@ class Worker:
                 return
             if pausing is not None:
                 # The user asked for a pause: honour it at the last checkpoint that is whole, never retry.
-                self._pause(s, job, jd, died=f"The trainer exited unexpectedly (exit code {code}) while pausing")
+                self._pause(s, job, jd, died=f"The trainer exited unexpectedly (exit code {code}{unreadable}) while "
+                                             "pausing")
                 return
             if job.attempt < MAX_ATTEMPTS:
                 if transition(s, job.id, JobStatus.QUEUED, expect={JobStatus.RUNNING}, worker_id=None):
-                    add_event(s, job.id, f"Trainer exited unexpectedly (exit code {code}); retrying from the "
-                              f"latest checkpoint (attempt {job.attempt + 1} of {MAX_ATTEMPTS})", level="warn",
+                    add_event(s, job.id, f"Trainer exited unexpectedly (exit code {code}{unreadable}); retrying "
+                              f"from the latest checkpoint (attempt {job.attempt + 1} of {MAX_ATTEMPTS})", level="warn",
                               data={"retry_cause": "trainer_exited"})
                 return
             if transition(s, job.id, JobStatus.FAILED, expect={JobStatus.RUNNING}, worker_id=None, error=_error({
                     "code": "trainer_crashed",
-                    "message": f"the trainer exited unexpectedly (exit code {code}) {job.attempt} times; "
+                    "message": f"the trainer exited unexpectedly (exit code {code}{unreadable}) {job.attempt} times; "
                                f"see the logs in {jd.logs}"})):
                 add_event(s, job.id, "Fine-tuning job failed: the trainer kept crashing", level="error")
 
-    def _pause(self, s, job: Job, jd: JobDir, *, res: dict | None = None, died: str | None = None) -> None:
+    def _pause(self, s, job: Job, jd: JobDir, *, res: Stopped | None = None, died: str | None = None) -> None:
         """Move a pausing job whose trainer is gone to ``paused`` at its newest complete checkpoint.
 
         ``res``: the trainer's result, it stopped on request, so that checkpoint must be of the step it stopped
@@ -593,14 +602,16 @@ class Worker:
         lost, so their metrics go and the job claims only what that checkpoint holds.
         """
         ckpt = latest_complete_checkpoint(jd.checkpoints) if jd.checkpoints.is_dir() else None
-        mark = (read_json(ckpt / CHECKPOINT_MARKER) or {}) if ckpt is not None else {}
-        step = int(mark.get("step") or 0)
-        if res is not None and int(res.get("step") or 0) != step:
-            died = f"The trainer stopped at step {res.get('step')} without a complete checkpoint of it"
+        mark, _ = _read(lambda: read_checkpoint_marker(ckpt), job.id) if ckpt is not None else (None, "")
+        if mark is None:
+            ckpt = None  # gone or spoilt since it was found: there is no checkpoint to resume from
+        step = mark.step if mark is not None else 0
+        if res is not None and res.step != step:
+            died = f"The trainer stopped at step {res.step} without a complete checkpoint of it"
         values: dict[str, Any] = {"worker_id": None, "lease_expires_at": None, "pid": None,
                                   "pause_requested_at": None, "estimated_finish": None, "trained_steps": step}
-        if isinstance(mark.get("trained_tokens"), int):
-            values["trained_tokens"] = mark["trained_tokens"]
+        if mark is not None and mark.trained_tokens is not None:
+            values["trained_tokens"] = mark.trained_tokens
         if died is None:
             values["attempt"] = max(0, job.attempt - 1)  # a pause is not a failed attempt
         if not transition(s, job.id, JobStatus.PAUSED, expect={JobStatus.RUNNING}, **values):
@@ -616,7 +627,7 @@ class Worker:
             "with no complete checkpoint; resume starts from the beginning"
         add_event(s, job.id, f"{died}; paused {where}", level="warn", data=data)
 
-    def _succeed(self, s, job: Job, jd: JobDir, res: dict) -> None:
+    def _succeed(self, s, job: Job, jd: JobDir, res: Succeeded) -> None:
         export = (job.spec or {}).get("export_dir")
         if export:
             self._export(s, job, jd, Path(export))
@@ -625,10 +636,9 @@ class Worker:
         model_name = fine_tuned_model_name(job.model, job.org_id, job.suffix, job.id)
         if transition(s, job.id, JobStatus.SUCCEEDED, expect={JobStatus.RUNNING}, worker_id=None,
                       fine_tuned_model=model_name, result_files=[result.id],
-                      trained_tokens=res.get("trained_tokens"), trained_steps=res.get("trained_steps"),
+                      trained_tokens=res.trained_tokens, trained_steps=res.trained_steps,
                       estimated_finish=None):
-            add_event(s, job.id, f"New fine-tuned model created: {model_name}",
-                      data={"output_dir": res.get("output_dir")})
+            add_event(s, job.id, f"New fine-tuned model created: {model_name}", data={"output_dir": res.output_dir})
             add_event(s, job.id, "The job has successfully completed")
 
     @staticmethod
@@ -685,6 +695,22 @@ def _free_bytes(path: Path) -> int | None:
         return shutil.disk_usage(path).free
     except OSError:
         return None
+
+
+_T = TypeVar("_T")
+
+
+def _read(read: Callable[[], _T | None], job_id: str) -> tuple[_T | None, str]:
+    """What a job file holds, or None when it is missing or malformed; for a malformed one, a note saying so.
+
+    A malformed file is what a process that died mid-way leaves as much as a missing one: both get the same
+    classification (no result), and the note goes into the job's event so that nobody has to guess which.
+    """
+    try:
+        return read(), ""
+    except ProtocolError as e:
+        log.warning("job %s: %s; taken as no result", job_id, e)
+        return None, f"; its {e.path.name} is unreadable: {e.problem}"
 
 
 def _error(err: dict) -> dict:

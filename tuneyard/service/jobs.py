@@ -14,11 +14,12 @@ from sqlalchemy.exc import IntegrityError
 from tuneyard.data.sources import SECRET_TYPES, check_uri, hub_local_dir, is_uri, kind_of, parse_hub
 from tuneyard.domain import capabilities, tracking
 from tuneyard.domain.errors import Conflict, InvalidRequest, InvalidState, NotFound, Problems, RateLimited
-from tuneyard.domain.jobs import JobStatus
+from tuneyard.domain.jobs import JobStatus, is_fine_tuned_name
 from tuneyard.domain.spec import DataSource, IntegrationSpec, TrainingSpec
 from tuneyard.ids import new_id
-from tuneyard.jobdir import JobDir, write_json_atomic
+from tuneyard.jobdir import JobDir, StopReason, write_json_atomic
 from tuneyard.scheduler.capacity import bitsandbytes_available, detect
+from tuneyard.service import lineage
 from tuneyard.service.audit import record_by
 from tuneyard.service.auth import Principal, visible
 from tuneyard.service.files import FileService
@@ -123,16 +124,25 @@ class JobService:
     def _check_spec(self, who: Principal, spec: TrainingSpec, problems: Problems) -> TrainingSpec:
         """The spec with its model and data sources resolved; every independent problem raised at once."""
         roots = self.settings.allowed_roots
-        name, source = spec.model.name, spec.model.source
+        model, adapter = spec.model, spec.adapter
         with problems.check():
-            name, source = check_model_name(spec.model.name, roots)
-        if spec.model.secret_id is not None:
+            if spec.model.init_adapter is not None or spec.model.parent is not None:
+                # Only the resolution of a fine-tuned model's name sets them (to paths it found, not given ones).
+                raise InvalidRequest("init_adapter and parent come from naming a fine-tuned model as the model; "
+                                     "they cannot be given", param="model")
+            if is_fine_tuned_name(spec.model.name):
+                # Continued training: the parent's base and weights (docs/continued-training.md).
+                model, adapter = lineage.continue_from(lineage.resolve(self.store, who, spec.model.name), spec)
+            else:
+                name, source = check_model_name(spec.model.name, roots)
+                model = spec.model.model_copy(update={"name": name, "source": source})
+        if model.secret_id is not None:
             with problems.check():
-                row = self.secrets.check(who, spec.model.secret_id, param="model_secret_id")
+                row = self.secrets.check(who, model.secret_id, param="model_secret_id")
                 if row.type != "hf":
-                    raise InvalidRequest(f"secret '{spec.model.secret_id}' is a '{row.type}' secret; reading a hub "
+                    raise InvalidRequest(f"secret '{model.secret_id}' is a '{row.type}' secret; reading a hub "
                                          "model needs an 'hf' secret (a token)", param="model_secret_id")
-        model = spec.model.model_copy(update={"name": name, "source": source})
+        spec = spec.model_copy(update={"model": model, "adapter": adapter})
         train = valid = None
         with problems.check():
             train = self._resolve_source(who, spec.data.train)
@@ -248,6 +258,10 @@ class JobService:
             problems.add(InvalidRequest(f"node_count {res.node_count}: this installation runs jobs on one node with "
                                         "the local launcher; a multi-node launcher is not configured",
                                         param="node_count"))
+        if spec.schedule.keep_best_checkpoint and spec.data.validation is None and not spec.data.split.validation_ratio:
+            # About the inputs, not the recipe: the prepare step checks it again on what it holds out.
+            problems.add(InvalidRequest("keep_best_checkpoint needs validation data: a validation file or a split "
+                                        "that holds some rows out", param="keep_best_checkpoint"))
         # What the recipe supports, then what the launcher's devices allow: the one table in domain/.
         found = capabilities.check(spec) + capabilities.check_hardware(spec, detect(self.settings),
                                                                        bitsandbytes=bitsandbytes_available())
@@ -402,12 +416,10 @@ class JobService:
         return self.get(who, job_id)
 
     @staticmethod
-    def _request_stop(job: Job, reason: str) -> None:
+    def _request_stop(job: Job, reason: StopReason) -> None:
         # Tell a running trainer directly: it stops at the next step even before the worker notices.
         if job.status == JobStatus.RUNNING and job.output_dir:
-            ctl = JobDir(Path(job.output_dir)).control
-            ctl.mkdir(parents=True, exist_ok=True)
-            (ctl / "stop").write_text(reason)
+            JobDir(Path(job.output_dir)).request_stop(reason)
 
     # ----- models -----------------------------------------------------------------------------
     def models(self, who: Principal) -> list[tuple[str, float, str]]:

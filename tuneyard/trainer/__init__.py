@@ -7,10 +7,7 @@
 - ``progress``: Trainer callbacks: events for the scheduler, complete-checkpoint marks, cooperative stop.
 - ``runtime``: ranks, structured logging, the rank-0 ``Reporter``, error codes.
 
-result.json is one of::
-
-    {"status": "succeeded", "output_dir", "trained_tokens", "trained_steps", "final_metrics": {...},
-     "adapter": true|false}
-    {"status": "stopped", "reason": "pause"|"cancel", "step": N, "checkpoint": "/abs/path"|null}
-    {"status": "failed", "error": {"code": one of runtime.ERROR_CODES, "message": "..."}}
+result.json is one of ``tuneyard.jobdir``'s ``Succeeded`` (output_dir, trained tokens and steps, final
+metrics, adapter or not), ``Stopped`` (reason "cancel", "pause" or "drain", step, checkpoint) or ``Failed``
+(error: a code of ``runtime.ERROR_CODES`` and a message).
 """

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         teardown_distributed()
     reporter.result(result)
-    log.info("result: %s", result["status"])
+    log.info("result: %s", result.status)
     return 0
 
 

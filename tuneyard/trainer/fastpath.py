@@ -62,8 +62,10 @@ def padding_free_blocker(model: PreTrainedModel) -> str | None:
     other = sorted({str(t) for t in (getattr(cfg, "layer_types", None) or [])} - ATTENTION_LAYER_TYPES)
     if other:
         return f"{cfg.model_type} has {', '.join(other)} layers"
-    if "position_ids" not in inspect.signature(model.forward).parameters:
-        return f"{type(model).__name__}.forward takes no position_ids"
+    # A PEFT wrapper (a continued adapter) passes position_ids through to the model it wraps.
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if "position_ids" not in inspect.signature(inner.forward).parameters:
+        return f"{type(inner).__name__}.forward takes no position_ids"
     return None
 
 

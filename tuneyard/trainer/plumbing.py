@@ -35,7 +35,7 @@ from tuneyard.domain import capabilities
 from tuneyard.domain.errors import InvalidRequest
 from tuneyard.domain.hparams import micro_batching
 from tuneyard.domain.spec import TrainingSpec
-from tuneyard.jobdir import JobDir, read_json
+from tuneyard.jobdir import JobDir, Stopped, Succeeded, read_checkpoint_marker
 from tuneyard.trainer import fastpath, tracking
 from tuneyard.trainer.progress import (
     CHECKPOINT_MARKER,
@@ -65,8 +65,8 @@ class RecipeContext:
 
 
 def run(spec: TrainingSpec, job: JobDir, ranks: Ranks, reporter: Reporter, log: logging.Logger,
-        recipe: Any) -> dict[str, Any]:
-    """Train per ``spec`` with ``recipe`` in ``job``; return the result.json body (succeeded/stopped)."""
+        recipe: Any) -> Succeeded | Stopped:
+    """Train per ``spec`` with ``recipe`` in ``job``; return the result.json it ended with (succeeded/stopped)."""
     quiet_libraries()
     problems = capabilities.check(spec)
     if problems:
@@ -98,14 +98,14 @@ def run(spec: TrainingSpec, job: JobDir, ranks: Ranks, reporter: Reporter, log: 
     resume = prepare_resume(job, ranks, log)
     if resume is not None:
         # Until the resumed run logs anything, its latest metrics are the checkpoint's.
-        progress.latest.update((read_json(resume / CHECKPOINT_MARKER) or {}).get("metrics", {}))
+        marker = read_checkpoint_marker(resume)
+        progress.latest.update(marker.metrics if marker is not None else {})
     early = stop.poll(trainer.args)
     if early is not None:
         step = _checkpoint_step(resume)
         reporter.emit("message", f"Training stopped ({early}) before it started",
                       {"reason": early, "step": step})
-        return {"status": "stopped", "reason": early, "step": step,
-                "checkpoint": str(resume) if resume else None}
+        return Stopped(reason=early, step=step, checkpoint=str(resume) if resume else None)
 
     log.info("training %d steps%s", total, f", resuming from {resume}" if resume else "")
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -113,10 +113,9 @@ def run(spec: TrainingSpec, job: JobDir, ranks: Ranks, reporter: Reporter, log: 
 
     if stop.reason is not None:
         ckpt = progress.last_checkpoint if stop.reason in SAVING_STOPS else None
-        stopped = {"status": "stopped", "reason": stop.reason, "step": state.global_step,
-                   "checkpoint": str(ckpt) if ckpt else None}
+        stopped = Stopped(reason=stop.reason, step=state.global_step, checkpoint=str(ckpt) if ckpt else None)
         reporter.emit("message", f"Training stopped ({stop.reason}) at step {state.global_step}",
-                      {k: v for k, v in stopped.items() if k != "status"})
+                      stopped.model_dump(exclude={"status"}))
         return stopped
 
     save_output(trainer, job, ranks)
@@ -125,9 +124,8 @@ def run(spec: TrainingSpec, job: JobDir, ranks: Ranks, reporter: Reporter, log: 
     reporter.emit("message", f"Training finished: {state.global_step} steps, " + ", ".join(
         f"{k}={v:.4g}" for k, v in metrics.items() if k in ("train_loss", "valid_loss") and v is not None),
         {"output_dir": str(job.output), "final_metrics": metrics})
-    return {"status": "succeeded", "output_dir": str(job.output),
-            "trained_tokens": int(state.num_input_tokens_seen), "trained_steps": state.global_step,
-            "final_metrics": metrics, "adapter": adapter}
+    return Succeeded(output_dir=str(job.output), trained_tokens=int(state.num_input_tokens_seen),
+                     trained_steps=state.global_step, final_metrics=metrics, adapter=adapter)
 
 
 def pick_device(spec: TrainingSpec) -> str:
@@ -191,7 +189,7 @@ def load_tokenizer(spec: TrainingSpec):
 
 
 def load_model(spec: TrainingSpec, device: str, precision: dict[str, Any], ranks: Ranks) -> PreTrainedModel:
-    """The base model in the chosen dtype, quantised with bitsandbytes for QLoRA."""
+    """The base model in the chosen dtype, quantised with bitsandbytes for QLoRA, with the adapter it continues."""
     m = spec.model
     kwargs: dict[str, Any] = {"dtype": precision["load"], "revision": m.revision,
                               "trust_remote_code": m.trust_remote_code}
@@ -218,6 +216,15 @@ def load_model(spec: TrainingSpec, device: str, precision: dict[str, Any], ranks
 
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=spec.hyperparameters.gradient_checkpointing)
+    if m.init_adapter:
+        # Continued training: the parent's adapter, trained on (the recipes then add no adapter of their own).
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(model, m.init_adapter, is_trainable=True)
+        except Exception as e:
+            raise TrainerError("model_load_error", f"cannot load the adapter {m.parent or m.init_adapter} that the "
+                                                   f"job continues: {_short(e)}") from e
     return model
 
 
@@ -359,6 +366,11 @@ def save_output(trainer: Any, job: JobDir, ranks: Ranks) -> None:
         dist.barrier()
     if ranks.is_main:
         (partial / "training_args.bin").unlink(missing_ok=True)  # a pickle; nothing downstream needs it
+        # PEFT saves every adapter the model holds: DPO's frozen reference copy of a continued adapter ("ref")
+        # is no part of the result, which stays the one trained adapter.
+        for name in getattr(trainer.model, "peft_config", None) or {}:
+            if name != "default":
+                shutil.rmtree(partial / name, ignore_errors=True)
         tracking.copy_tensorboard(job, partial)
         shutil.rmtree(job.output, ignore_errors=True)
         partial.rename(job.output)

@@ -9,7 +9,7 @@ Events (written by rank 0 through the job's one ``Reporter``):
   logs under the names of ``tuneyard.domain.metrics`` (DPO: ``rewards_chosen``, ``rewards_rejected``,
   ``rewards_margins``, ``rewards_accuracies`` and their ``valid_`` forms).
 - ``checkpoint`` once a checkpoint is completely written (every rank's files on disk and our marker
-  file last): ``step, path, metrics``.
+  file, ``tuneyard.jobdir.CheckpointMarker``, last): ``step, path, metrics`` (``CheckpointSaved``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,16 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from tuneyard.domain import metrics
 
 # The marker and the lookup live with the job directory's layout: the worker reads them without torch.
-from tuneyard.jobdir import CHECKPOINT_MARKER, JobDir, latest_complete_checkpoint, write_json_atomic
+from tuneyard.jobdir import (
+    CHECKPOINT_MARKER,
+    STOP_REASONS,
+    CheckpointMarker,
+    CheckpointSaved,
+    JobDir,
+    StopReason,
+    latest_complete_checkpoint,
+    write_checkpoint_marker,
+)
 from tuneyard.trainer.runtime import Reporter
 
 log = logging.getLogger("tuneyard.trainer")
@@ -39,7 +48,8 @@ __all__ = ["CHECKPOINT_MARKER", "SAVING_STOPS", "ProgressCallback", "StopCallbac
 # Sent in every metrics event (None when the recipe does not log it), as before the vocabulary existed.
 _ALWAYS = {"train_loss", "train_mean_token_accuracy", "learning_rate", "grad_norm", "valid_loss",
            "valid_mean_token_accuracy"}
-_STOP_CODES = {None: 0, "cancel": 1, "pause": 2, "drain": 3}
+# Rank 0 broadcasts the reason as a number: one for every reason the stop file can hold.
+_STOP_CODES: dict[str | None, int] = {None: 0, **{r: i for i, r in enumerate(STOP_REASONS, 1)}}
 # Stops that save a checkpoint first: a pause (resumed by the user), a drain (the worker shutting down;
 # the job goes back to the queue and resumes from it).
 SAVING_STOPS = ("pause", "drain")
@@ -118,15 +128,15 @@ class ProgressCallback(TrainerCallback):
             return
         path = Path(args.output_dir, f"checkpoint-{state.global_step}").resolve()
         metrics = dict(self.latest)
-        write_json_atomic(path / CHECKPOINT_MARKER, {
-            "step": state.global_step, "trained_tokens": int(state.num_input_tokens_seen), "metrics": metrics,
-            "spec": self.spec_json})
+        write_checkpoint_marker(path, CheckpointMarker(step=state.global_step,
+                                                       trained_tokens=int(state.num_input_tokens_seen),
+                                                       metrics=metrics, spec=self.spec_json))
         self.last_checkpoint = path
         schedule = self.spec_json.get("schedule") or {}
         if schedule.get("keep_best_checkpoint") and schedule.get("save_total_limit"):
             keep_newest_and_best(Path(args.output_dir), schedule["save_total_limit"], state.best_model_checkpoint)
         self.reporter.emit("checkpoint", f"Checkpoint saved at step {state.global_step}",
-                           {"step": state.global_step, "path": str(path), "metrics": metrics})
+                           CheckpointSaved(step=state.global_step, path=str(path), metrics=metrics).model_dump())
 
 
 def keep_newest_and_best(checkpoints: Path, limit: int, best: str | None) -> list[Path]:
@@ -155,23 +165,22 @@ class StopCallback(TrainerCallback):
 
     def __init__(self, job: JobDir) -> None:
         self.job = job
-        self.reason: str | None = None
+        self.reason: StopReason | None = None
 
-    def poll(self, args: TrainingArguments) -> str | None:
+    def poll(self, args: TrainingArguments) -> StopReason | None:
         """The stop reason rank 0 sees now, the same on every rank (a collective: call it on all ranks)."""
         reason = None
         if args.process_index == 0:
-            reason = self.job.stop_requested()
-            if reason is not None and reason not in _STOP_CODES:
-                log.warning("unknown stop request %r in %s: treating it as cancel", reason, self.job.control)
-                reason = "cancel"
+            # An unreadable request reads as a cancel (tuneyard.jobdir.StopRequest).
+            request = self.job.stop_requested()
+            reason = request.reason if request is not None else None
         if _distributed():
             code = torch.tensor([_STOP_CODES[reason]], dtype=torch.int64, device=args.device)
             dist.broadcast(code, src=0)
             reason = {v: k for k, v in _STOP_CODES.items()}[int(code.item())]
         return reason
 
-    def _stop(self, reason: str, state: TrainerState, control: TrainerControl) -> None:
+    def _stop(self, reason: StopReason, state: TrainerState, control: TrainerControl) -> None:
         self.reason = reason
         control.should_training_stop = True
         if reason == "cancel":

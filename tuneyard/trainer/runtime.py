@@ -13,9 +13,8 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from tuneyard.jobdir import EventWriter, JobDir, write_json_atomic
+from tuneyard.jobdir import EventLevel, EventType, EventWriter, Failed, JobDir, JobError, Stopped, Succeeded
 
 # Codes a failed result.json can carry; the scheduler maps them onto the job's error.
 ERROR_CODES = (
@@ -108,28 +107,26 @@ class Reporter:
         self.ranks = ranks
         self._events = EventWriter(job.events, "trainer") if ranks.is_main else None
 
-    def emit(self, type: str, message: str, data: dict | None = None, level: str = "info") -> None:
+    def emit(self, type: EventType, message: str, data: dict | None = None, level: EventLevel = "info") -> None:
         """Append an event (rank 0 only)."""
         if self._events is not None:
             self._events.emit(type, message, data, level)
             logging.getLogger("tuneyard.trainer.events").log(
                 logging.ERROR if level == "error" else logging.INFO, "%s: %s", type, message)
 
-    def result(self, result: dict[str, Any]) -> None:
+    def result(self, result: Succeeded | Stopped | Failed) -> None:
         """Write result.json (rank 0 only)."""
         if self.ranks.is_main:
-            write_json_atomic(self.job.result, result)
+            self.job.write_result(result)
 
     def failure(self, code: str, message: str) -> None:
         """Record a failure: event + result on rank 0; another rank writes the result only if none exists."""
-        result = {"status": "failed", "error": {"code": code, "message": message}}
         if self.ranks.is_main:
             self.emit("message", f"Training failed: {message}", {"code": code}, level="error")
-            self.result(result)
+            self.result(Failed(error=JobError(code=code, message=message)))
         elif not self.job.result.exists():
             # torchrun tears rank 0 down when another rank dies, so rank 0 may never write why.
-            result["error"]["rank"] = self.ranks.rank
-            write_json_atomic(self.job.result, result)
+            self.job.write_result(Failed(error=JobError(code=code, message=message, rank=self.ranks.rank)))
 
 
 def classify(exc: BaseException) -> tuple[str, str]:

@@ -16,7 +16,7 @@ from trl import SFTConfig, SFTTrainer
 
 from tuneyard.data.splits import LAZY_COLUMN, load_split
 from tuneyard.domain.spec import TrainingSpec
-from tuneyard.jobdir import JobDir, read_json
+from tuneyard.jobdir import JobDir, PreparedOk, ProtocolError, read_json
 from tuneyard.trainer import fastpath
 from tuneyard.trainer.fastpath import Batching
 from tuneyard.trainer.plumbing import (
@@ -70,10 +70,13 @@ def train_rows(ctx: RecipeContext, train: AnyDataset) -> int:
     """Rows in the training set: its length, or for a stream the count the prepare step made."""
     if isinstance(train, datasets.Dataset):
         return len(train)
-    prepared = read_json(ctx.job.prepared) or {}
-    if not prepared.get("n_train"):
+    try:
+        prepared = ctx.job.read_prepared()
+    except ProtocolError as e:
+        raise TrainerError("data_error", str(e)) from None
+    if not isinstance(prepared, PreparedOk) or not prepared.n_train:
         raise TrainerError("data_error", f"{ctx.job.prepared} gives no training row count for the streamed set")
-    return int(prepared["n_train"])
+    return prepared.n_train
 
 
 def load_token_splits(job: JobDir, spec: TrainingSpec, world_size: int,

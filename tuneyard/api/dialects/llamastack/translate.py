@@ -57,6 +57,8 @@ SERVICE_PARAMS = {
     "beta": "algorithm_config.beta", "dpo_loss": "algorithm_config.loss_type",
     "label_smoothing": "algorithm_config.epsilon", "packing": f"{DATA}.packed",
     "train_on_input": f"{DATA}.train_on_input",
+    "lora": "algorithm_config", "lora_r": "algorithm_config.rank", "lora_alpha": "algorithm_config.alpha",
+    "target_modules": "algorithm_config.lora_attn_modules", "use_dora": "algorithm_config.use_dora",
 }
 
 
@@ -203,8 +205,10 @@ def _adapter(cfg: LoraConfig | QatConfig | None) -> tuple[AdapterSpec, int | Non
     if not targets:
         raise InvalidRequest("LoRA needs at least one module: name lora_attn_modules or set apply_lora_to_mlp",
                              param="algorithm_config.lora_attn_modules")
-    return (AdapterSpec(type="lora", r=cfg.rank, alpha=cfg.alpha, target_modules=targets, use_dora=cfg.use_dora),
-            4 if cfg.quantize_base else None)
+    adapter = AdapterSpec(type="lora", r=cfg.rank, alpha=cfg.alpha, target_modules=targets)
+    if "use_dora" in cfg.model_fields_set:
+        adapter.use_dora = cfg.use_dora  # else a continued adapter's own
+    return adapter, 4 if cfg.quantize_base else None
 
 
 # ----- job -> wire ---------------------------------------------------------------------------------

@@ -38,13 +38,24 @@ def _list(items: list, has_more: bool) -> ListOut:
 
 def _metadata_filter(request: Request) -> dict[str, str]:
     out: dict[str, str] = {}
+    bad: list[str] = []
     for k, v in request.query_params.multi_items():
         if k.startswith("metadata[") and k.endswith("]"):
+            # No stored metadata holds a NUL (refused at submit), and the database's JSON path cannot take one.
+            if "\x00" in k or "\x00" in v:
+                bad.append(k)
             out[k[len("metadata["):-1]] = v
+    if bad:
+        raise InvalidRequest(" ".join(f"Invalid value for '{k}': metadata may not contain NUL characters."
+                                      for k in bad), param=bad[0])
     return out
 
 
 # ----- files ---------------------------------------------------------------------------------------
+# ``expires_after`` comes either as one JSON part (OpenAPI's encoding of an object in multipart, which OpenAI's
+# document implies) or as bracketed fields (what the OpenAI SDKs send): tr.expires_after_seconds reads both.
+
+
 @router.post("/files", response_model=FileOut)
 async def create_file(
     request: Request, svc: Svc, who: Caller,

@@ -101,6 +101,8 @@ class CreateJobIn(_In):
         if len(v) > 16:
             raise ValueError("at most 16 key-value pairs")
         for k, val in v.items():
+            if "\x00" in k or "\x00" in val:
+                raise ValueError("keys and values may not contain NUL characters")
             if len(k) > 64:
                 raise ValueError(f"key '{k[:20]}...' is longer than 64 characters")
             if len(val) > 512:

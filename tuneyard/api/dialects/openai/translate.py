@@ -52,7 +52,8 @@ def to_submission(req: CreateJobIn, idempotency_key: str | None, problems: Probl
                                     f"{capabilities.available(METHODS)}", param="method.type",
                                     code="unsupported_method"))
     hp = _method_hyperparameters(req, method_type, problems)
-    adapter = AdapterSpec(type="full" if hp.lora is False else "lora")
+    # Only what was asked is set: a job that continues a fine-tuned model takes the rest from it.
+    adapter = AdapterSpec() if hp.lora is None else AdapterSpec(type="lora" if hp.lora else "full")
     if hp.lora is False and any(v is not None for v in (hp.lora_r, hp.lora_alpha, hp.lora_dropout)):
         problems.add(InvalidRequest("lora_r, lora_alpha and lora_dropout apply only when lora is true",
                                     param="hyperparameters.lora"))
@@ -213,8 +214,12 @@ def expires_after_seconds(json_part: str | None, anchor: str | None, seconds: st
         problems = []
         for err in e.errors():
             key = ".".join(str(p) for p in err["loc"])
-            what = {"missing": "is required", "extra_forbidden": "is not a field of expires_after"}.get(
-                err["type"], err["msg"].replace("Input should be", "must be"))
+            if err["type"] == "extra_forbidden":
+                # OpenAI's own wording for an argument it does not know.
+                problems.append((f"expires_after[{key}]", f"Unrecognized request argument supplied: "
+                                                          f"'expires_after[{key}]'"))
+                continue
+            what = "is required" if err["type"] == "missing" else err["msg"].replace("Input should be", "must be")
             problems.append((f"expires_after[{key}]", f"expires_after[{key}] {what}"))
         raise InvalidRequest("; ".join(m for _, m in problems), param=problems[0][0]) from None
 

@@ -85,6 +85,11 @@ SERVICE_PARAMS = {
     "secret_id": "dataset_details.secret_id",
     "model_secret_id": "model_details.secret_id",
     "region": "dataset_details.region",
+    "lora": "train_config.train_type",
+    "lora_r": "train_config.adapter_config.r",
+    "lora_alpha": "train_config.adapter_config.alpha",
+    "lora_dropout": "train_config.adapter_config.dropout",
+    "target_modules": "train_config.adapter_config.targets",
 }
 
 
@@ -252,14 +257,20 @@ def _adapter(tc: TrainConfig, problems: Problems) -> AdapterSpec:
             problems.add(InvalidRequest("train_config.adapter_config applies to lora/qlora; train_type is 'full'",
                                         param="train_config.adapter_config"))
         return AdapterSpec(type="full")
+    # Only what was asked is set: a job that continues a fine-tuned model takes the rest from it.
+    adapter = AdapterSpec(type="lora") if "train_type" in tc.model_fields_set or a is not None else AdapterSpec()
     if a is None:
-        return AdapterSpec(type="lora")
+        return adapter
     targets: list[str] | str = "all-linear" if a.targets == ["all-linear"] else list(a.targets)
     if "all-linear" in a.targets and len(a.targets) > 1:
         problems.add(InvalidRequest("train_config.adapter_config.targets: 'all-linear' already names every linear "
                                     "layer; give it alone or list module names",
                                     param="train_config.adapter_config.targets"))
-    return AdapterSpec(type="lora", r=a.r, alpha=a.alpha, dropout=a.dropout, target_modules=targets)
+    given = a.model_fields_set
+    for name, value in (("r", a.r), ("alpha", a.alpha), ("dropout", a.dropout), ("target_modules", targets)):
+        if (name if name != "target_modules" else "targets") in given:
+            setattr(adapter, name, value)
+    return adapter
 
 
 def _resources(tc: TrainConfig, ic: InfraConfig) -> ResourceSpec:
