@@ -5,6 +5,8 @@ retried across a receiver that is down and a server restart."""
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -215,6 +217,15 @@ def test_a_delivery_survives_a_receiver_that_is_down_and_a_server_restart(tmp_pa
         (entry,) = log.json()["data"]
         assert entry["id"] == receiver.calls[0][1]["webhook-id"] and entry["status"] == "delivered"
         assert entry["attempts"] == 3 and entry["last_status_code"] == 200
+
+        # The CLI sees and removes the same endpoints.
+        def cli(*args: str) -> str:
+            return subprocess.run([sys.executable, "-m", "tuneyard.cli", "webhooks", *args, "--org", "hooks"],
+                                  env=s.env, capture_output=True, text=True, check=True).stdout
+
+        assert cli("list").split("\t")[:2] == [endpoint, receiver.url]
+        cli("delete", "--id", endpoint)
+        assert cli("list") == ""
     finally:
         receiver.close()
         s.stop()
