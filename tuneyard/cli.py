@@ -25,6 +25,9 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(jobs_app, name="jobs")
 secrets_app = typer.Typer(help="Manage stored secrets (acts on this installation's database).", no_args_is_help=True)
 app.add_typer(secrets_app, name="secrets")
+webhooks_app = typer.Typer(help="Manage webhook endpoints (acts on this installation's database).",
+                           no_args_is_help=True)
+app.add_typer(webhooks_app, name="webhooks")
 console = Console(stderr=True)
 FINAL = ("succeeded", "failed", "cancelled")
 
@@ -153,6 +156,54 @@ def secrets_delete(org: Annotated[str, typer.Option()], name: Annotated[str, typ
     except TuneyardError as e:
         raise typer.BadParameter(e.message, param_hint="--name") from e
     console.print(f"Deleted secret '{name}'.")
+
+
+@webhooks_app.command("create")
+def webhooks_create(org: Annotated[str, typer.Option(help="Organisation slug")],
+                    url: Annotated[str, typer.Option(help="Where events are POSTed")],
+                    event: Annotated[list[str] | None, typer.Option(
+                        help="An event to send (repeat; default the three fine_tuning.job.* end events)")] = None
+                    ) -> None:
+    """Register an endpoint; prints its signing secret, which is shown only this once."""
+    from tuneyard.domain.errors import TuneyardError
+    from tuneyard.service import Services
+    from tuneyard.service.auth import Principal, ensure_org
+
+    services = Services.build(get_settings())
+    try:
+        ensure_org(services.store, org)
+        info = services.webhooks.create(Principal(org_id=org, key_id="cli", role="admin"), url, event)
+    except TuneyardError as e:
+        raise typer.BadParameter(e.message, param_hint=f"--{e.param or 'url'}") from e
+    console.print(f"Registered webhook endpoint {info.id} for {', '.join(info.events)}; its signing secret "
+                  "(shown only now) is on stdout.")
+    print(info.secret)
+
+
+@webhooks_app.command("list")
+def webhooks_list(org: Annotated[str, typer.Option()]) -> None:
+    """List an organisation's endpoints (id, URL, events)."""
+    from tuneyard.service import Services
+    from tuneyard.service.auth import Principal
+
+    services = Services.build(get_settings())
+    for info in services.webhooks.list(Principal(org_id=org, key_id="cli", role="admin")):
+        print(f"{info.id}\t{info.url}\t{','.join(info.events)}")
+
+
+@webhooks_app.command("delete")
+def webhooks_delete(org: Annotated[str, typer.Option()], id_: Annotated[str, typer.Option("--id")]) -> None:
+    """Delete an endpoint and its queued deliveries."""
+    from tuneyard.domain.errors import TuneyardError
+    from tuneyard.service import Services
+    from tuneyard.service.auth import Principal
+
+    services = Services.build(get_settings())
+    try:
+        services.webhooks.delete(Principal(org_id=org, key_id="cli", role="admin"), id_)
+    except TuneyardError as e:
+        raise typer.BadParameter(e.message, param_hint="--id") from e
+    console.print(f"Deleted webhook endpoint {id_}.")
 
 
 @app.command("audit")

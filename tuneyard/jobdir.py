@@ -43,6 +43,9 @@ Layout::
         output/              the final adapter or model + tokenizer (written to .output.partial, then renamed)
         result.json          trainer outcome: succeeded, stopped (cancel, pause, drain) or failed
         logs/<phase>-<attempt>.log  stdout/stderr of each process
+        tracking/tensorboard/ TensorBoard event files of every attempt (copied into output/tensorboard at the end)
+        tracking/wandb/      W&B's run files (offline runs stay here); tracking/runs.json: tracker run ids, so
+                             that a resumed job continues the same runs
         control/stop         the scheduler's request that the trainer stop, and why
 """
 
@@ -307,6 +310,10 @@ class JobDir:
     @property
     def control(self) -> Path:
         return self.root / "control"
+
+    @property
+    def tracking(self) -> Path:
+        return self.root / "tracking"
 
     def create(self) -> JobDir:
         for p in (self.root, self.logs, self.control):

@@ -63,6 +63,11 @@ class Settings(BaseSettings):
     # Per API key (or JWT subject) token bucket: sustained requests/s and burst; 0 switches it off.
     rate_limit_per_second: float = 50.0
     rate_limit_burst: int = 200
+    # Webhook deliveries: the first retry after this many seconds, doubling (at most an hour), this many tries in all.
+    webhook_retry_seconds: float = 10.0
+    webhook_max_attempts: int = 8
+    # GET /metrics: None answers loopback clients only; set, every scrape must send it as a bearer token.
+    metrics_token: str | None = None
     # A verified API key is trusted for this long without looking it up again, so a revoked key keeps working
     # for at most this many seconds; 0: every request looks its key up.
     auth_cache_seconds: float = 5.0

@@ -194,9 +194,11 @@ BAD = [
     ("algorithm_config__quantize_base", True, "quantize_base"),
     ("algorithm_config__rank", 0, "rank"),
     ("hyperparam_search_config", {"lr": [1e-4, 1e-3]}, "hyperparam_search_config"),
-    # No experiment tracker exists yet: a logger_config asking for one would be ignored.
+    # A tracker's settings are checked (domain/tracking.py): W&B without a stored key, a setting TensorBoard has not,
+    # a tracker this installation does not have.
     ("logger_config", {"type": "wandb", "project": "p"}, "logger_config"),
-    ("logger_config", {"tensorboard": {"log_dir": "/tmp/tb"}}, "logger_config"),
+    ("logger_config", {"tensorboard": {"log_dir": "/tmp/tb"}}, "logger_config.tensorboard"),
+    ("logger_config", {"comet": {"project": "p"}}, "logger_config.comet"),
     ("model", "/etc", "model"),
     ("checkpoint_dir", "/tmp", "checkpoint_dir"),
     ("training_config__unknown_field", 1, "unknown_field"),
@@ -215,12 +217,18 @@ def test_each_bad_value_is_a_400_naming_its_field(api, client, dataset, path, va
     assert len(client.post_training.job.list()) == before
 
 
-def test_logger_config_is_refused_in_llama_stack_shape(api, client, dataset):
+def test_logger_config_asks_for_a_tracker_in_either_shape(api, client, dataset):
+    uri = "http://127.0.0.1:5000"
+    for uuid, logger in (("mlflow-flat", {"type": "mlflow", "tracking_uri": uri, "experiment": "e"}),
+                         ("mlflow-keyed", {"mlflow": {"tracking_uri": uri, "run_name": "r"}})):
+        client.post_training.supervised_fine_tune(**request(api, job_uuid=uuid, logger_config=logger))
+        assert client.post_training.job.status(job_uuid=uuid).status == "scheduled"
+        client.post_training.job.cancel(job_uuid=uuid)
     with pytest.raises(llama_stack_client.BadRequestError) as e:
         client.post_training.supervised_fine_tune(**request(api, job_uuid="wandb", logger_config={
             "type": "wandb", "project": "p"}))
     body = e.value.body
-    assert body["status"] == 400 and body["title"] and "experiment tracking (wandb)" in body["detail"], body
+    assert body["status"] == 400 and body["title"] and "no stored 'wandb' secret" in body["detail"], body
     assert "wandb" not in [j.job_uuid for j in client.post_training.job.list()]
 
 

@@ -184,9 +184,9 @@ def test_bad_job_requests(acme, api, train_file, kwargs, param):
 
 
 @pytest.mark.parametrize("kwargs,param,code,says,never", [
-    # Experiment tracking does not exist yet: accepting it would log nowhere.
+    # W&B without a key would log nowhere: refused at submission (this organisation stores no 'wandb' secret).
     ({"integrations": [{"type": "wandb", "wandb": {"project": "p", "entity": "me"}}]}, "integrations",
-     "unsupported_integration", "experiment tracking (wandb)", None),
+     "integration_secret_missing", "no stored 'wandb' secret", None),
     # Each refusal of a method offers only what this installation runs.
     ({"method": {"type": "reinforcement", "reinforcement": {}}}, "method.type", "unsupported_method",
      "use 'supervised' or 'dpo'", None),
@@ -202,6 +202,37 @@ def test_what_cannot_run_is_refused_with_what_can(acme, api, train_file, kwargs,
     assert body["param"] == param and body["code"] == code and says in body["message"], body
     assert never is None or never not in body["message"], body
     assert len(list(acme.fine_tuning.jobs.list(limit=100))) == before
+
+
+def test_trackers_are_checked_together_and_honoured_when_complete(api, tmp_path):
+    from tuneyard.demo.tiny import write_sample_jsonl
+
+    client = api.openai(api.key("tracked"))
+    f = client.files.create(file=write_sample_jsonl(tmp_path / "t.jsonl").open("rb"), purpose="fine-tune")
+    wandb = {"type": "wandb", "wandb": {"project": "p", "name": "run", "tags": ["a"]}}
+    mlflow = {"type": "mlflow", "mlflow": {"tracking_uri": "http://127.0.0.1:5000", "experiment": "e"}}
+    # Every problem at once: no W&B key stored yet, a tracking URI that is no server's, a named secret of another type.
+    with pytest.raises(openai.BadRequestError) as e:
+        _create(client, api, f, integrations=[wandb, {"type": "mlflow", "mlflow": {"tracking_uri": "file:///tmp/x"}}])
+    text = json.dumps(e.value.body)
+    assert e.value.body["param"] == "integrations" and "no stored 'wandb' secret" in text and "http://" in text, text
+    with pytest.raises(openai.BadRequestError) as e:
+        _create(client, api, f, integrations=[{"type": "wandb", "wandb": {"project": "p", "secret_id": "nope"}}])
+    assert e.value.body["param"] == "integrations" and "'nope' not found" in e.value.body["message"]
+    # A block that is not the type's would be ignored: refused.
+    with pytest.raises(openai.BadRequestError) as e:
+        _create(client, api, f, integrations=[{**mlflow, "wandb": {"project": "p"}}])
+    assert e.value.body["param"].startswith("integrations"), e.value.body
+    assert not list(client.fine_tuning.jobs.list())
+
+    made = httpx.post(f"{api.base_url}/v1/secrets", headers={"authorization": f"Bearer {client.api_key}"},
+                      json={"name": "wb", "type": "wandb", "value": {"api_key": "wandb-planted-key"}})
+    assert made.status_code == 200, made.text
+    job = _create(client, api, f, integrations=[wandb, mlflow])
+    assert job.status == "validating_files"
+    assert [i.model_dump(exclude_none=True) for i in client.fine_tuning.jobs.retrieve(job.id).integrations] == \
+        [wandb, mlflow]
+    assert "wandb-planted-key" not in client.fine_tuning.jobs.retrieve(job.id).model_dump_json()
 
 
 def test_empty_integrations_are_fine(acme, api, train_file):

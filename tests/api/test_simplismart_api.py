@@ -316,3 +316,23 @@ def test_independent_config_problems_are_all_reported(api):
     assert r.status_code == 404 and r.json()["errors"] == [{"field": "org", "message": r.json()["detail"],
                                                             "code": "org_not_found"}]
     assert n_jobs(api) == before
+
+
+def test_train_config_integrations_extension(api):
+    mlflow = {"type": "mlflow", "mlflow": {"tracking_uri": "http://127.0.0.1:5000", "experiment": "e"}}
+    cfg = configs(api)
+    cfg["dataset_details"]["dataset_format"] = None
+    cfg["train_config"]["integrations"] = [mlflow]
+    made = post_job(api, cfg)
+    assert made.status_code == 200, made.text
+    rec = get(api, "/job/get/", org_id="acme", request_id=made.json()["request_id"]).json()
+    assert rec["train_config"]["integrations"] == [mlflow]
+    before = n_jobs(api)
+    # A key beside the tracker's block would be ignored, an unknown tracker cannot run: both refused at once.
+    cfg["train_config"]["integrations"] = [{**mlflow, "junk": 1}, {"type": "comet", "comet": {}}]
+    r = post_job(api, cfg)
+    assert r.status_code == 400, r.text
+    text = r.text
+    assert "train_config.integrations[0]" in text and "junk" in text, text
+    assert "train_config.integrations[1]" in text and "'comet' is not available" in text, text
+    assert n_jobs(api) == before

@@ -6,12 +6,13 @@ Importing this module must not import torch or transformers (start-up stays well
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 
 from tuneyard import __version__
-from tuneyard.api import errors
+from tuneyard.api import errors, metrics
 from tuneyard.api.admin import router as admin_router
 from tuneyard.api.dialects.llamastack import routes as llamastack
 from tuneyard.api.dialects.openai.routes import PREFIXES as OPENAI_PREFIXES
@@ -52,7 +53,18 @@ def create_app(settings: Settings | None = None, *, run_worker: bool | None = No
                   description="Self-hosted fine-tuning: OpenAI, Simplismart and Llama Stack dialects over one job "
                               "model.")
     errors.install(app)
+    app.state.settings = settings
     app.add_middleware(BodyLimitMiddleware, settings=settings)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        # Outermost, so that every answer is counted, refusals included; by route template, not raw path.
+        t0 = time.perf_counter()
+        response = await call_next(request)
+        metrics.observe(metrics.route_of(request.scope), request.method, response.status_code,
+                        time.perf_counter() - t0)
+        return response
+
     app.state.limiter = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
     for i, prefix in enumerate(OPENAI_PREFIXES):
         # One schema entry per operation: the other prefixes serve the very same handlers.
@@ -70,6 +82,8 @@ def create_app(settings: Settings | None = None, *, run_worker: bool | None = No
     # Every path under these answers in the Llama Stack shape, unknown ones (404) and wrong methods (405) too.
     for prefix in llamastack.ERROR_PREFIXES:
         errors.register_renderer(prefix, llamastack.render_error, llamastack.tr.dialect_error)
+
+    app.include_router(metrics.router)
 
     @app.get("/healthz", tags=["ops"])
     def healthz() -> dict:

@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,6 +26,8 @@ import time
 
 from tuneyard.settings import Settings, get_settings
 
+# prometheus-client's multiprocess mode (api/metrics.py): set for the HTTP processes before they import it.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 log = logging.getLogger("tuneyard.serve")
 # An HTTP process that dies sooner than this after its start counts as failing to start.
 QUICK_EXIT_SECONDS = 5.0
@@ -85,15 +88,21 @@ class _Supervisor:
         self.stop = threading.Event()
         self.procs: list[tuple[subprocess.Popen, float]] = []
         self.quick_exits = 0
+        self.metrics_dir = settings.home / "run" / "prometheus"
 
     def _spawn(self, sock: socket.socket) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "tuneyard.api.serve", "--fd", str(sock.fileno()), "--parent", str(os.getpid())]
-        return subprocess.Popen(cmd, pass_fds=[sock.fileno()])
+        # One multiprocess directory for all of them: GET /metrics in any of them sums every process's HTTP figures.
+        env = {**os.environ, MULTIPROC_ENV: str(self.metrics_dir)}
+        return subprocess.Popen(cmd, pass_fds=[sock.fileno()], env=env)
 
     def run(self) -> int:
         from tuneyard.service import Services
 
         sock = _bind(self.host, self.port)
+        # Figures of an earlier run's processes would be summed in: start from an empty directory.
+        shutil.rmtree(self.metrics_dir, ignore_errors=True)
+        self.metrics_dir.mkdir(parents=True)
         # Migrations once, here: the HTTP processes find the schema at its head and skip them.
         services = Services.build(self.settings)
         self.procs = [(self._spawn(sock), time.monotonic()) for _ in range(self.n)]

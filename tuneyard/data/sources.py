@@ -346,7 +346,7 @@ def _from_s3(src: DataSource, dest_dir: Path, creds: dict, endpoint: str | None,
     return src.model_copy(update={"path": str(final)})
 
 
-def _check_host(url: str, allow_private: bool, shown: str, param: str) -> None:
+def check_host(url: str, allow_private: bool, shown: str, param: str) -> None:
     """Refuse a download from a private network (cloud metadata, internal services): the server makes the
     request, so a URL must not reach what the caller could not. Loopback stays allowed (local data servers)."""
     host = urllib.parse.urlsplit(url).hostname or ""
@@ -375,7 +375,7 @@ def _from_https(src: DataSource, dest_dir: Path, max_bytes: int, allow_private: 
     try:
         with httpx.Client(follow_redirects=False) as client:
             for _ in range(MAX_REDIRECTS + 1):
-                _check_host(url, allow_private, display_uri(url), src.param)
+                check_host(url, allow_private, display_uri(url), src.param)
                 # No single wait outlives the deadline; between reads _stream_to checks it.
                 timeout = httpx.Timeout(deadline.remaining(60), connect=deadline.remaining(15))
                 with client.stream("GET", url, timeout=timeout) as r:

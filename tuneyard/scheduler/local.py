@@ -18,7 +18,8 @@ from pathlib import Path
 
 from tuneyard.jobdir import JobDir, StopReason
 
-PRIVATE_ENV = frozenset({"TUNEYARD_SECRET_KEY", "TUNEYARD_SOURCE_CREDENTIALS"})
+# The server's own W&B key must not report a job to the operator's account: a job's key is its organisation's.
+PRIVATE_ENV = frozenset({"TUNEYARD_SECRET_KEY", "TUNEYARD_SOURCE_CREDENTIALS", "WANDB_API_KEY"})
 PREPARE_MODULE = b"tuneyard.data.prepare"
 
 

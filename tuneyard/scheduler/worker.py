@@ -55,6 +55,7 @@ from tuneyard.scheduler.local import (
 )
 from tuneyard.service.files import FileService
 from tuneyard.service.secrets import SecretService, SecretUnavailable
+from tuneyard.service.webhooks import WebhookSender
 from tuneyard.settings import Settings
 from tuneyard.store.db import Store
 from tuneyard.store.models import Checkpoint, Job, JobEvent
@@ -82,6 +83,7 @@ class Worker:
         self.worker_id = worker_id or default_worker_id(settings)
         self.capacity: Capacity = detect(settings)
         self.secrets = SecretService(store, settings)
+        self.webhooks = WebhookSender(store, settings)
         self.procs: dict[str, Proc] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -93,11 +95,14 @@ class Worker:
         """Run the loop in a background thread."""
         self._thread = threading.Thread(target=self.run_forever, name="tuneyard-worker", daemon=True)
         self._thread.start()
+        # Webhook deliveries on a thread of their own: a slow receiver must not hold up the jobs.
+        self.webhooks.start()
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the loop, then drain for ``TUNEYARD_DRAIN_SECONDS`` (0: leave every process running, to be
         re-adopted by the next worker on this machine)."""
         self._stop.set()
+        self.webhooks.stop()
         if self._thread is not None:
             self._thread.join(timeout)
         self.launcher.close()
@@ -216,7 +221,8 @@ class Worker:
                     if transition(s, job.id, JobStatus.QUEUED, expect={JobStatus.RUNNING}, worker_id=None,
                                   lease_expires_at=None, pid=None):
                         add_event(s, job.id, f"Worker {job.worker_id} was lost with the trainer; retrying from the "
-                                  f"latest checkpoint (attempt {job.attempt + 1} of {MAX_ATTEMPTS})", level="warn")
+                                  f"latest checkpoint (attempt {job.attempt + 1} of {MAX_ATTEMPTS})", level="warn",
+                                  data={"retry_cause": "worker_lost"})
                 elif transition(s, job.id, JobStatus.FAILED, expect={JobStatus.RUNNING}, worker_id=None,
                                 lease_expires_at=None, pid=None, error=_error({
                                     "code": "worker_lost",
@@ -430,6 +436,18 @@ class Worker:
         _, value = self.secrets.resolve(job.org_id, secret_id, param="model_secret_id")
         return {"HF_TOKEN": value["token"]}
 
+    def _tracking_credentials(self, job: Job) -> dict[str, str]:
+        """WANDB_API_KEY (and WANDB_BASE_URL) of a W&B integration, from the secret the service resolved at submit."""
+        for integration in (job.spec or {}).get("integrations") or []:
+            secret_id = (integration.get("config") or {}).get("secret_id")
+            if integration.get("type") == "wandb" and secret_id:
+                _, value = self.secrets.resolve(job.org_id, secret_id, param=integration.get("param") or "integrations")
+                env = {"WANDB_API_KEY": value["api_key"]}
+                if value.get("host"):
+                    env["WANDB_BASE_URL"] = value["host"]
+                return env
+        return {}
+
     def _source_credentials(self, job: Job) -> dict[str, str]:
         """The environment that hands each remote source its secret (decrypted here, never written to disk)."""
         creds: dict[str, dict] = {}
@@ -500,7 +518,7 @@ class Worker:
             jd.result.unlink(missing_ok=True)
             try:
                 proc = self.launcher.train(job.id, jd, job.attempt + 1, nproc, free_gpus[:nproc] if use_gpu else [],
-                                           env=self._model_credentials(job))
+                                           env={**self._model_credentials(job), **self._tracking_credentials(job)})
             except (OSError, SecretUnavailable) as e:
                 with self.store.session() as s:
                     transition(s, job.id, JobStatus.FAILED, worker_id=None, lease_expires_at=None, error=_error(
@@ -567,7 +585,8 @@ class Worker:
             if job.attempt < MAX_ATTEMPTS:
                 if transition(s, job.id, JobStatus.QUEUED, expect={JobStatus.RUNNING}, worker_id=None):
                     add_event(s, job.id, f"Trainer exited unexpectedly (exit code {code}{unreadable}); retrying "
-                              f"from the latest checkpoint (attempt {job.attempt + 1} of {MAX_ATTEMPTS})", level="warn")
+                              f"from the latest checkpoint (attempt {job.attempt + 1} of {MAX_ATTEMPTS})", level="warn",
+                              data={"retry_cause": "trainer_exited"})
                 return
             if transition(s, job.id, JobStatus.FAILED, expect={JobStatus.RUNNING}, worker_id=None, error=_error({
                     "code": "trainer_crashed",

@@ -10,6 +10,7 @@ from tuneyard.service.datasets import DatasetService
 from tuneyard.service.files import FileService
 from tuneyard.service.jobs import JobService
 from tuneyard.service.secrets import SecretService
+from tuneyard.service.webhooks import WebhookService
 from tuneyard.settings import Settings
 from tuneyard.store.db import Store
 
@@ -26,6 +27,7 @@ class Services:
     secrets: SecretService
     audit: AuditService
     keys: KeyCache
+    webhooks: WebhookService
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -36,4 +38,4 @@ class Services:
         secrets = SecretService(store, settings)
         return cls(settings=settings, store=store, files=files, jobs=JobService(store, settings, files, secrets),
                    datasets=DatasetService(store, settings, files), secrets=secrets, audit=AuditService(store),
-                   keys=KeyCache(settings.auth_cache_seconds))
+                   keys=KeyCache(settings.auth_cache_seconds), webhooks=WebhookService(store, settings))

@@ -12,10 +12,10 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from tuneyard.data.sources import SECRET_TYPES, check_uri, hub_local_dir, is_uri, kind_of, parse_hub
-from tuneyard.domain import capabilities
+from tuneyard.domain import capabilities, tracking
 from tuneyard.domain.errors import Conflict, InvalidRequest, InvalidState, NotFound, Problems, RateLimited
 from tuneyard.domain.jobs import JobStatus, is_fine_tuned_name
-from tuneyard.domain.spec import DataSource, TrainingSpec
+from tuneyard.domain.spec import DataSource, IntegrationSpec, TrainingSpec
 from tuneyard.ids import new_id
 from tuneyard.jobdir import JobDir, StopReason, write_json_atomic
 from tuneyard.scheduler.capacity import bitsandbytes_available, detect
@@ -150,11 +150,49 @@ class JobService:
             with problems.check():
                 valid = self._resolve_source(who, spec.data.validation)
         self._check_resources(spec, problems)
+        integrations = self._check_integrations(who, spec, problems)
         problems.raise_if_any()
         data = spec.data.model_copy(update={"train": train, "validation": valid})
         resources = spec.resources.model_copy(
             update={"torch_compile": spec.resources.torch_compile or self.settings.torch_compile})
-        return spec.model_copy(update={"model": model, "data": data, "resources": resources})
+        return spec.model_copy(update={"model": model, "data": data, "resources": resources,
+                                       "integrations": integrations})
+
+    def _check_integrations(self, who: Principal, spec: TrainingSpec, problems: Problems) -> list[IntegrationSpec]:
+        """The trackers checked (domain/tracking.py), each W&B one with the secret its key comes from resolved."""
+        found = tracking.check(spec.integrations)
+        for p in found:
+            problems.add(InvalidRequest(p.message, param=p.param, code=p.code))
+        # Whether a key is stored is independent of the settings' shape: both are reported at once.
+        out = []
+        for i in spec.integrations:
+            if i.type == "wandb":
+                with problems.check():
+                    i = i.model_copy(update={"config": {**i.config, "secret_id": self._wandb_secret(who, i)}})
+            out.append(i)
+        return out
+
+    def _wandb_secret(self, who: Principal, integration: IntegrationSpec) -> str:
+        """The id of the stored 'wandb' secret a W&B integration uses: the one it names, else the organisation's."""
+        param = integration.param
+        named = integration.config.get("secret_id")
+        if isinstance(named, str) and named:
+            row = self.secrets.check(who, named, param=param)
+            if row.type != "wandb":
+                raise InvalidRequest(f"{param}: secret '{named}' is a '{row.type}' secret; W&B needs a 'wandb' secret "
+                                     "(api_key, optional host)", param=param)
+            return row.id
+        rows = [r for r in self.secrets.list(who) if r.type == "wandb"]
+        if not rows:
+            # Without a key the run would log nowhere: refuse rather than accept and ignore.
+            raise InvalidRequest(f"{param}: W&B needs an API key, and your organisation has no stored 'wandb' secret; "
+                                 "store one (POST /v1/secrets, type 'wandb', value {\"api_key\": ...}) or name one "
+                                 "with wandb.secret_id", param=param, code="integration_secret_missing")
+        if len(rows) > 1:
+            raise InvalidRequest(f"{param}: your organisation has {len(rows)} 'wandb' secrets "
+                                 f"({', '.join(r.name for r in rows)}); name one with wandb.secret_id", param=param,
+                                 code="integration_secret_ambiguous")
+        return rows[0].id
 
     def _resolve_source(self, who: Principal, src: DataSource) -> DataSource:
         if src.file_id is not None:
@@ -229,13 +267,6 @@ class JobService:
                                                                        bitsandbytes=bitsandbytes_available())
         for p in found:
             problems.add(InvalidRequest(p.message, param=p.param, code=p.code))
-        if spec.integrations:
-            # The trainer reports to no tracker (report_to="none"): accepting one would ignore it silently.
-            first = spec.integrations[0]
-            kinds = ", ".join(dict.fromkeys(i.type for i in spec.integrations))
-            problems.add(InvalidRequest(f"{first.param}: experiment tracking ({kinds}) is not available in this "
-                                        "installation yet, and the trainer would log nowhere; leave it out or send "
-                                        "it empty", param=first.param, code="unsupported_integration"))
 
     # ----- reading ----------------------------------------------------------------------------
     def get(self, who: Principal, job_id: str) -> Job:

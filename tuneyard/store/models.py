@@ -219,3 +219,48 @@ class AuditEvent(Base):
     object_id: Mapped[str | None] = mapped_column(String(128))
     created_at: Mapped[float] = mapped_column(Float)
     details: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class WebhookEndpoint(Base):
+    """Where an organisation wants to be told about its jobs (OpenAI's fine_tuning.job.* events)."""
+
+    __tablename__ = "webhook_endpoints"
+
+    pk: Mapped[int] = mapped_column(PK, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"), index=True)
+    url: Mapped[str] = mapped_column(Text)
+    events: Mapped[list[Any]] = mapped_column(JSON)
+    # Fernet token of the signing secret (whsec_...): shown once at creation, needed again at every delivery.
+    secret_ciphertext: Mapped[str] = mapped_column(Text)
+    created_by: Mapped[str | None] = mapped_column(String(128))
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class WebhookDelivery(Base):
+    """One event for one endpoint, queued in the same transaction as the job's change, delivered at least once."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        # One delivery per endpoint and event of a job, however often the change is recorded.
+        UniqueConstraint("endpoint_id", "event_key", name="uq_webhook_deliveries_event"),
+        Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+    )
+
+    pk: Mapped[int] = mapped_column(PK, primary_key=True, autoincrement=True)
+    # The webhook-id header: the same on every try, so a receiver can drop repeats.
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    endpoint_id: Mapped[str] = mapped_column(ForeignKey("webhook_endpoints.id", ondelete="CASCADE"), index=True)
+    org_id: Mapped[str] = mapped_column(String(64), index=True)
+    event_key: Mapped[str] = mapped_column(String(128))
+    event_type: Mapped[str] = mapped_column(String(64))
+    # The exact body signed and sent on every try.
+    payload: Mapped[str] = mapped_column(Text)
+    # pending -> delivered | failed (gave up after TUNEYARD_WEBHOOK_MAX_ATTEMPTS tries)
+    status: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[float] = mapped_column(Float)
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float)
+    delivered_at: Mapped[float | None] = mapped_column(Float)

@@ -10,8 +10,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from tuneyard.domain.jobs import JobStatus, sources_of
+from tuneyard.domain.webhooks import EVENT_OF_STATUS
+from tuneyard.domain.webhooks import body as webhook_body
 from tuneyard.ids import new_id
-from tuneyard.store.models import Job, JobEvent
+from tuneyard.store.models import Job, JobEvent, WebhookDelivery, WebhookEndpoint
 
 T = TypeVar("T")
 
@@ -30,7 +32,27 @@ def transition(s: Session, job_id: str, target: JobStatus, *, expect: set[JobSta
         values["finished_at"] = now
     res = s.execute(update(Job).where(Job.id == job_id, Job.status.in_([a.value for a in allowed]))
                     .values(**values))
-    return res.rowcount == 1
+    if res.rowcount != 1:
+        return False
+    if target in EVENT_OF_STATUS:
+        # In the change's own transaction: the status and its webhook deliveries are recorded together or not at all.
+        queue_webhooks(s, job_id, EVENT_OF_STATUS[target], now)
+    return True
+
+
+def queue_webhooks(s: Session, job_id: str, event_type: str, now: float) -> None:
+    """Queue ``event_type`` of a job for each endpoint of its organisation that subscribed to it."""
+    org_id = s.scalar(select(Job.org_id).where(Job.id == job_id))
+    endpoints = s.scalars(select(WebhookEndpoint).where(WebhookEndpoint.org_id == org_id)).all()
+    # A job is paused (and resumed) any number of times; it ends once.
+    key = f"{job_id}:{event_type}" + (f":{int(now * 1000)}" if event_type == EVENT_OF_STATUS[JobStatus.PAUSED] else "")
+    for ep in endpoints:
+        if event_type not in (ep.events or []):
+            continue
+        msg_id = new_id("msg")
+        s.add(WebhookDelivery(id=msg_id, endpoint_id=ep.id, org_id=org_id, event_key=key, event_type=event_type,
+                              payload=webhook_body(new_id("evt"), event_type, job_id, now), status="pending",
+                              attempts=0, next_attempt_at=now, created_at=now))
 
 
 def add_event(s: Session, job_id: str, message: str, *, type: str = "message", level: str = "info",

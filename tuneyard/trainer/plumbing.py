@@ -36,7 +36,7 @@ from tuneyard.domain.errors import InvalidRequest
 from tuneyard.domain.hparams import micro_batching
 from tuneyard.domain.spec import TrainingSpec
 from tuneyard.jobdir import JobDir, Stopped, Succeeded, read_checkpoint_marker
-from tuneyard.trainer import fastpath
+from tuneyard.trainer import fastpath, tracking
 from tuneyard.trainer.progress import (
     CHECKPOINT_MARKER,
     SAVING_STOPS,
@@ -84,7 +84,8 @@ def run(spec: TrainingSpec, job: JobDir, ranks: Ranks, reporter: Reporter, log: 
     progress = ProgressCallback(reporter, describe="", n_epochs=int(spec.hyperparameters.n_epochs),
                                 spec_json=spec.model_dump(mode="json"))
     stop = StopCallback(job)
-    trainer = recipe.build_trainer(ctx, model, train_ds, eval_ds, [progress, stop])
+    trainer = recipe.build_trainer(ctx, model, train_ds, eval_ds,
+                                   [progress, stop, *tracking.callbacks(spec, job, reporter, log)])
     # Our callback reports; the default printer would duplicate every log dict on stdout.
     trainer.remove_callback(PrinterCallback)
     # From the rows as the trainer holds them (packing makes fewer, longer rows).
@@ -292,6 +293,7 @@ def common_args(spec: TrainingSpec, job: JobDir, device: str, precision: dict[st
         use_cpu=device == "cpu",
         # Every parameter of a dense causal LM gets a gradient each step; MoE experts may sit a batch out.
         ddp_find_unused_parameters=moe,
+        # The trackers' callbacks are added by tuneyard.trainer.tracking (configured from the spec), not by name.
         report_to="none",
         disable_tqdm=True,
         log_level="passive",
@@ -369,6 +371,7 @@ def save_output(trainer: Any, job: JobDir, ranks: Ranks) -> None:
         for name in getattr(trainer.model, "peft_config", None) or {}:
             if name != "default":
                 shutil.rmtree(partial / name, ignore_errors=True)
+        tracking.copy_tensorboard(job, partial)
         shutil.rmtree(job.output, ignore_errors=True)
         partial.rename(job.output)
 

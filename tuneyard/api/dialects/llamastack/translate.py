@@ -50,8 +50,6 @@ MLP_MODULES = ["gate_proj", "up_proj", "down_proj"]
 DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32",
           "fp16": "float16", "float16": "float16"}
 DATA = "training_config.data_config"
-# Trackers a logger_config may name by a key of its own ({"wandb": {...}}), for the refusal's wording.
-KNOWN_LOGGERS = ("wandb", "tensorboard", "mlflow", "comet", "neptune", "aim", "clearml")
 # The service names fields by their TrainingSpec role; Llama Stack callers know them by these paths.
 SERVICE_PARAMS = {
     "model": "model", "quant_bits": "algorithm_config.quantize_base", "torch_dtype": "training_config.dtype",
@@ -176,13 +174,16 @@ def _submission(req: SupervisedFineTuneIn | PreferenceOptimizeIn, model: str, me
 
 
 def _integrations(logger_config: dict) -> list[IntegrationSpec]:
-    """A non-empty logger_config asks for a tracker (wandb, tensorboard...): the service refuses what it cannot run."""
+    """The trackers a logger_config asks for: ``{"type": "mlflow", ...settings}`` or ``{"mlflow": {...settings}}``
+    (one key per tracker); the service checks the settings (domain/tracking.py)."""
     if not logger_config:
         return []
-    kind = next((str(logger_config[k]) for k in ("type", "logger", "backend") if logger_config.get(k)), None)
-    if kind is None:
-        kind = next((k for k in logger_config if k in KNOWN_LOGGERS), "logger")
-    return [IntegrationSpec(type=kind, config=logger_config, param="logger_config")]
+    kind_key = next((k for k in ("type", "logger", "backend") if logger_config.get(k)), None)
+    if kind_key is not None:
+        rest = {k: v for k, v in logger_config.items() if k != kind_key}
+        return [IntegrationSpec(type=str(logger_config[kind_key]), config=rest, param="logger_config")]
+    return [IntegrationSpec(type=key, config=value if isinstance(value, dict) else {}, param=f"logger_config.{key}")
+            for key, value in logger_config.items()]
 
 
 def _adapter(cfg: LoraConfig | QatConfig | None) -> tuple[AdapterSpec, int | None]:

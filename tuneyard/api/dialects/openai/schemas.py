@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    field_validator,
+    model_validator,
+)
 
 from tuneyard.api.wire import omitted_if_none
 
@@ -57,16 +67,37 @@ class MethodIn(_In):
     reinforcement: dict[str, Any] | None = None
 
 
-class WandbIn(BaseModel):
+class WandbIn(_In):
     project: str
     name: str | None = None
     entity: str | None = None
     tags: list[str] | None = None
+    # tuneyard extension: a stored 'wandb' secret (default: the organisation's one 'wandb' secret).
+    secret_id: str | None = None
+
+
+class MlflowIn(_In):
+    """tuneyard extension: ``{"type": "mlflow", "mlflow": {...}}``."""
+
+    tracking_uri: str
+    experiment: str | None = None
+    run_name: str | None = None
 
 
 class IntegrationIn(_In):
-    type: Literal["wandb"]
-    wandb: WandbIn
+    type: Literal["wandb", "mlflow"]
+    wandb: WandbIn | None = None
+    mlflow: MlflowIn | None = None
+
+    @model_validator(mode="after")
+    def _one_block(self) -> IntegrationIn:
+        # The block named by ``type`` holds the settings; another block would be ignored.
+        other = {"wandb", "mlflow"} - {self.type}
+        if getattr(self, self.type) is None:
+            raise ValueError(f"an integration of type '{self.type}' needs its '{self.type}' object")
+        if any(getattr(self, o) is not None for o in other):
+            raise ValueError(f"an integration of type '{self.type}' takes only its '{self.type}' object")
+        return self
 
 
 class CreateJobIn(_In):

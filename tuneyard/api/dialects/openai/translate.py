@@ -79,7 +79,8 @@ def to_submission(req: CreateJobIn, idempotency_key: str | None, problems: Probl
         max_grad_norm=hp.max_grad_norm if hp.max_grad_norm is not None else 1.0,
         beta=(hp.beta if hp.beta is not None else "auto") if method_type == "dpo" else None,
     )
-    integrations = [IntegrationSpec(type=i.type, config=i.wandb.model_dump(exclude_none=True), param="integrations")
+    integrations = [IntegrationSpec(type=i.type, config=getattr(i, i.type).model_dump(exclude_none=True),
+                                    param="integrations")
                     for i in req.integrations or []]
     seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
     spec = TrainingSpec(method=METHODS.get(method_type, "sft"), model=ModelSpec(name=req.model),

@@ -105,6 +105,9 @@ class TrainConfig(_Closed):
     hyperparameters: TrainHyperparameters = Field(default_factory=TrainHyperparameters)
     adapter_config: AdapterConfig | None = None
     distributed: Distributed = Field(default_factory=Distributed)
+    # tuneyard extension: experiment trackers in OpenAI's shape, [{"type": "mlflow", "mlflow": {...}}, ...]
+    # (domain/tracking.py checks each one's settings).
+    integrations: list[dict[str, Any]] | None = Field(None, max_length=8)
 
 
 class DatasetDetails(_Closed):

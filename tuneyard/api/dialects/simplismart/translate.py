@@ -36,6 +36,7 @@ from tuneyard.domain.spec import (
     DataSource,
     DataSpec,
     Hyperparameters,
+    IntegrationSpec,
     ModelSpec,
     ResourceSpec,
     ScheduleSpec,
@@ -209,7 +210,21 @@ def _spec(dc: DatasetConfig, tc: TrainConfig, ic: InfraConfig, model: ModelSpec,
                     max_length=pre.prompt.max_length or DEFAULT_MAX_LENGTH, lazy_tokenize=pre.lazy_tokenize,
                     streaming=pre.streaming)
     return TrainingSpec(method=METHODS.get(tc.type, "sft"), model=model, data=data, adapter=adapter,
-                        hyperparameters=hyper, schedule=schedule, resources=resources)
+                        hyperparameters=hyper, schedule=schedule, resources=resources,
+                        integrations=_integrations(tc.integrations or []))
+
+
+def _integrations(items: list[dict[str, Any]]) -> list[IntegrationSpec]:
+    """``train_config.integrations`` (OpenAI's shape): the type's own block holds the settings; any other key is
+    handed on with them, so that the settings check refuses it instead of it being ignored."""
+    out = []
+    for i, item in enumerate(items):
+        kind = str(item.get("type") or "")
+        block = item.get(kind)
+        config = {**(block if isinstance(block, dict) else {}),
+                  **{k: v for k, v in item.items() if k not in ("type", kind)}}
+        out.append(IntegrationSpec(type=kind, config=config, param=f"train_config.integrations[{i}]"))
+    return out
 
 
 def _suffix(name: str) -> str | None:
@@ -393,6 +408,8 @@ def configs_of(job: Job, cap: Capacity | None = None) -> dict[str, dict[str, Any
                          "infra_type": req.get("infra_config", {}).get("infra_type") or "tuneyard",
                          "node_count": spec.resources.node_count},
     }
+    if req.get("train_config", {}).get("integrations"):
+        out["train_config"]["integrations"] = req["train_config"]["integrations"]
     return echo_as_sent(out, {k: v for k, v in req.items() if k in out})
 
 
