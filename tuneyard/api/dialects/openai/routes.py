@@ -1,30 +1,38 @@
-"""OpenAI fine-tuning + files endpoints under /v1 (as also served by Nebius and TrueFoundry)."""
+"""OpenAI fine-tuning, files, models and inference (chat completions, completions) endpoints under /v1 (as also
+served by Nebius and TrueFoundry)."""
 
 from __future__ import annotations
 
+import json
 import os
 import tarfile
 import tempfile
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, BackgroundTasks, File, Form, Header, Query, Request, UploadFile
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from tuneyard.api.deps import Caller, Svc
 from tuneyard.api.dialects.openai import translate as tr
 from tuneyard.api.dialects.openai.schemas import (
+    ChatCompletionIn,
     CheckpointOut,
+    CompletionIn,
     CreateJobIn,
     FileDeletedOut,
     FileOut,
     JobOut,
     ListOut,
+    ModelDeletedOut,
     ModelOut,
 )
 from tuneyard.api.jsonbody import StrictJSONRoute
 from tuneyard.domain.errors import InvalidRequest, Problems
+from tuneyard.domain.generation import GenerationRequest
 
 router = APIRouter(tags=["openai"], route_class=StrictJSONRoute)
 # Served at /v1 (OpenAI, Nebius) and at /api/llm (TrueFoundry's path for the same API).
@@ -170,11 +178,142 @@ def download_artifacts(svc: Svc, who: Caller, job_id: str, background: Backgroun
 # ----- models --------------------------------------------------------------------------------------
 @router.get("/models", response_model=ListOut)
 def list_models(svc: Svc, who: Caller) -> ListOut:
-    items = [ModelOut(id=m, created=int(c), owned_by=o) for m, c, o in svc.jobs.models(who)]
+    items = [ModelOut(id=m, created=int(c), owned_by=o) for m, c, o in svc.models.models(who)]
     return ListOut(data=items, has_more=False)
 
 
 @router.get("/models/{model_id:path}", response_model=ModelOut)
 def retrieve_model(svc: Svc, who: Caller, model_id: str) -> ModelOut:
-    m, c, o = svc.jobs.model(who, model_id)
+    m, c, o = svc.models.model(who, model_id)
     return ModelOut(id=m, created=int(c), owned_by=o)
+
+
+@router.delete("/models/{model_id:path}", response_model=ModelDeletedOut)
+async def delete_model(request: Request, svc: Svc, who: Caller, model_id: str) -> ModelDeletedOut:
+    """Delete a fine-tuned model: no longer listed or callable, its weights gone; its job stays."""
+    for path in await run_in_threadpool(svc.models.delete, who, model_id):
+        await request.app.state.inference.forget(str(path))
+    return ModelDeletedOut(id=model_id, deleted=True)
+
+
+# ----- inference -----------------------------------------------------------------------------------
+async def _open(request: Request, svc: Svc, who: Caller, model: str,
+                gen: GenerationRequest) -> AsyncIterator[dict]:
+    """The inference events of ``gen`` on ``model``, once the inference process has accepted it (its refusal,
+    an unknown model, a prompt too long, is raised here: before any response byte, so it gets its 4xx)."""
+    target = await run_in_threadpool(svc.models.target, who, model)
+    payload = gen.model_copy(update={"base": target.base, "adapter": target.adapter,
+                                     "trust_remote_code": target.trust_remote_code})
+    events = request.app.state.inference.events(payload.model_dump())
+    await anext(events)  # "start"
+    return events
+
+
+async def _collect(streams: list[AsyncIterator[dict]], n: int) -> tuple[dict[int, str], dict[int, str], dict]:
+    texts: dict[int, str] = {}
+    reasons: dict[int, str] = {}
+    usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    for k, events in enumerate(streams):
+        async for ev in events:
+            if ev["type"] == "delta":
+                texts[k * n + ev["index"]] = texts.get(k * n + ev["index"], "") + ev["text"]
+            elif ev["type"] == "end":
+                reasons[k * n + ev["index"]] = ev["finish_reason"]
+            elif ev["type"] == "usage":
+                usage = {key: usage[key] + ev[key] for key in usage}
+            elif ev["type"] == "error":
+                raise RuntimeError(ev["message"])
+    return texts, reasons, usage
+
+
+def _sse(obj: dict) -> bytes:
+    return f"data: {json.dumps(obj)}\n\n".encode()
+
+
+def _sse_error(message: str) -> bytes:
+    # The openai SDK raises an APIError for a chunk that carries "error".
+    return _sse({"error": {"message": message, "type": "server_error", "param": None, "code": "generation_failed"}})
+
+
+@router.post("/chat/completions")
+async def chat_completions(request: Request, svc: Svc, who: Caller, body: ChatCompletionIn) -> Any:
+    """A chat completion by a fine-tuned model, one of its checkpoints or a base model; SSE with ``stream``."""
+    gen = tr.chat_request(body)
+    cid, created = tr.completion_id("chatcmpl"), int(time.time())
+    events = await _open(request, svc, who, body.model, gen)
+    if not body.stream:
+        return tr.chat_completion_out(cid, created, body.model, *await _collect([events], gen.n))
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    async def sse() -> AsyncIterator[bytes]:
+        started: set[int] = set()
+
+        def first(i: int) -> dict:
+            if i in started:
+                return {}
+            started.add(i)
+            return {"role": "assistant"}
+
+        async for ev in events:
+            if ev["type"] == "delta":
+                yield _sse(tr.chat_chunk(cid, created, body.model, ev["index"],
+                                         {**first(ev["index"]), "content": ev["text"]}))
+            elif ev["type"] == "end":
+                if ev["index"] not in started:
+                    yield _sse(tr.chat_chunk(cid, created, body.model, ev["index"], {**first(ev["index"]),
+                                                                                    "content": ""}))
+                yield _sse(tr.chat_chunk(cid, created, body.model, ev["index"], {}, ev["finish_reason"]))
+            elif ev["type"] == "usage" and include_usage:
+                yield _sse(tr.chat_chunk(cid, created, body.model, usage=ev))
+            elif ev["type"] == "error":
+                yield _sse_error(ev["message"])
+                return
+        yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(sse(), media_type="text/event-stream")
+
+
+@router.post("/completions")
+async def completions(request: Request, svc: Svc, who: Caller, body: CompletionIn) -> Any:
+    """A (legacy) text completion of each prompt; SSE with ``stream``."""
+    gens = tr.completion_requests(body)
+    cid, created = tr.completion_id("cmpl"), int(time.time())
+    n = gens[0].n
+    prompts = [g.prompt or "" for g in gens]
+    if not body.stream:
+        streams = [await _open(request, svc, who, body.model, g) for g in gens]
+        texts, reasons, usage = await _collect(streams, n)
+        if body.echo:
+            texts = {i: prompts[i // n] + texts.get(i, "") for i in reasons}
+        return tr.completion_out(cid, created, body.model, texts, reasons, usage)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    head = await _open(request, svc, who, body.model, gens[0])
+
+    async def sse() -> AsyncIterator[bytes]:
+        total = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        for k, gen in enumerate(gens):
+            try:
+                events = head if k == 0 else await _open(request, svc, who, body.model, gen)
+            except Exception as e:  # noqa: BLE001 - the status line is sent: the stream carries the error
+                yield _sse_error(str(e))
+                return
+            echoed: set[int] = set()
+            async for ev in events:
+                i = k * n + ev.get("index", 0)
+                if ev["type"] in ("delta", "end") and body.echo and i not in echoed:
+                    echoed.add(i)
+                    yield _sse(tr.completion_chunk(cid, created, body.model, i, prompts[k]))
+                if ev["type"] == "delta":
+                    yield _sse(tr.completion_chunk(cid, created, body.model, i, ev["text"]))
+                elif ev["type"] == "end":
+                    yield _sse(tr.completion_chunk(cid, created, body.model, i, "", ev["finish_reason"]))
+                elif ev["type"] == "usage":
+                    total = {key: total[key] + ev[key] for key in total}
+                elif ev["type"] == "error":
+                    yield _sse_error(ev["message"])
+                    return
+        if include_usage:
+            yield _sse(tr.completion_chunk(cid, created, body.model, usage=total))
+        yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(sse(), media_type="text/event-stream")
