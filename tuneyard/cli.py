@@ -1,7 +1,8 @@
-"""The ``tuneyard`` command: serve, worker, keys, jobs and the demo."""
+"""The ``tuneyard`` command: serve, worker, infer, keys, jobs, export and the demo."""
 
 from __future__ import annotations
 
+import shutil
 import signal
 import sys
 import tarfile
@@ -275,6 +276,43 @@ def jobs_download(job_id: str, base_url: BaseUrl = None, api_key: ApiKey = None,
     archive.unlink()
     console.print(f"saved to {out / job_id}")
     print(out / job_id)
+
+
+@app.command("export")
+def export(job_id: str, base_url: BaseUrl = None, api_key: ApiKey = None,
+           out: Annotated[Path, typer.Option(help="Directory to write the model to")] = Path("."),
+           merged: Annotated[bool, typer.Option("--merged", help="Merge the adapter into its base: one model "
+                                                "that loads with AutoModelForCausalLM alone")] = False,
+           base: Annotated[str | None, typer.Option(help="The base model to merge into (default: the job's "
+                                                    "model, as the server names it)")] = None) -> None:
+    """Export a finished job's model to --out: its adapter (loads with PeftModel.from_pretrained), or --merged."""
+    import tempfile
+
+    client = _client(base_url, api_key)
+    job = client.job(job_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = client.download_artifacts(job_id, Path(tmp) / f"{job_id}.tar.gz")
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter="data")
+        trained = Path(tmp) / job_id
+        if merged:
+            from tuneyard.inference.export import merge
+
+            merge(trained, base or job["model"], out)
+        else:
+            shutil.copytree(trained, out, dirs_exist_ok=True)
+    console.print(f"saved to {out}")
+    print(out)
+
+
+@app.command("infer")
+def infer(port: Annotated[int | None, typer.Option(help="Loopback port (default TUNEYARD_INFERENCE_PORT; 0: any)")]
+          = None) -> None:
+    """Run the inference process apart from the server (same TUNEYARD_HOME): it serves the server's chat and
+    completion requests."""
+    from tuneyard.inference.server import serve as serve_inference
+
+    serve_inference(get_settings(), port)
 
 
 @app.command()

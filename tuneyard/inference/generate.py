@@ -165,12 +165,14 @@ class _Choice:
         """The choice's text deltas; afterwards ``ids`` holds prompt and completion."""
         t = threading.Thread(target=self._work, args=(kwargs,), name="generate", daemon=True)
         t.start()
+        done = False
         try:
             while (piece := self.out.get()) is not _END:
                 yield {"type": "delta", "index": index, "text": piece}
+            done = True
         finally:
             # A consumer that went away must not leave a generation running on the shared model.
-            if t.is_alive():
+            if not done:
                 self.streamer.stopped = True
             t.join()
         if self.error is not None:
