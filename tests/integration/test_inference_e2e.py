@@ -154,7 +154,8 @@ def test_merged_export_answers_as_the_adapter_does(srv, client, jobs, tmp_path):
 
 
 def test_models_list_and_delete(srv, client, jobs, tmp_path_factory):
-    failed = client.fine_tuning.jobs.create(model="gpt-4o-mini", training_file=client.files.list(purpose="fine-tune").data[0].id)
+    train = client.files.list(purpose="fine-tune").data[0].id
+    failed = client.fine_tuning.jobs.create(model="gpt-4o-mini", training_file=train)
     assert _wait(client, failed.id).status == "failed"
     listed = {m.id for m in client.models.list()}
     assert {j.fine_tuned_model for j in jobs} | {srv.model_dir} <= listed and "gpt-4o-mini" not in listed

@@ -12,8 +12,9 @@ import os
 import secrets
 import socket
 import threading
-from collections.abc import Iterator
-from contextlib import closing
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, closing
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Header
@@ -45,15 +46,31 @@ class ForgetIn(BaseModel):
     path: str
 
 
-def create_app(settings: Settings, token: str) -> FastAPI:
-    """The inference process's app: /v1/generate (NDJSON events), /v1/forget, /healthz."""
+def _drop_address(path: Path) -> None:
+    """Remove the address file if it is still this process's (a newer process may have replaced it)."""
+    try:
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+def create_app(settings: Settings, token: str, address: Path | None = None) -> FastAPI:
+    """The inference process's app: /v1/generate (NDJSON events), /v1/forget, /healthz; on shutdown it removes
+    its ``address`` file (in the app: uvicorn ends the process by re-raising the signal after shutdown)."""
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cache = ModelCache(settings.inference_memory_bytes, device)
     # A semaphore, not a Lock: a streamed response's steps run on different threads of the pool.
     turn = threading.BoundedSemaphore(1)
-    app = FastAPI(title="tuneyard inference", version=__version__)
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if address is not None:
+            _drop_address(address)
+
+    app = FastAPI(title="tuneyard inference", version=__version__, lifespan=lifespan)
     vllm = vllm_status()
 
     def refuse(x_token: str | None) -> JSONResponse | None:
@@ -125,9 +142,9 @@ def serve(settings: Settings | None = None, port: int | None = None) -> None:
     sock.bind(("127.0.0.1", settings.inference_port if port is None else port))
     sock.listen(128)
     bound = sock.getsockname()[1]
-    app = create_app(settings, token)
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     path = address_file(settings)
+    app = create_app(settings, token, path)
     old = os.umask(0o077)
     try:
         write_json_atomic(path, {"url": f"http://127.0.0.1:{bound}", "token": token, "pid": os.getpid()})
@@ -138,12 +155,7 @@ def serve(settings: Settings | None = None, port: int | None = None) -> None:
         uvicorn.Server(uvicorn.Config(app, log_level=settings.log_level.lower(), access_log=False)).run(
             sockets=[sock])
     finally:
-        # Leave the address only if it is still ours (a newer process may have replaced it).
-        try:
-            if json.loads(path.read_text()).get("pid") == os.getpid():
-                path.unlink()
-        except (OSError, ValueError):
-            pass
+        _drop_address(path)
 
 
 if __name__ == "__main__":

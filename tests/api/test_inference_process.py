@@ -1,0 +1,85 @@
+"""The inference process's life: run apart with `tuneyard infer` (autostart off), on its configured port, its
+address file private; a slow start is a 503 the client can retry, never a 500; the API process never loads torch."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import time
+
+import openai
+import pytest
+
+from tests.conftest import Server, free_port
+from tuneyard.client import wait_healthy
+
+MESSAGES = [{"role": "user", "content": "What is the capital of Japan?"}]
+
+
+def _server(tmp_path_factory, tiny_model_dir, name: str, env: dict[str, str]) -> Server:
+    home = tmp_path_factory.mktemp(name)
+    base = home / "local" / "tiny-llama"
+    srv = Server(home, {"TUNEYARD_RUN_WORKER": "false", "TUNEYARD_BASE_MODELS": str(base), **env})
+    shutil.copytree(tiny_model_dir, base)
+    srv.model_dir = str(base)
+    return srv
+
+
+def test_infer_run_apart_serves_the_server(tmp_path_factory, tiny_model_dir):
+    port = free_port()
+    srv = _server(tmp_path_factory, tiny_model_dir, "apart",
+                  {"TUNEYARD_INFERENCE_AUTOSTART": "false", "TUNEYARD_INFERENCE_PORT": str(port)})
+    infer = None
+    try:
+        client = srv.openai(srv.key("acme"))
+        with pytest.raises(openai.APIStatusError) as e:
+            client.chat.completions.create(model=srv.model_dir, messages=MESSAGES, max_tokens=2)
+        assert e.value.status_code == 503 and e.value.body["code"] == "inference_unavailable"
+        assert "tuneyard infer" in e.value.body["message"]
+        infer = subprocess.Popen([sys.executable, "-m", "tuneyard.cli", "infer"], env=srv.env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_healthy(f"http://127.0.0.1:{port}", timeout=120)
+        address = srv.home / "run" / "inference.json"
+        assert stat.S_IMODE(address.stat().st_mode) == 0o600
+        r = client.chat.completions.create(model=srv.model_dir, messages=MESSAGES, max_tokens=2)
+        assert r.usage.completion_tokens >= 1
+        with open(f"/proc/{srv.proc.pid}/maps") as f:
+            assert "libtorch" not in f.read()  # the API process only forwarded the request
+    finally:
+        if infer is not None:
+            infer.terminate()
+            infer.wait(30)
+        srv.stop()
+    assert not (srv.home / "run" / "inference.json").exists()  # it removes its address on the way out
+
+
+def test_a_slow_start_is_a_503_then_served(tmp_path_factory, tiny_model_dir):
+    srv = _server(tmp_path_factory, tiny_model_dir, "slow", {"TUNEYARD_INFERENCE_START_SECONDS": "0.3"})
+    try:
+        client = srv.openai(srv.key("acme"))
+        with pytest.raises(openai.APIStatusError) as e:
+            client.chat.completions.create(model=srv.model_dir, messages=MESSAGES, max_tokens=2)
+        assert e.value.status_code == 503 and e.value.body["code"] == "inference_unavailable"
+        deadline = time.time() + 120
+        while True:
+            try:
+                client.chat.completions.create(model=srv.model_dir, messages=MESSAGES, max_tokens=2)
+                break
+            except openai.APIStatusError as e:
+                assert e.status_code == 503 and time.time() < deadline
+                time.sleep(0.5)
+        pid = int(__import__("json").loads((srv.home / "run" / "inference.json").read_text())["pid"])
+    finally:
+        srv.stop()
+    deadline = time.time() + 20
+    while time.time() < deadline:  # the server stops the inference process it started
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("the inference process outlived its server")
