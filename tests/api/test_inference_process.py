@@ -83,3 +83,45 @@ def test_a_slow_start_is_a_503_then_served(tmp_path_factory, tiny_model_dir):
         time.sleep(0.2)
     else:
         raise AssertionError("the inference process outlived its server")
+
+
+def test_inference_process_killed_mid_generation_is_a_503_and_restarts(tmp_path_factory, tiny_model_dir):
+    import json
+    import signal
+
+    srv = _server(tmp_path_factory, tiny_model_dir, "killed", {})
+    try:
+        client = srv.openai(srv.key("acme"))
+        client.chat.completions.create(model=srv.model_dir, messages=MESSAGES, max_tokens=1)
+        pid = json.loads((srv.home / "run" / "inference.json").read_text())["pid"]
+        stream = client.chat.completions.create(model=srv.model_dir, messages=MESSAGES, max_tokens=1000,
+                                                stream=True, stop=["<never>"])
+        next(iter(stream))
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(openai.APIError) as e:  # the SDK raises on the stream's error chunk
+            for _ in stream:
+                pass
+        assert "inference process stopped answering" in str(e.value.message)
+        r = client.chat.completions.create(model=srv.model_dir, messages=MESSAGES, max_tokens=2)
+        assert r.usage.completion_tokens >= 1  # a new inference process took over
+        assert json.loads((srv.home / "run" / "inference.json").read_text())["pid"] != pid
+    finally:
+        srv.stop()
+
+
+def test_rate_and_size_limits_apply_to_inference(tmp_path_factory, tiny_model_dir):
+    srv = _server(tmp_path_factory, tiny_model_dir, "limits",
+                  {"TUNEYARD_RATE_LIMIT_PER_SECOND": "0.01", "TUNEYARD_RATE_LIMIT_BURST": "2",
+                   "TUNEYARD_MAX_REQUEST_BYTES": "2000"})
+    try:
+        client = srv.openai(srv.key("acme"))
+        with pytest.raises(openai.APIStatusError) as e:
+            client.chat.completions.create(model=srv.model_dir, messages=[{"role": "user", "content": "x" * 5000}])
+        assert e.value.status_code == 413
+        for _ in range(2):  # the burst
+            with pytest.raises(openai.NotFoundError):
+                client.chat.completions.create(model="nope", messages=MESSAGES)
+        with pytest.raises(openai.RateLimitError):
+            client.completions.create(model="nope", prompt="hi")
+    finally:
+        srv.stop()

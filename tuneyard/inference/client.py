@@ -62,8 +62,10 @@ class InferenceClient:
         ep = await self._find()
         if ep is None:
             return None
-        r = await self.http.get(f"{ep[0]}/healthz")
-        return r.json()
+        try:
+            return (await self.http.get(f"{ep[0]}/healthz", timeout=2.0)).json()
+        except (httpx.HTTPError, ValueError) as e:
+            return {"status": "unreachable", "error": f"{type(e).__name__}: {e}"}
 
     async def events(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """The generation's events; a refusal before the first one is raised as the TuneyardError it stands for."""
@@ -81,9 +83,14 @@ class InferenceClient:
                 err = body.get("error") or {}
                 raise TuneyardError(err.get("message") or "inference failed", param=err.get("param"),
                                     code=err.get("code"), status_code=err.get("status") or r.status_code)
-            async for line in r.aiter_lines():
-                if line:
-                    yield json.loads(line)
+            try:
+                async for line in r.aiter_lines():
+                    if line:
+                        yield json.loads(line)
+            except httpx.HTTPError as e:
+                # The inference process went away mid-generation (killed, crashed).
+                self._endpoint = None
+                yield {"type": "error", "message": f"the inference process stopped answering: {e}"}
         finally:
             await r.aclose()
 
@@ -116,6 +123,8 @@ class InferenceClient:
         async with self._starting:
             if (ep := await self._find()) is not None:
                 return ep
+            if self._proc is not None and self._proc.poll() is not None:
+                self._proc = None  # ours, and dead: reaped, so that its pid no longer looks alive
             await asyncio.to_thread(self._start)
             deadline = time.monotonic() + self.settings.inference_start_seconds
             while time.monotonic() < deadline:

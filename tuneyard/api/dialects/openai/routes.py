@@ -33,6 +33,7 @@ from tuneyard.api.dialects.openai.schemas import (
 from tuneyard.api.jsonbody import StrictJSONRoute
 from tuneyard.domain.errors import InvalidRequest, Problems
 from tuneyard.domain.generation import GenerationRequest
+from tuneyard.inference.client import Unavailable
 
 router = APIRouter(tags=["openai"], route_class=StrictJSONRoute)
 # Served at /v1 (OpenAI, Nebius) and at /api/llm (TrueFoundry's path for the same API).
@@ -222,7 +223,7 @@ async def _collect(streams: list[AsyncIterator[dict]], n: int) -> tuple[dict[int
             elif ev["type"] == "usage":
                 usage = {key: usage[key] + ev[key] for key in usage}
             elif ev["type"] == "error":
-                raise RuntimeError(ev["message"])
+                raise Unavailable(f"Generation failed: {ev['message']}", code="generation_failed")
     return texts, reasons, usage
 
 
