@@ -117,10 +117,24 @@ def test_fine_tuned_model_gives_the_trained_answers_and_the_base_does_not(srv, c
     assert not any(answer(client, srv.model_dir, c).startswith(cap) for c, cap in ASKED)
 
 
-def test_a_checkpoint_is_callable(client, jobs):
+def test_a_checkpoint_is_callable_and_downloads(srv, client, jobs, tmp_path):
+    import io
+    import tarfile
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
     (ck, *_) = client.fine_tuning.jobs.checkpoints.list(jobs[0].id)
     country, capital = ASKED[0]
     assert answer(client, ck.fine_tuned_model_checkpoint, country).startswith(capital)
+    r = httpx.get(f"{srv.base_url}/v1/fine_tuning/jobs/{jobs[0].id}/checkpoints/{ck.id}/content",
+                  headers={"Authorization": f"Bearer {client.api_key}"}, timeout=60)
+    assert r.status_code == 200
+    with tarfile.open(fileobj=io.BytesIO(r.content)) as tar:
+        tar.extractall(tmp_path, filter="data")
+    got = tmp_path / ck.id
+    assert (got / "adapter_model.safetensors").exists() and not (got / "optimizer.pt").exists()
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(srv.model_dir), str(got))
 
 
 def test_another_organisation_gets_404(srv, client, jobs):
@@ -173,7 +187,10 @@ def test_models_list_and_delete(srv, client, jobs, tmp_path_factory):
     assert not out.exists() and not (out.parent / "checkpoints").exists()
     job = client.fine_tuning.jobs.retrieve(gone.id)
     assert job.status == "succeeded" and job.fine_tuned_model == gone.fine_tuned_model
-    r = httpx.get(f"{srv.base_url}/v1/fine_tuning/jobs/{gone.id}/artifacts",
-                  headers={"Authorization": f"Bearer {client.api_key}"})
+    auth = {"Authorization": f"Bearer {client.api_key}"}
+    r = httpx.get(f"{srv.base_url}/v1/fine_tuning/jobs/{gone.id}/artifacts", headers=auth)
     assert r.status_code == 404
+    (ck, *_) = client.fine_tuning.jobs.checkpoints.list(gone.id)  # still listed with the job
+    r = httpx.get(f"{srv.base_url}/v1/fine_tuning/jobs/{gone.id}/checkpoints/{ck.id}/content", headers=auth)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_deleted"
     assert answer(client, jobs[1].fine_tuned_model, "Japan") is not None  # the others are untouched

@@ -303,6 +303,15 @@ class JobService:
                            code="model_deleted")
         return JobDir(Path(job.output_dir)).output
 
+    def checkpoint_dir(self, who: Principal, checkpoint_job: str, checkpoint_id: str) -> Path:
+        """The directory of one checkpoint's weights; NotFound once its model was deleted."""
+        ck = self.checkpoint(who, checkpoint_job, checkpoint_id)
+        path = Path(ck.path)
+        if not path.is_dir():
+            raise NotFound(f"Checkpoint {checkpoint_id} has no files any more (its model was deleted)",
+                           param="checkpoint_id", code="model_deleted")
+        return path
+
     def result_file(self, who: Principal, job_id: str) -> File | None:
         job = self.get(who, job_id)
         return self.files.get(who, job.result_files[0]) if job.result_files else None

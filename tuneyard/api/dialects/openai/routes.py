@@ -162,18 +162,35 @@ def retrieve_checkpoint(svc: Svc, who: Caller, job_id: str, checkpoint_id: str) 
     return tr.checkpoint_out(svc.jobs.checkpoint(who, job_id, checkpoint_id), job)
 
 
-@router.get("/fine_tuning/jobs/{job_id}/artifacts", response_class=FileResponse)
-def download_artifacts(svc: Svc, who: Caller, job_id: str, background: BackgroundTasks) -> FileResponse:
-    """The trained adapter (or full model) with its tokenizer, as a .tar.gz archive."""
-    out = svc.jobs.output_dir(who, job_id)
+# Training state, not the model: a downloaded checkpoint is for using (or exporting) the model.
+TRAINING_STATE = ("optimizer.pt", "scheduler.pt", "rng_state*.pth", "training_args.bin")
+
+
+def _tarball(svc: Svc, root: Path, name: str, background: BackgroundTasks, skip: tuple[str, ...] = ()
+             ) -> FileResponse:
+    """``root`` as ``name.tar.gz`` (entries under ``name/``), removed once sent."""
     fd, tmp = tempfile.mkstemp(suffix=".tar.gz", dir=svc.settings.home)
     os.close(fd)
     with tarfile.open(tmp, "w:gz") as tar:
-        for p in sorted(Path(out).rglob("*")):
-            if p.is_file():
-                tar.add(p, arcname=f"{job_id}/{p.relative_to(out)}")
+        for p in sorted(root.rglob("*")):
+            if p.is_file() and not any(p.match(g) for g in skip):
+                tar.add(p, arcname=f"{name}/{p.relative_to(root)}")
     background.add_task(os.unlink, tmp)
-    return FileResponse(tmp, media_type="application/gzip", filename=f"{job_id}.tar.gz")
+    return FileResponse(tmp, media_type="application/gzip", filename=f"{name}.tar.gz")
+
+
+@router.get("/fine_tuning/jobs/{job_id}/artifacts", response_class=FileResponse)
+def download_artifacts(svc: Svc, who: Caller, job_id: str, background: BackgroundTasks) -> FileResponse:
+    """The trained adapter (or full model) with its tokenizer, as a .tar.gz archive."""
+    return _tarball(svc, Path(svc.jobs.output_dir(who, job_id)), job_id, background)
+
+
+@router.get("/fine_tuning/jobs/{job_id}/checkpoints/{checkpoint_id}/content", response_class=FileResponse)
+def download_checkpoint(svc: Svc, who: Caller, job_id: str, checkpoint_id: str,
+                        background: BackgroundTasks) -> FileResponse:
+    """One checkpoint's adapter (or model) and tokenizer, as a .tar.gz archive (no optimizer state)."""
+    return _tarball(svc, svc.jobs.checkpoint_dir(who, job_id, checkpoint_id), checkpoint_id, background,
+                    TRAINING_STATE)
 
 
 # ----- models --------------------------------------------------------------------------------------
