@@ -160,3 +160,37 @@ def test_auth_applies(api):
     r = httpx.post(f"{api.base_url}/v1/chat/completions", content=b"{not json",
                    headers={"Authorization": f"Bearer {api.key('acme')}", "Content-Type": "application/json"})
     assert r.status_code == 400 and json.loads(r.text)["error"]
+
+
+def test_llama_stack_chat_completion_answers_as_openai_does(api, client):
+    import llama_stack_client
+    from llama_stack_client import LlamaStackClient
+
+    ls = LlamaStackClient(base_url=api.base_url, api_key=client.api_key, max_retries=0)
+    want = client.chat.completions.create(model=api.model_dir, messages=MESSAGES, max_tokens=6, temperature=0)
+    r = ls.inference.chat_completion(model_id=api.model_dir, messages=MESSAGES,
+                                     sampling_params={"strategy": {"type": "greedy"}, "max_tokens": 6})
+    assert r.completion_message.role == "assistant"
+    assert r.completion_message.content == want.choices[0].message.content
+    assert r.completion_message.stop_reason == {"length": "out_of_tokens", "stop": "end_of_turn"}[
+        want.choices[0].finish_reason]
+    assert {m.metric: m.value for m in r.metrics}["completion_tokens"] == want.usage.completion_tokens
+    chunks = list(ls.inference.chat_completion(model_id=api.model_dir, messages=MESSAGES, stream=True,
+                                               sampling_params={"strategy": {"type": "greedy"}, "max_tokens": 6}))
+    assert chunks[0].event.event_type == "start" and chunks[-1].event.event_type == "complete"
+    assert "".join(c.event.delta.text for c in chunks) == want.choices[0].message.content
+    with pytest.raises(llama_stack_client.NotFoundError) as e:
+        ls.inference.chat_completion(model_id="nope", messages=MESSAGES)
+    assert "model_id" in e.value.body["detail"] and e.value.body["status"] == 404
+    with pytest.raises(llama_stack_client.BadRequestError) as e:
+        ls.inference.chat_completion(model_id=api.model_dir, messages=MESSAGES, tools=[{"tool_name": "x"}],
+                                     sampling_params={"strategy": {"type": "top_k", "top_k": 3},
+                                                      "repetition_penalty": 1.2})
+    detail = e.value.body["detail"]
+    assert "tools" in detail
+    with pytest.raises(llama_stack_client.BadRequestError) as e:
+        ls.inference.chat_completion(model_id=api.model_dir, messages=MESSAGES,
+                                     sampling_params={"strategy": {"type": "top_k", "top_k": 3},
+                                                      "repetition_penalty": 1.2})
+    detail = e.value.body["detail"]
+    assert "top_k" in detail and "repetition_penalty" in detail

@@ -70,6 +70,8 @@ def create_app(settings: Settings | None = None, *, run_worker: bool | None = No
         app.include_router(llamastack.datasets, prefix=prefix, include_in_schema=prefix.startswith("/v1/"))
     for prefix in llamastack.DATASETIO_PREFIXES:
         app.include_router(llamastack.datasetio, prefix=prefix, include_in_schema=prefix.startswith("/v1/"))
+    for prefix in llamastack.INFERENCE_PREFIXES:
+        app.include_router(llamastack.inference, prefix=prefix)
     # Every path under these answers in the Llama Stack shape, unknown ones (404) and wrong methods (405) too.
     for prefix in llamastack.ERROR_PREFIXES:
         errors.register_renderer(prefix, llamastack.render_error, llamastack.tr.dialect_error)

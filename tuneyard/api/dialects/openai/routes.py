@@ -30,10 +30,9 @@ from tuneyard.api.dialects.openai.schemas import (
     ModelDeletedOut,
     ModelOut,
 )
+from tuneyard.api.generation import collect, open_events
 from tuneyard.api.jsonbody import StrictJSONRoute
 from tuneyard.domain.errors import InvalidRequest, Problems
-from tuneyard.domain.generation import GenerationRequest
-from tuneyard.inference.client import Unavailable
 
 router = APIRouter(tags=["openai"], route_class=StrictJSONRoute)
 # Served at /v1 (OpenAI, Nebius) and at /api/llm (TrueFoundry's path for the same API).
@@ -215,35 +214,6 @@ async def delete_model(request: Request, svc: Svc, who: Caller, model_id: str) -
 
 
 # ----- inference -----------------------------------------------------------------------------------
-async def _open(request: Request, svc: Svc, who: Caller, model: str,
-                gen: GenerationRequest) -> AsyncIterator[dict]:
-    """The inference events of ``gen`` on ``model``, once the inference process has accepted it (its refusal,
-    an unknown model, a prompt too long, is raised here: before any response byte, so it gets its 4xx)."""
-    target = await run_in_threadpool(svc.models.target, who, model)
-    payload = gen.model_copy(update={"base": target.base, "adapter": target.adapter,
-                                     "trust_remote_code": target.trust_remote_code})
-    events = request.app.state.inference.events(payload.model_dump())
-    await anext(events)  # "start"
-    return events
-
-
-async def _collect(streams: list[AsyncIterator[dict]], n: int) -> tuple[dict[int, str], dict[int, str], dict]:
-    texts: dict[int, str] = {}
-    reasons: dict[int, str] = {}
-    usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-    for k, events in enumerate(streams):
-        async for ev in events:
-            if ev["type"] == "delta":
-                texts[k * n + ev["index"]] = texts.get(k * n + ev["index"], "") + ev["text"]
-            elif ev["type"] == "end":
-                reasons[k * n + ev["index"]] = ev["finish_reason"]
-            elif ev["type"] == "usage":
-                usage = {key: usage[key] + ev[key] for key in usage}
-            elif ev["type"] == "error":
-                raise Unavailable(f"Generation failed: {ev['message']}", code="generation_failed")
-    return texts, reasons, usage
-
-
 def _sse(obj: dict) -> bytes:
     return f"data: {json.dumps(obj)}\n\n".encode()
 
@@ -258,9 +228,9 @@ async def chat_completions(request: Request, svc: Svc, who: Caller, body: ChatCo
     """A chat completion by a fine-tuned model, one of its checkpoints or a base model; SSE with ``stream``."""
     gen = tr.chat_request(body)
     cid, created = tr.completion_id("chatcmpl"), int(time.time())
-    events = await _open(request, svc, who, body.model, gen)
+    events = await open_events(request, svc, who, body.model, gen)
     if not body.stream:
-        return tr.chat_completion_out(cid, created, body.model, *await _collect([events], gen.n))
+        return tr.chat_completion_out(cid, created, body.model, *await collect([events], gen.n))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     async def sse() -> AsyncIterator[bytes]:
@@ -299,19 +269,19 @@ async def completions(request: Request, svc: Svc, who: Caller, body: CompletionI
     n = gens[0].n
     prompts = [g.prompt or "" for g in gens]
     if not body.stream:
-        streams = [await _open(request, svc, who, body.model, g) for g in gens]
-        texts, reasons, usage = await _collect(streams, n)
+        streams = [await open_events(request, svc, who, body.model, g) for g in gens]
+        texts, reasons, usage = await collect(streams, n)
         if body.echo:
             texts = {i: prompts[i // n] + texts.get(i, "") for i in reasons}
         return tr.completion_out(cid, created, body.model, texts, reasons, usage)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    head = await _open(request, svc, who, body.model, gens[0])
+    head = await open_events(request, svc, who, body.model, gens[0])
 
     async def sse() -> AsyncIterator[bytes]:
         total = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
         for k, gen in enumerate(gens):
             try:
-                events = head if k == 0 else await _open(request, svc, who, body.model, gen)
+                events = head if k == 0 else await open_events(request, svc, who, body.model, gen)
             except Exception as e:  # noqa: BLE001 - the status line is sent: the stream carries the error
                 yield _sse_error(str(e))
                 return
