@@ -115,6 +115,13 @@ def test_fine_tuned_model_gives_the_trained_answers_and_the_base_does_not(srv, c
                                                 temperature=0, stream=True)
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices).startswith(capital)
     assert not any(answer(client, srv.model_dir, c).startswith(cap) for c, cap in ASKED)
+    from llama_stack_client import LlamaStackClient
+
+    ls = LlamaStackClient(base_url=srv.base_url, api_key=client.api_key, max_retries=0)
+    country, capital = ASKED[1]
+    r = ls.inference.chat_completion(model_id=model, messages=question(country),
+                                     sampling_params={"strategy": {"type": "greedy"}, "max_tokens": 6})
+    assert r.completion_message.content.startswith(capital)
 
 
 def test_a_checkpoint_is_callable_and_downloads(srv, client, jobs, tmp_path):
