@@ -69,14 +69,18 @@ class InferenceClient:
 
     async def events(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """The generation's events; a refusal before the first one is raised as the TuneyardError it stands for."""
-        url, token = await self._ensure()
-        try:
-            req = self.http.build_request("POST", f"{url}/v1/generate", json=payload, headers={TOKEN_HEADER: token})
-            r = await self.http.send(req, stream=True)
-        except httpx.TransportError:
-            self._endpoint = None
-            raise Unavailable("The inference process did not answer; try again",
-                              code="inference_unavailable") from None
+        r = None
+        for _ in range(2):  # a process that went away since it was last seen: find (or start) its successor once
+            url, token = await self._ensure()
+            try:
+                req = self.http.build_request("POST", f"{url}/v1/generate", json=payload,
+                                              headers={TOKEN_HEADER: token})
+                r = await self.http.send(req, stream=True)
+                break
+            except httpx.TransportError:
+                self._endpoint = None
+        if r is None:
+            raise Unavailable("The inference process did not answer; try again", code="inference_unavailable")
         try:
             if r.status_code != 200:
                 body = json.loads(await r.aread())
