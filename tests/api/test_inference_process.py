@@ -125,3 +125,42 @@ def test_rate_and_size_limits_apply_to_inference(tmp_path_factory, tiny_model_di
             client.completions.create(model="nope", prompt="hi")
     finally:
         srv.stop()
+
+
+def test_several_api_processes_share_one_inference_process(tmp_path_factory, tiny_model_dir):
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+
+    home = tmp_path_factory.mktemp("workers")
+    base = home / "local" / "tiny-llama"
+    shutil.copytree(tiny_model_dir, base)
+    srv = Server(home, {"TUNEYARD_RUN_WORKER": "false", "TUNEYARD_BASE_MODELS": str(base),
+                        "TUNEYARD_RATE_LIMIT_PER_SECOND": "0"}, args=("--api-workers", "2"))
+    try:
+        client = srv.openai(srv.key("acme"))
+        with ThreadPoolExecutor(8) as pool:  # spread over both HTTP processes, all asking at once
+            done = list(pool.map(lambda _: client.chat.completions.create(
+                model=str(base), messages=MESSAGES, max_tokens=2), range(8)))
+        assert all(r.usage.completion_tokens >= 1 for r in done)
+        pid = json.loads((home / "run" / "inference.json").read_text())["pid"]
+        servers = [p for p in os.listdir("/proc") if p.isdigit() and _cmdline(p).endswith("tuneyard.inference.server")
+                   and f"TUNEYARD_HOME={home}" in _environ(p)]
+        assert servers == [str(pid)], servers
+    finally:
+        srv.stop()
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def _environ(pid: str) -> str:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
