@@ -6,7 +6,7 @@ import importlib
 import sys
 
 # Each module exposes ``bench(argv) -> {"figures": {...}, "targets": {...}}`` and writes bench/results/NAME.json.
-BENCHMARKS = ["train_throughput", "data_prep", "api_load", "time_to_first_step"]
+BENCHMARKS = ["train_throughput", "data_prep", "api_load", "time_to_first_step", "inference"]
 # Run only when named: they take as long as they are told to.
 ON_DEMAND = ["soak", "fuzz", "spec_fuzz"]
 # The run of everything keeps to about 15 minutes on a 2-core machine: data_prep on 256 MB there (its

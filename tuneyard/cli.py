@@ -1,7 +1,8 @@
-"""The ``tuneyard`` command: serve, worker, keys, jobs and the demo."""
+"""The ``tuneyard`` command: serve, worker, infer, keys, jobs, export and the demo."""
 
 from __future__ import annotations
 
+import shutil
 import signal
 import sys
 import tarfile
@@ -314,18 +315,64 @@ def follow_job(client, job_id: str, print_events: bool = True) -> str:
     return job["status"]
 
 
+Checkpoint = Annotated[str | None, typer.Option("--checkpoint", help="A checkpoint id (ftckpt-...) instead of "
+                                                                  "the final model")]
+
+
 @jobs_app.command("download")
 def jobs_download(job_id: str, base_url: BaseUrl = None, api_key: ApiKey = None,
-                  out: Annotated[Path, typer.Option(help="Directory to unpack the adapter/model into")] = Path(".")
-                  ) -> None:
-    """Download a finished job's adapter (or model) and tokenizer, unpacked under --out/<job id>/."""
+                  out: Annotated[Path, typer.Option(help="Directory to unpack the adapter/model into")] = Path("."),
+                  checkpoint: Checkpoint = None) -> None:
+    """Download a finished job's adapter (or model) and tokenizer, or one checkpoint's, unpacked under
+    --out/<job or checkpoint id>/."""
     out.mkdir(parents=True, exist_ok=True)
-    archive = _client(base_url, api_key).download_artifacts(job_id, out / f"{job_id}.tar.gz")
+    name = checkpoint or job_id
+    archive = _client(base_url, api_key).download_artifacts(job_id, out / f"{name}.tar.gz", checkpoint)
     with tarfile.open(archive) as tar:
         tar.extractall(out, filter="data")
     archive.unlink()
-    console.print(f"saved to {out / job_id}")
-    print(out / job_id)
+    console.print(f"saved to {out / name}")
+    print(out / name)
+
+
+@app.command("export")
+def export(job_id: str, base_url: BaseUrl = None, api_key: ApiKey = None,
+           out: Annotated[Path, typer.Option(help="Directory to write the model to")] = Path("."),
+           merged: Annotated[bool, typer.Option("--merged", help="Merge the adapter into its base: one model "
+                                                "that loads with AutoModelForCausalLM alone")] = False,
+           base: Annotated[str | None, typer.Option(help="The base model to merge into (default: the job's "
+                                                    "model, as the server names it)")] = None,
+           checkpoint: Checkpoint = None) -> None:
+    """Export a finished job's model (or one checkpoint's) to --out: its adapter (loads with
+    PeftModel.from_pretrained), or --merged."""
+    import tempfile
+
+    client = _client(base_url, api_key)
+    job = client.job(job_id)
+    name = checkpoint or job_id
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = client.download_artifacts(job_id, Path(tmp) / f"{name}.tar.gz", checkpoint)
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter="data")
+        trained = Path(tmp) / name
+        if merged:
+            from tuneyard.inference.export import merge
+
+            merge(trained, base or job["model"], out)
+        else:
+            shutil.copytree(trained, out, dirs_exist_ok=True)
+    console.print(f"saved to {out}")
+    print(out)
+
+
+@app.command("infer")
+def infer(port: Annotated[int | None, typer.Option(help="Loopback port (default TUNEYARD_INFERENCE_PORT; 0: any)")]
+          = None) -> None:
+    """Run the inference process apart from the server (same TUNEYARD_HOME): it serves the server's chat and
+    completion requests."""
+    from tuneyard.inference.server import serve as serve_inference
+
+    serve_inference(get_settings(), port)
 
 
 @app.command()

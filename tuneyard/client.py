@@ -77,9 +77,10 @@ class Client:
     def checkpoints(self, job_id: str) -> list[dict]:
         return self._call("GET", f"/v1/fine_tuning/jobs/{job_id}/checkpoints", params={"limit": 100})["data"]
 
-    def download_artifacts(self, job_id: str, dest: Path) -> Path:
-        """Save the job's artifact archive (.tar.gz) to ``dest``."""
-        with self.http.stream("GET", f"/v1/fine_tuning/jobs/{job_id}/artifacts") as r:
+    def download_artifacts(self, job_id: str, dest: Path, checkpoint: str | None = None) -> Path:
+        """Save the job's artifact archive (.tar.gz), or one checkpoint's, to ``dest``."""
+        path = f"/v1/fine_tuning/jobs/{job_id}/" + (f"checkpoints/{checkpoint}/content" if checkpoint else "artifacts")
+        with self.http.stream("GET", path) as r:
             if r.status_code >= 400:
                 r.read()
                 raise ApiError(r.status_code, r.json())

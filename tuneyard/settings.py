@@ -109,6 +109,16 @@ class Settings(BaseSettings):
     tokenised_cache_bytes: int = 20 * 1024**3
     # Base models listed by GET /v1/models besides the succeeded fine-tuned ones (comma-separated ids or paths).
     base_models: str = ""
+    # Inference (POST /v1/chat/completions, /v1/completions): the inference process keeps base models and
+    # adapters loaded within this many bytes, evicting the least recently used beyond it; 0: no limit.
+    inference_memory_bytes: int = Field(16 * 1024**3, ge=0)
+    # The inference process's loopback port; 0: any free one (found through $TUNEYARD_HOME/run/inference.json).
+    inference_port: int = Field(0, ge=0, le=65535)
+    # The server starts the inference process on the first inference request; false: only a `tuneyard infer`
+    # started apart serves them (until it does, they are answered 503).
+    inference_autostart: bool = True
+    # How long the first inference request waits for a starting inference process.
+    inference_start_seconds: float = Field(180.0, gt=0)
     log_level: str = "info"
     # Client side (the `tuneyard jobs ...` commands)
     base_url: str = "http://127.0.0.1:8000"
@@ -137,6 +147,11 @@ class Settings(BaseSettings):
         """Directories under which local model and data paths are accepted, symlinks resolved."""
         raw = self.local_roots if self.local_roots else str(self.home / "local")
         return [Path(p).expanduser().resolve() for p in raw.split(":") if p.strip()]
+
+    @property
+    def run_dir(self) -> Path:
+        """Where running processes leave their addresses (the inference process's inference.json)."""
+        return self.home / "run"
 
     @property
     def base_model_list(self) -> list[str]:

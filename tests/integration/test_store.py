@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -220,16 +221,27 @@ def test_rows_stored_with_lone_surrogates_are_repaired_on_upgrade(store):
 
     create_key(store, "acme")
     jid = _job(store, "acme")
-    with store.session() as s:
-        job = s.scalar(select(Job).where(Job.id == jid))
-        job.metadata_ = {"team": "x\ud800y", "ok": "fine \U0001f600"}
-        job.request = {"suffix": ["\udc00"]}
-        add_event(s, jid, "event", data={"k\ud801": 1})
+    # Back to 0006 (the revisions after it undone), the rows written as that version could write them, then up
+    # to the newest again, through 0007's repair.
+    from alembic import command
+    from alembic.config import Config
+
+    from tuneyard.store.db import MIGRATIONS
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
     with store.engine.begin() as conn:
-        # Back to 0006: the later revisions' tables go too, so that upgrading creates them again.
-        for table in ("webhook_deliveries", "webhook_endpoints"):
-            conn.exec_driver_sql(f"DROP TABLE {table}")
-        conn.exec_driver_sql("UPDATE alembic_version SET version_num = '0006'")
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0006")
+    with store.engine.begin() as conn:
+        # JSON columns kept the escapes as json.dumps wrote them (SQLite and PostgreSQL's json alike).
+        conn.exec_driver_sql("UPDATE jobs SET metadata = %s, request = %s WHERE id = %s" if
+                             store.engine.dialect.name == "postgresql" else
+                             "UPDATE jobs SET metadata = ?, request = ? WHERE id = ?",
+                             (json.dumps({"team": "x\ud800y", "ok": "fine \U0001f600"}),
+                              json.dumps({"suffix": ["\udc00"]}), jid))
+    with store.session() as s:
+        add_event(s, jid, "event", data={"k\ud801": 1})
     migrate(store.engine)
     with store.session() as s:
         job = s.scalar(select(Job).where(Job.id == jid))
@@ -237,8 +249,6 @@ def test_rows_stored_with_lone_surrogates_are_repaired_on_upgrade(store):
     assert job.metadata_ == {"team": "x\ufffdy", "ok": "fine \U0001f600"}
     assert job.request == {"suffix": ["\ufffd"]}
     assert {"k\ufffd": 1} in [e.data for e in events]
-    import json
-
     for value in (job.metadata_, job.request, *[e.data for e in events]):
         json.dumps(value, ensure_ascii=False).encode("utf-8")  # every row reads back as UTF-8
 

@@ -128,7 +128,7 @@ def test_models_lists_only_models_that_exist(svc, file_id):
     from tuneyard.domain.jobs import JobStatus as St
     from tuneyard.store.repo import transition
 
-    svc.jobs.settings = svc.jobs.settings.model_copy(update={"base_models": "org/configured-base"})
+    svc.models.settings = svc.models.settings.model_copy(update={"base_models": "org/configured-base"})
 
     def finish(job, *steps, **fields):
         with svc.store.session(write=True) as s:
@@ -140,16 +140,16 @@ def test_models_lists_only_models_that_exist(svc, file_id):
     done = submit(svc, file_id, model={"name": "org/trained-base"})
     finish(done, St.QUEUED, St.RUNNING, St.SUCCEEDED, fine_tuned_model="ft:trained-base:acme::x1")
     submit(svc, file_id, model={"name": "org/still-validating"})
-    ids = [m[0] for m in svc.jobs.models(WHO)]
+    ids = [m[0] for m in svc.models.models(WHO)]
     assert ids == ["org/configured-base", "ft:trained-base:acme::x1"]
-    assert svc.jobs.model(WHO, "ft:trained-base:acme::x1")[2] == "acme"
-    assert svc.jobs.model(WHO, "org/configured-base")[0] == "org/configured-base"
+    assert svc.models.model(WHO, "ft:trained-base:acme::x1")[2] == "acme"
+    assert svc.models.model(WHO, "org/configured-base")[0] == "org/configured-base"
     for missing in ("gpt-4o-mini", "org/trained-base", "org/still-validating"):
         with pytest.raises(NotFound) as e:
-            svc.jobs.model(WHO, missing)
+            svc.models.model(WHO, missing)
         assert e.value.code == "model_not_found"
     other = Principal(org_id="globex", key_id="k2", role="admin")
     ensure_org(svc.store, "globex")
-    assert [m[0] for m in svc.jobs.models(other)] == ["org/configured-base"]
+    assert [m[0] for m in svc.models.models(other)] == ["org/configured-base"]
     with pytest.raises(NotFound):
-        svc.jobs.model(other, "ft:trained-base:acme::x1")
+        svc.models.model(other, "ft:trained-base:acme::x1")

@@ -19,6 +19,7 @@ from tuneyard.api.dialects.openai.routes import PREFIXES as OPENAI_PREFIXES
 from tuneyard.api.dialects.openai.routes import router as openai_router
 from tuneyard.api.dialects.simplismart import routes as simplismart
 from tuneyard.api.limits import BodyLimitMiddleware, RateLimiter
+from tuneyard.inference.client import InferenceClient
 from tuneyard.service import Services
 from tuneyard.settings import Settings, get_settings
 
@@ -41,10 +42,12 @@ def create_app(settings: Settings | None = None, *, run_worker: bool | None = No
             worker = Worker(services.store, settings, services.files)
             worker.start()
         app.state.worker = worker
+        app.state.inference = InferenceClient(settings)
         log.info("tuneyard %s serving, state in %s", __version__, settings.home)
         try:
             yield
         finally:
+            await app.state.inference.close()
             if worker is not None:
                 worker.shutdown()
             services.store.dispose()
@@ -79,6 +82,8 @@ def create_app(settings: Settings | None = None, *, run_worker: bool | None = No
         app.include_router(llamastack.datasets, prefix=prefix, include_in_schema=prefix.startswith("/v1/"))
     for prefix in llamastack.DATASETIO_PREFIXES:
         app.include_router(llamastack.datasetio, prefix=prefix, include_in_schema=prefix.startswith("/v1/"))
+    for prefix in llamastack.INFERENCE_PREFIXES:
+        app.include_router(llamastack.inference, prefix=prefix)
     # Every path under these answers in the Llama Stack shape, unknown ones (404) and wrong methods (405) too.
     for prefix in llamastack.ERROR_PREFIXES:
         errors.register_renderer(prefix, llamastack.render_error, llamastack.tr.dialect_error)
@@ -86,10 +91,12 @@ def create_app(settings: Settings | None = None, *, run_worker: bool | None = No
     app.include_router(metrics.router)
 
     @app.get("/healthz", tags=["ops"])
-    def healthz() -> dict:
-        """Liveness: the process answers and its worker loop (if any) is alive."""
+    async def healthz() -> dict:
+        """Liveness: the process answers and its worker loop (if any) is alive; the inference process (None
+        until one runs): its backend, whether vLLM is there, what it has loaded and how often."""
         worker = getattr(app.state, "worker", None)
         return {"status": "ok", "version": __version__,
-                "worker": None if worker is None else {"id": worker.worker_id, "running_jobs": len(worker.procs)}}
+                "worker": None if worker is None else {"id": worker.worker_id, "running_jobs": len(worker.procs)},
+                "inference": await app.state.inference.health()}
 
     return app

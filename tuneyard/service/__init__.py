@@ -9,6 +9,7 @@ from tuneyard.service.auth import KeyCache
 from tuneyard.service.datasets import DatasetService
 from tuneyard.service.files import FileService
 from tuneyard.service.jobs import JobService
+from tuneyard.service.models import ModelService
 from tuneyard.service.secrets import SecretService
 from tuneyard.service.webhooks import WebhookService
 from tuneyard.settings import Settings
@@ -23,6 +24,7 @@ class Services:
     store: Store
     files: FileService
     jobs: JobService
+    models: ModelService
     datasets: DatasetService
     secrets: SecretService
     audit: AuditService
@@ -37,5 +39,6 @@ class Services:
         files = FileService(store, settings)
         secrets = SecretService(store, settings)
         return cls(settings=settings, store=store, files=files, jobs=JobService(store, settings, files, secrets),
+                   models=ModelService(store, settings),
                    datasets=DatasetService(store, settings, files), secrets=secrets, audit=AuditService(store),
                    keys=KeyCache(settings.auth_cache_seconds), webhooks=WebhookService(store, settings))

@@ -343,7 +343,19 @@ class JobService:
         if job.status != JobStatus.SUCCEEDED:
             raise Conflict(f"Fine-tuning job {job_id} has no artifacts: its status is '{job.status}'",
                            code="job_not_succeeded")
+        if job.model_deleted_at is not None:
+            raise NotFound(f"Fine-tuning job {job_id} has no artifacts: its model {job.fine_tuned_model} was deleted",
+                           code="model_deleted")
         return JobDir(Path(job.output_dir)).output
+
+    def checkpoint_dir(self, who: Principal, checkpoint_job: str, checkpoint_id: str) -> Path:
+        """The directory of one checkpoint's weights; NotFound once its model was deleted."""
+        ck = self.checkpoint(who, checkpoint_job, checkpoint_id)
+        path = Path(ck.path)
+        if not path.is_dir():
+            raise NotFound(f"Checkpoint {checkpoint_id} has no files any more (its model was deleted)",
+                           param="checkpoint_id", code="model_deleted")
+        return path
 
     def result_file(self, who: Principal, job_id: str) -> File | None:
         job = self.get(who, job_id)
@@ -422,30 +434,6 @@ class JobService:
             JobDir(Path(job.output_dir)).request_stop(reason)
 
     # ----- models -----------------------------------------------------------------------------
-    def models(self, who: Principal) -> list[tuple[str, float, str]]:
-        """(id, created_at, owner) of the configured base models and the organisation's fine-tuned models.
-
-        Only models that exist: a model a job merely named (one that failed with model_not_found, say) is not one.
-        """
-        out: dict[str, tuple[str, float, str]] = {m: (m, 0.0, "tuneyard") for m in self.settings.base_model_list}
-        with self.store.session() as s:
-            for name, finished in s.execute(select(Job.fine_tuned_model, Job.finished_at).where(
-                    visible(Job, who), Job.status == JobStatus.SUCCEEDED.value,
-                    Job.fine_tuned_model.is_not(None)).order_by(Job.finished_at)):
-                out[name] = (name, finished or 0.0, who.org_id)
-        return list(out.values())
-
-    def model(self, who: Principal, model_id: str) -> tuple[str, float, str]:
-        """One model of ``models``, or NotFound."""
-        if model_id in self.settings.base_model_list:
-            return model_id, 0.0, "tuneyard"
-        with self.store.session() as s:
-            row = s.execute(select(Job.finished_at).where(
-                visible(Job, who), Job.status == JobStatus.SUCCEEDED.value, Job.fine_tuned_model == model_id)
-                .limit(1)).first()
-        if row is None:
-            raise NotFound(f"The model '{model_id}' does not exist", param="model", code="model_not_found")
-        return model_id, row[0] or 0.0, who.org_id
 
 
 def _invalid_state(job: Job, action: str) -> InvalidState:

@@ -109,6 +109,8 @@ class Job(Base):
     output_dir: Mapped[str | None] = mapped_column(String(1024))
     result_files: Mapped[list[Any]] = mapped_column(JSON, default=list)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # When its fine-tuned model was deleted (DELETE /v1/models/...): no longer listed or callable, files gone.
+    model_deleted_at: Mapped[float | None] = mapped_column(Float)
 
     trained_tokens: Mapped[int | None] = mapped_column(BigInteger)
     trained_steps: Mapped[int | None] = mapped_column(Integer)

@@ -1,21 +1,25 @@
 """Llama Stack routes: post-training on ``/v1`` and ``/v1alpha`` in the query style (``job/status?job_uuid=``) and
-the path style (``jobs/{job_uuid}/status``), datasets on ``/v1`` and ``/v1beta``.
+the path style (``jobs/{job_uuid}/status``), datasets on ``/v1`` and ``/v1beta``, inference.chat_completion on
+``/v1/inference``.
 
 Errors use the RFC 7807-like body of the Llama Stack spec, ``{status, title, detail, instance}``.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import AsyncIterator
 from http import HTTPStatus
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from tuneyard.api.deps import Caller, Svc
 from tuneyard.api.dialects.llamastack import translate as tr
 from tuneyard.api.dialects.llamastack.schemas import (
     AppendRowsIn,
+    ChatCompletionIn,
     DatasetList,
     DatasetOut,
     IterrowsOut,
@@ -28,6 +32,7 @@ from tuneyard.api.dialects.llamastack.schemas import (
     RegisterDatasetIn,
     SupervisedFineTuneIn,
 )
+from tuneyard.api.generation import collect, open_events
 from tuneyard.api.jsonbody import StrictJSONRoute
 from tuneyard.domain.errors import NotFound, Problem, TuneyardError
 from tuneyard.service.auth import Principal
@@ -35,11 +40,13 @@ from tuneyard.service.auth import Principal
 POST_TRAINING_PREFIXES = ("/v1/post-training", "/v1alpha/post-training")
 DATASET_PREFIXES = ("/v1/datasets", "/v1beta/datasets")
 DATASETIO_PREFIXES = ("/v1/datasetio", "/v1beta/datasetio")
+INFERENCE_PREFIXES = ("/v1/inference",)
 # Paths whose errors (unknown paths and methods included) are Llama Stack's: /v1alpha and /v1beta are only its.
-ERROR_PREFIXES = ("/v1/post-training", "/v1/datasets", "/v1/datasetio", "/v1alpha", "/v1beta")
+ERROR_PREFIXES = ("/v1/post-training", "/v1/datasets", "/v1/datasetio", "/v1/inference", "/v1alpha", "/v1beta")
 post_training = APIRouter(tags=["llama-stack"], route_class=StrictJSONRoute)
 datasets = APIRouter(tags=["llama-stack"], route_class=StrictJSONRoute)
 datasetio = APIRouter(tags=["llama-stack"], route_class=StrictJSONRoute)
+inference = APIRouter(tags=["llama-stack"], route_class=StrictJSONRoute)
 
 
 def render_error(request: Request, status: int, message: str, type_: str, param: str | None,
@@ -205,3 +212,38 @@ def append_rows(svc: Svc, who: Caller, dataset_id: str, body: AppendRowsIn) -> R
     """Add rows to a dataset registered from rows, validated like registered rows (all of them, or none)."""
     svc.datasets.append_rows(who, dataset_id, body.rows)
     return Response(status_code=200)
+
+
+# ----- inference ---------------------------------------------------------------------------------
+@inference.post("/chat-completion")
+async def chat_completion(request: Request, svc: Svc, who: Caller, body: ChatCompletionIn) -> Any:
+    """inference.chat_completion on a fine-tuned model (the identifier of its job's final artifact) or a
+    configured base model; SSE chunks with ``stream``."""
+    gen = tr.chat_request(body)
+    try:
+        events = await open_events(request, svc, who, body.model_id, gen)
+    except TuneyardError as e:
+        raise e.rename_params({"model": "model_id"}) from None
+    if not body.stream:
+        texts, reasons, usage = await collect([events], 1)
+        return tr.chat_response(texts.get(0, ""), reasons.get(0, "stop"), usage)
+
+    async def sse() -> AsyncIterator[bytes]:
+        yield _sse(tr.chat_chunk("start"))
+        reason = "stop"
+        async for ev in events:
+            if ev["type"] == "delta":
+                yield _sse(tr.chat_chunk("progress", ev["text"]))
+            elif ev["type"] == "end":
+                reason = ev["finish_reason"]
+            elif ev["type"] == "usage":
+                yield _sse(tr.chat_chunk("complete", finish_reason=reason, usage=ev))
+            elif ev["type"] == "error":
+                yield _sse({"error": {"message": f"Generation failed: {ev['message']}"}})
+                return
+
+    return StreamingResponse(sse(), media_type="text/event-stream")
+
+
+def _sse(obj: dict) -> bytes:
+    return f"data: {json.dumps(obj)}\n\n".encode()

@@ -192,3 +192,60 @@ class DatasetOut(BaseModel):
 
 class DatasetList(BaseModel):
     data: list[DatasetOut]
+
+
+# ----- inference: chat completion (llama-stack-client 0.2.12 inference.chat_completion) ---------------
+class TextContentIn(_Closed):
+    type: Literal["text"]
+    text: str
+
+
+class ImageContentIn(_Closed):
+    """Accepted on the wire so that the refusal can name it: no served model takes images yet."""
+
+    type: Literal["image"]
+    image: Any = None
+
+
+Content = str | TextContentIn | ImageContentIn | list[
+    Annotated[TextContentIn | ImageContentIn, Field(discriminator="type")]]
+
+
+class MessageIn(_Closed):
+    role: Literal["system", "user", "assistant"]
+    content: Content
+    # A user message's retrieved context (Llama Stack appends it to the content).
+    context: Content | None = None
+    # An earlier assistant answer sent back: its stop reason is history, its tool calls must be none.
+    stop_reason: Literal["end_of_turn", "end_of_message", "out_of_tokens"] | None = None
+    tool_calls: list[Any] | None = None
+
+
+class GreedyIn(_Closed):
+    type: Literal["greedy"]
+
+
+class TopPIn(_Closed):
+    type: Literal["top_p"]
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+
+
+class TopKIn(_Closed):
+    type: Literal["top_k"]
+    top_k: int
+
+
+class SamplingParamsIn(_Closed):
+    strategy: Annotated[GreedyIn | TopPIn | TopKIn, Field(discriminator="type")] | None = None
+    # 0: as many as the context leaves room for (Llama Stack's default).
+    max_tokens: Annotated[int, Field(ge=0)] | None = None
+    repetition_penalty: float | None = None
+    stop: Annotated[list[str], Field(max_length=4)] | None = None
+
+
+class ChatCompletionIn(_Closed):
+    model_id: Annotated[str, Field(min_length=1)]
+    messages: Annotated[list[MessageIn], Field(min_length=1)]
+    sampling_params: SamplingParamsIn | None = None
+    stream: bool | None = None

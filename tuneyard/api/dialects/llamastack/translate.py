@@ -8,17 +8,22 @@ from __future__ import annotations
 import math
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from tuneyard.api.dialects.llamastack.schemas import (
+    ChatCompletionIn,
     CheckpointOut,
     DatasetOut,
     LoraConfig,
     PreferenceOptimizeIn,
     QatConfig,
     SupervisedFineTuneIn,
+    TopKIn,
+    TopPIn,
     TrainingMetrics,
 )
 from tuneyard.domain.errors import InvalidRequest, InvalidState, Problems, TuneyardError
+from tuneyard.domain.generation import GenerationRequest
 from tuneyard.domain.jobs import JobStatus
 from tuneyard.domain.spec import (
     AdapterSpec,
@@ -288,3 +293,75 @@ def dataset_out(ds: Dataset, rows: list[dict] | None) -> DatasetOut:
     source = {"type": "rows", "rows": rows or []} if ds.source.get("type") == "rows" else dict(ds.source)
     return DatasetOut(identifier=ds.dataset_id, provider_resource_id=ds.dataset_id, purpose=ds.purpose,
                       source=source, metadata=ds.metadata_ or {})
+
+
+# ----- inference ---------------------------------------------------------------------------------
+def _content(content: Any, where: str, problems: Problems) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    items = content if isinstance(content, list) else [content]
+    out = []
+    for j, item in enumerate(items):
+        if item.type != "text":
+            problems.add(InvalidRequest(f"{where}[{j}] is an image: the models this server serves take text only",
+                                        param=f"{where}[{j}]"))
+        else:
+            out.append(item.text)
+    return "".join(out)
+
+
+def chat_request(body: ChatCompletionIn) -> GenerationRequest:
+    """inference.chat_completion as a GenerationRequest, or one 400 listing every problem."""
+    problems = Problems()
+    messages = []
+    for i, m in enumerate(body.messages):
+        text = _content(m.content, f"messages[{i}].content", problems)
+        if m.context is not None:
+            text += "\n\n" + _content(m.context, f"messages[{i}].context", problems)
+        if m.tool_calls:
+            problems.add(InvalidRequest(f"messages[{i}].tool_calls: tool calls are not supported by this server",
+                                        param=f"messages[{i}].tool_calls"))
+        messages.append({"role": m.role, "content": text})
+    sp = body.sampling_params
+    out: dict[str, Any] = {"temperature": 0.0}  # Llama Stack's default strategy is greedy
+    if sp is not None:
+        if isinstance(sp.strategy, TopKIn):
+            problems.add(InvalidRequest("sampling_params.strategy: top_k sampling is not supported by this server; "
+                                        "use greedy or top_p", param="sampling_params.strategy"))
+        elif isinstance(sp.strategy, TopPIn):
+            out = {"temperature": 1.0 if sp.strategy.temperature is None else sp.strategy.temperature,
+                   "top_p": 1.0 if sp.strategy.top_p is None else sp.strategy.top_p}
+        if sp.repetition_penalty not in (None, 1.0):
+            problems.add(InvalidRequest("sampling_params.repetition_penalty: only 1.0 (none) is supported by this "
+                                        "server", param="sampling_params.repetition_penalty"))
+        if sp.stop is not None and any(not s for s in sp.stop):
+            problems.add(InvalidRequest("sampling_params.stop strings must not be empty", param="sampling_params.stop"))
+        out["max_tokens"] = sp.max_tokens or None
+        out["stop"] = list(sp.stop or [])
+    problems.raise_if_any()
+    return GenerationRequest(messages=messages, **out)
+
+
+STOP_REASON = {"stop": "end_of_turn", "length": "out_of_tokens"}
+
+
+def usage_metrics(usage: dict[str, int]) -> list[dict[str, Any]]:
+    """Llama Stack's token metrics."""
+    return [{"metric": k, "value": usage[k], "unit": "tokens"}
+            for k in ("prompt_tokens", "completion_tokens", "total_tokens")]
+
+
+def chat_response(text: str, finish_reason: str, usage: dict[str, int]) -> dict[str, Any]:
+    """The ChatCompletionResponse."""
+    return {"completion_message": {"role": "assistant", "content": text, "stop_reason": STOP_REASON[finish_reason],
+                                   "tool_calls": []}, "logprobs": None, "metrics": usage_metrics(usage)}
+
+
+def chat_chunk(event_type: str, text: str = "", finish_reason: str | None = None,
+               usage: dict[str, int] | None = None) -> dict[str, Any]:
+    """One ChatCompletionResponseStreamChunk: start, progress (text) or complete (stop reason, metrics)."""
+    event: dict[str, Any] = {"event_type": event_type, "delta": {"type": "text", "text": text}, "logprobs": None,
+                             "stop_reason": STOP_REASON[finish_reason] if finish_reason else None}
+    return {"event": event, "metrics": usage_metrics(usage) if usage else None}

@@ -1,28 +1,36 @@
-"""OpenAI fine-tuning + files endpoints under /v1 (as also served by Nebius and TrueFoundry)."""
+"""OpenAI fine-tuning, files, models and inference (chat completions, completions) endpoints under /v1 (as also
+served by Nebius and TrueFoundry)."""
 
 from __future__ import annotations
 
+import json
 import os
 import tarfile
 import tempfile
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, BackgroundTasks, File, Form, Header, Query, Request, UploadFile
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from tuneyard.api.deps import Caller, Svc
 from tuneyard.api.dialects.openai import translate as tr
 from tuneyard.api.dialects.openai.schemas import (
+    ChatCompletionIn,
     CheckpointOut,
+    CompletionIn,
     CreateJobIn,
     FileDeletedOut,
     FileOut,
     JobOut,
     ListOut,
+    ModelDeletedOut,
     ModelOut,
 )
+from tuneyard.api.generation import collect, open_events
 from tuneyard.api.jsonbody import StrictJSONRoute
 from tuneyard.domain.errors import InvalidRequest, Problems
 
@@ -164,28 +172,147 @@ def retrieve_checkpoint(svc: Svc, who: Caller, job_id: str, checkpoint_id: str) 
     return tr.checkpoint_out(svc.jobs.checkpoint(who, job_id, checkpoint_id), job)
 
 
-@router.get("/fine_tuning/jobs/{job_id}/artifacts", response_class=FileResponse)
-def download_artifacts(svc: Svc, who: Caller, job_id: str, background: BackgroundTasks) -> FileResponse:
-    """The trained adapter (or full model) with its tokenizer, as a .tar.gz archive."""
-    out = svc.jobs.output_dir(who, job_id)
+# Training state, not the model: a downloaded checkpoint is for using (or exporting) the model.
+TRAINING_STATE = ("optimizer.pt", "scheduler.pt", "rng_state*.pth", "training_args.bin")
+
+
+def _tarball(svc: Svc, root: Path, name: str, background: BackgroundTasks, skip: tuple[str, ...] = ()
+             ) -> FileResponse:
+    """``root`` as ``name.tar.gz`` (entries under ``name/``), removed once sent."""
     fd, tmp = tempfile.mkstemp(suffix=".tar.gz", dir=svc.settings.home)
     os.close(fd)
     with tarfile.open(tmp, "w:gz") as tar:
-        for p in sorted(Path(out).rglob("*")):
-            if p.is_file():
-                tar.add(p, arcname=f"{job_id}/{p.relative_to(out)}")
+        for p in sorted(root.rglob("*")):
+            if p.is_file() and not any(p.match(g) for g in skip):
+                tar.add(p, arcname=f"{name}/{p.relative_to(root)}")
     background.add_task(os.unlink, tmp)
-    return FileResponse(tmp, media_type="application/gzip", filename=f"{job_id}.tar.gz")
+    return FileResponse(tmp, media_type="application/gzip", filename=f"{name}.tar.gz")
+
+
+@router.get("/fine_tuning/jobs/{job_id}/artifacts", response_class=FileResponse)
+def download_artifacts(svc: Svc, who: Caller, job_id: str, background: BackgroundTasks) -> FileResponse:
+    """The trained adapter (or full model) with its tokenizer, as a .tar.gz archive."""
+    return _tarball(svc, Path(svc.jobs.output_dir(who, job_id)), job_id, background)
+
+
+@router.get("/fine_tuning/jobs/{job_id}/checkpoints/{checkpoint_id}/content", response_class=FileResponse)
+def download_checkpoint(svc: Svc, who: Caller, job_id: str, checkpoint_id: str,
+                        background: BackgroundTasks) -> FileResponse:
+    """One checkpoint's adapter (or model) and tokenizer, as a .tar.gz archive (no optimizer state)."""
+    return _tarball(svc, svc.jobs.checkpoint_dir(who, job_id, checkpoint_id), checkpoint_id, background,
+                    TRAINING_STATE)
 
 
 # ----- models --------------------------------------------------------------------------------------
 @router.get("/models", response_model=ListOut)
 def list_models(svc: Svc, who: Caller) -> ListOut:
-    items = [ModelOut(id=m, created=int(c), owned_by=o) for m, c, o in svc.jobs.models(who)]
+    items = [ModelOut(id=m, created=int(c), owned_by=o) for m, c, o in svc.models.models(who)]
     return ListOut(data=items, has_more=False)
 
 
 @router.get("/models/{model_id:path}", response_model=ModelOut)
 def retrieve_model(svc: Svc, who: Caller, model_id: str) -> ModelOut:
-    m, c, o = svc.jobs.model(who, model_id)
+    m, c, o = svc.models.model(who, model_id)
     return ModelOut(id=m, created=int(c), owned_by=o)
+
+
+@router.delete("/models/{model_id:path}", response_model=ModelDeletedOut)
+async def delete_model(request: Request, svc: Svc, who: Caller, model_id: str) -> ModelDeletedOut:
+    """Delete a fine-tuned model: no longer listed or callable, its weights gone; its job stays."""
+    for path in await run_in_threadpool(svc.models.delete, who, model_id):
+        await request.app.state.inference.forget(str(path))
+    return ModelDeletedOut(id=model_id, deleted=True)
+
+
+# ----- inference -----------------------------------------------------------------------------------
+def _sse(obj: dict) -> bytes:
+    return f"data: {json.dumps(obj)}\n\n".encode()
+
+
+def _sse_error(message: str) -> bytes:
+    # The openai SDK raises an APIError for a chunk that carries "error".
+    return _sse({"error": {"message": message, "type": "server_error", "param": None, "code": "generation_failed"}})
+
+
+@router.post("/chat/completions")
+async def chat_completions(request: Request, svc: Svc, who: Caller, body: ChatCompletionIn) -> Any:
+    """A chat completion by a fine-tuned model, one of its checkpoints or a base model; SSE with ``stream``."""
+    gen = tr.chat_request(body)
+    cid, created = tr.completion_id("chatcmpl"), int(time.time())
+    events = await open_events(request, svc, who, body.model, gen)
+    if not body.stream:
+        return tr.chat_completion_out(cid, created, body.model, *await collect([events], gen.n))
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    async def sse() -> AsyncIterator[bytes]:
+        started: set[int] = set()
+
+        def first(i: int) -> dict:
+            if i in started:
+                return {}
+            started.add(i)
+            return {"role": "assistant"}
+
+        async for ev in events:
+            if ev["type"] == "delta":
+                yield _sse(tr.chat_chunk(cid, created, body.model, ev["index"],
+                                         {**first(ev["index"]), "content": ev["text"]}))
+            elif ev["type"] == "end":
+                if ev["index"] not in started:
+                    yield _sse(tr.chat_chunk(cid, created, body.model, ev["index"], {**first(ev["index"]),
+                                                                                    "content": ""}))
+                yield _sse(tr.chat_chunk(cid, created, body.model, ev["index"], {}, ev["finish_reason"]))
+            elif ev["type"] == "usage" and include_usage:
+                yield _sse(tr.chat_chunk(cid, created, body.model, usage=ev))
+            elif ev["type"] == "error":
+                yield _sse_error(ev["message"])
+                return
+        yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(sse(), media_type="text/event-stream")
+
+
+@router.post("/completions")
+async def completions(request: Request, svc: Svc, who: Caller, body: CompletionIn) -> Any:
+    """A (legacy) text completion of each prompt; SSE with ``stream``."""
+    gens = tr.completion_requests(body)
+    cid, created = tr.completion_id("cmpl"), int(time.time())
+    n = gens[0].n
+    prompts = [g.prompt or "" for g in gens]
+    if not body.stream:
+        streams = [await open_events(request, svc, who, body.model, g) for g in gens]
+        texts, reasons, usage = await collect(streams, n)
+        if body.echo:
+            texts = {i: prompts[i // n] + texts.get(i, "") for i in reasons}
+        return tr.completion_out(cid, created, body.model, texts, reasons, usage)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    head = await open_events(request, svc, who, body.model, gens[0])
+
+    async def sse() -> AsyncIterator[bytes]:
+        total = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        for k, gen in enumerate(gens):
+            try:
+                events = head if k == 0 else await open_events(request, svc, who, body.model, gen)
+            except Exception as e:  # noqa: BLE001 - the status line is sent: the stream carries the error
+                yield _sse_error(str(e))
+                return
+            echoed: set[int] = set()
+            async for ev in events:
+                i = k * n + ev.get("index", 0)
+                if ev["type"] in ("delta", "end") and body.echo and i not in echoed:
+                    echoed.add(i)
+                    yield _sse(tr.completion_chunk(cid, created, body.model, i, prompts[k]))
+                if ev["type"] == "delta":
+                    yield _sse(tr.completion_chunk(cid, created, body.model, i, ev["text"]))
+                elif ev["type"] == "end":
+                    yield _sse(tr.completion_chunk(cid, created, body.model, i, "", ev["finish_reason"]))
+                elif ev["type"] == "usage":
+                    total = {key: total[key] + ev[key] for key in total}
+                elif ev["type"] == "error":
+                    yield _sse_error(ev["message"])
+                    return
+        if include_usage:
+            yield _sse(tr.completion_chunk(cid, created, body.model, usage=total))
+        yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(sse(), media_type="text/event-stream")

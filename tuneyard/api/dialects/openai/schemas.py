@@ -229,3 +229,70 @@ class ListOut(BaseModel):
     has_more: bool
     first_id: str | None = None
     last_id: str | None = None
+
+
+class ModelDeletedOut(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    deleted: bool
+
+
+# ----- inference: chat completions and completions ------------------------------------------------
+class TextPartIn(_In):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePartIn(_In):
+    """Accepted on the wire so that the refusal can name it: no served model takes images yet."""
+
+    type: Literal["image_url", "input_audio", "file"]
+    image_url: Any = None
+    input_audio: Any = None
+    file: Any = None
+
+
+class ChatMessageIn(_In):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[Annotated[TextPartIn | ImagePartIn, Field(discriminator="type")]] | None = None
+    name: str | None = None
+    refusal: str | None = None
+
+
+class StreamOptionsIn(_In):
+    include_usage: StrictBool | None = None
+    include_obfuscation: StrictBool | None = None
+
+
+Stop = str | Annotated[list[str], Field(min_length=1, max_length=4)] | None
+
+
+class _SamplingIn(_In):
+    model: Annotated[str, Field(min_length=1)]
+    temperature: Annotated[Number, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[Number, Field(gt=0, le=1)] | None = None
+    stop: Stop = None
+    seed: StrictInt | None = None
+    n: Annotated[StrictInt, Field(ge=1, le=16)] | None = None
+    stream: StrictBool | None = None
+    stream_options: StreamOptionsIn | None = None
+    user: str | None = None
+
+
+class ChatCompletionIn(_SamplingIn):
+    messages: Annotated[list[ChatMessageIn], Field(min_length=1)]
+    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+
+
+class CompletionIn(_SamplingIn):
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=16)]
+    # OpenAI's default for the legacy completions endpoint.
+    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = 16
+    echo: StrictBool | None = None
+
+
+class UsageOut(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int

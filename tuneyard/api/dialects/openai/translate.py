@@ -1,4 +1,5 @@
-"""OpenAI wire <-> tuneyard: a create request becomes a Submission; a Job becomes a FineTuningJob."""
+"""OpenAI wire <-> tuneyard: a create request becomes a Submission; a Job becomes a FineTuningJob; a chat
+completion or completion request becomes a GenerationRequest and the inference events the response."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from pydantic import ValidationError
 
 from tuneyard import jsontext
 from tuneyard.api.dialects.openai.schemas import (
+    ChatCompletionIn,
     CheckpointOut,
+    CompletionIn,
     CreateJobIn,
     EventOut,
     ExpiresAfterIn,
@@ -22,6 +25,7 @@ from tuneyard.api.dialects.openai.schemas import (
 from tuneyard.domain import capabilities
 from tuneyard.domain import metrics as metrics_vocabulary
 from tuneyard.domain.errors import InvalidRequest, Problems
+from tuneyard.domain.generation import GenerationRequest
 from tuneyard.domain.jobs import fine_tuned_model_name
 from tuneyard.domain.spec import (
     AdapterSpec,
@@ -231,3 +235,108 @@ def file_out(f: File) -> FileOut:
     return FileOut(id=f.id, bytes=f.bytes, created_at=int(f.created_at), filename=f.filename, purpose=f.purpose,
                    status=f.status, status_details=f.status_details,
                    expires_at=int(f.expires_at) if f.expires_at else None)
+
+
+# ----- inference ---------------------------------------------------------------------------------
+def _sampling(body: ChatCompletionIn | CompletionIn, problems: Problems) -> dict[str, Any]:
+    if body.stream_options is not None and not body.stream:
+        problems.add(InvalidRequest("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                                    param="stream_options"))
+    if body.stream_options is not None and body.stream_options.include_obfuscation:
+        problems.add(InvalidRequest("'stream_options.include_obfuscation' is not supported by this server",
+                                    param="stream_options.include_obfuscation"))
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if any(not s for s in stop):
+        problems.add(InvalidRequest("'stop' strings must not be empty", param="stop"))
+    out: dict[str, Any] = {"stop": stop, "seed": body.seed, "n": body.n or 1}
+    if body.temperature is not None:
+        out["temperature"] = float(body.temperature)
+    if body.top_p is not None:
+        out["top_p"] = float(body.top_p)
+    return out
+
+
+def _text(content: Any, i: int, problems: Problems) -> str:
+    if content is None:
+        problems.add(InvalidRequest(f"messages[{i}].content is required", param=f"messages[{i}].content"))
+        return ""
+    if isinstance(content, str):
+        return content
+    parts = []
+    for j, part in enumerate(content):
+        if part.type != "text":
+            problems.add(InvalidRequest(f"messages[{i}].content[{j}] is of type '{part.type}': the models this "
+                                        "server serves take text only", param=f"messages[{i}].content[{j}].type"))
+        else:
+            parts.append(part.text)
+    return "".join(parts)
+
+
+def chat_request(body: ChatCompletionIn) -> GenerationRequest:
+    """A chat completion request as a GenerationRequest, or one 400 listing every problem."""
+    problems = Problems()
+    sampling = _sampling(body, problems)
+    if body.max_tokens is not None and body.max_completion_tokens is not None \
+            and body.max_tokens != body.max_completion_tokens:
+        problems.add(InvalidRequest("Give 'max_completion_tokens' or its deprecated form 'max_tokens', not both with "
+                                    "different values", param="max_completion_tokens"))
+    # OpenAI's developer messages are the system messages of open models' chat templates.
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": _text(m.content, i, problems)}
+                for i, m in enumerate(body.messages)]
+    problems.raise_if_any()
+    return GenerationRequest(messages=messages, max_tokens=body.max_completion_tokens or body.max_tokens,
+                             **sampling)
+
+
+def completion_requests(body: CompletionIn) -> list[GenerationRequest]:
+    """A completion request as one GenerationRequest per prompt, or one 400 listing every problem."""
+    problems = Problems()
+    sampling = _sampling(body, problems)
+    problems.raise_if_any()
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    return [GenerationRequest(prompt=p, max_tokens=body.max_tokens, **sampling) for p in prompts]
+
+
+def completion_id(kind: str) -> str:
+    """``chatcmpl-...`` or ``cmpl-...``."""
+    return f"{kind}-{secrets.token_hex(12)}"
+
+
+def usage_out(usage: dict[str, int]) -> dict[str, int]:
+    return {k: usage[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+
+
+def chat_completion_out(cid: str, created: int, model: str, texts: dict[int, str], reasons: dict[int, str],
+                        usage: dict[str, int]) -> dict[str, Any]:
+    """The ``chat.completion`` object."""
+    return {"id": cid, "object": "chat.completion", "created": created, "model": model, "system_fingerprint": None,
+            "choices": [{"index": i, "message": {"role": "assistant", "content": texts.get(i, ""), "refusal": None},
+                         "logprobs": None, "finish_reason": reasons.get(i, "stop")} for i in sorted(reasons)],
+            "usage": usage_out(usage)}
+
+
+def chat_chunk(cid: str, created: int, model: str, index: int | None = None, delta: dict[str, Any] | None = None,
+               finish_reason: str | None = None, usage: dict[str, int] | None = None) -> dict[str, Any]:
+    """One ``chat.completion.chunk``: a choice's delta or end, or (index None) the closing usage chunk."""
+    choices = [] if index is None else [{"index": index, "delta": delta or {}, "logprobs": None,
+                                         "finish_reason": finish_reason}]
+    return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "system_fingerprint": None, "choices": choices, "usage": None if usage is None else usage_out(usage)}
+
+
+def completion_out(cid: str, created: int, model: str, texts: dict[int, str], reasons: dict[int, str],
+                   usage: dict[str, int]) -> dict[str, Any]:
+    """The ``text_completion`` object."""
+    return {"id": cid, "object": "text_completion", "created": created, "model": model, "system_fingerprint": None,
+            "choices": [{"index": i, "text": texts.get(i, ""), "logprobs": None,
+                         "finish_reason": reasons.get(i, "stop")} for i in sorted(reasons)],
+            "usage": usage_out(usage)}
+
+
+def completion_chunk(cid: str, created: int, model: str, index: int | None = None, text: str = "",
+                     finish_reason: str | None = None, usage: dict[str, int] | None = None) -> dict[str, Any]:
+    """One streamed ``text_completion``: a choice's text or end, or (index None) the closing usage chunk."""
+    choices = [] if index is None else [{"index": index, "text": text, "logprobs": None,
+                                         "finish_reason": finish_reason}]
+    return {"id": cid, "object": "text_completion", "created": created, "model": model, "system_fingerprint": None,
+            "choices": choices, "usage": None if usage is None else usage_out(usage)}
