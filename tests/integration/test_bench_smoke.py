@@ -23,6 +23,7 @@ SMOKE = {
     "data_prep": ["--mb", "2", "--sample-mb", "1"],
     "api_load": ["--jobs", "300", "--clients", "10", "--seconds", "2", "--open-seconds", "2", "--submits", "20"],
     "time_to_first_step": ["--runs", "1"],
+    "inference": ["--runs", "1", "--tokens", "8"],
 }
 
 
