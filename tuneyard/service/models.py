@@ -103,6 +103,15 @@ class ModelService:
             raise _not_found(model_id)
         return Target(model_id, found.base, found.adapter, found.trust_remote_code)
 
+    def checkpoint_model(self, who: Principal, checkpoint_id: str) -> str:
+        """The callable name (``<fine_tuned_model>:ckpt-step-N``) of a checkpoint given by its id, or NotFound."""
+        with self.store.session() as s:
+            row = s.execute(select(Job.fine_tuned_model, Checkpoint.step).join(Checkpoint, Checkpoint.job_id == Job.id)
+                            .where(*self._live(who), Checkpoint.id == checkpoint_id).limit(1)).first()
+        if row is None:
+            raise _not_found(checkpoint_id)
+        return f"{row[0]}{CHECKPOINT_MARK}{row[1]}"
+
     def delete(self, who: Principal, model_id: str) -> list[Path]:
         """Delete a fine-tuned model: it is no longer listed or callable, its weights and checkpoints are removed,
         its job stays. Returns the directories removed (for the inference process to drop)."""

@@ -1,7 +1,9 @@
-"""The API form of export (POST /v1/fine_tuning/jobs/{id}/export) after one real short job on the tiny model: the
-adapter and the merged model as exports that download and load, and a Hub push refused clearly (nothing pushed,
-nothing kept) when the Hub cannot be reached, through the API and through `tuneyard export --push-to-hub`. The Hub
-is made unreachable for real: HF_ENDPOINT names a loopback port nothing listens on."""
+"""What the API does with a trained model, after one real short job on the tiny model: Llama Stack's
+inference.chat_completion on a checkpoint by its own identifier; the API form of export (POST
+/v1/fine_tuning/jobs/{id}/export): the adapter and the merged model as exports that download and load, and a Hub
+push refused clearly (nothing pushed, nothing kept) when the Hub cannot be reached, through the API and through
+`tuneyard export --push-to-hub`. The Hub is made unreachable for real: HF_ENDPOINT names a loopback port nothing
+listens on."""
 
 from __future__ import annotations
 
@@ -57,6 +59,36 @@ def job(srv, key, tmp_path_factory):
         time.sleep(0.5)
     assert j.status == "succeeded", j.error
     return j
+
+
+MESSAGES = [{"role": "user", "content": "What is the capital of Japan?"}]
+
+
+def test_llama_stack_chat_completion_on_a_checkpoint_by_its_identifier(srv, key, job):
+    import llama_stack_client
+    from llama_stack_client import LlamaStackClient
+
+    ls = LlamaStackClient(base_url=srv.base_url, api_key=key, max_retries=0)
+    arts = ls.post_training.job.artifacts(job_uuid=job.id)
+    # llama-stack-client 0.2.12 types the artifacts' checkpoints as bare objects (dicts).
+    ck_id = next(c["identifier"] for c in arts.checkpoints if c["identifier"].startswith("ftckpt-"))
+    greedy = {"strategy": {"type": "greedy"}, "max_tokens": 6}
+    r = ls.inference.chat_completion(model_id=ck_id, messages=MESSAGES, sampling_params=greedy)
+    oa = srv.openai(key)
+    want = next(c.fine_tuned_model_checkpoint for c in oa.fine_tuning.jobs.checkpoints.list(job.id).data
+                if c.id == ck_id)
+    same = oa.chat.completions.create(model=want, messages=MESSAGES, max_tokens=6, temperature=0)
+    assert r.completion_message.content == same.choices[0].message.content
+    streamed = list(ls.inference.chat_completion(model_id=ck_id, messages=MESSAGES, sampling_params=greedy,
+                                                 stream=True))
+    assert "".join(c.event.delta.text for c in streamed) == same.choices[0].message.content
+    with pytest.raises(llama_stack_client.NotFoundError) as e:
+        ls.inference.chat_completion(model_id="ftckpt-nope", messages=MESSAGES)
+    detail = e.value.body["detail"]
+    assert "model_id" in detail and "ftckpt-nope" in detail and "ckpt-step" not in detail
+    other = LlamaStackClient(base_url=srv.base_url, api_key=srv.key("globex"), max_retries=0)
+    with pytest.raises(llama_stack_client.NotFoundError):
+        other.inference.chat_completion(model_id=ck_id, messages=MESSAGES)
 
 
 def _unpack(http, url: str, dest) -> None:
