@@ -154,3 +154,13 @@ def test_push_to_an_unreachable_hub_is_refused_and_nothing_is_kept(srv, http, ke
     assert cli.returncode == 1 and "cannot be reached" in cli.stderr and "nothing was pushed" in cli.stderr
     logs = "".join(p.read_text(errors="replace") for p in srv.home.rglob("*.log"))
     assert token not in logs + cli.stderr + cli.stdout
+
+
+def test_deleting_the_model_removes_its_exports(srv, http, key, job):
+    made = http.post(f"/fine_tuning/jobs/{job.id}/export", json={}).json()
+    assert http.get(f"/fine_tuning/jobs/{job.id}/exports/{made['id']}").status_code == 200
+    srv.openai(key).models.delete(job.fine_tuned_model)
+    r = http.get(f"/fine_tuning/jobs/{job.id}/exports/{made['id']}")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "export_not_found"
+    assert not list(srv.home.rglob(made["id"]))
+    assert http.post(f"/fine_tuning/jobs/{job.id}/export", json={}).status_code in (404, 409)
