@@ -8,7 +8,8 @@ A fresh ``tuneyard serve`` trains a one-epoch LoRA job on the sample data, then 
 ``--runs`` greedy chat completions of ``--tokens`` tokens from its fine-tuned model (the first one, which
 starts the inference process and loads the model, is reported apart as ``cold_first_token_s``). The
 baseline loads the same base and adapter with ``PeftModel.from_pretrained`` and generates with a streamer.
-Figures are medians. vLLM is not a backend yet: on a GPU machine both columns are transformers.
+Figures are medians; ``streamer_us_per_token_1024`` is the streamer's own cost per token (decoding, stop strings)
+on a 1024-token completion. vLLM is not a backend yet: on a GPU machine both columns are transformers.
 """
 
 from __future__ import annotations
@@ -79,6 +80,31 @@ def _plain(model_dir: str, adapter: str, tokens: int, runs: int) -> tuple[float,
     return statistics.median(ttft), statistics.median(rates)
 
 
+def _streamer_cost(tokenizer_dir: str, tokens: int = 1024, runs: int = 3) -> float:
+    """Microseconds per token the inference process's streamer spends (decode + stop-string search) on a
+    completion of ``tokens`` tokens fed one at a time, best of ``runs``: flat in the length, or it grows with it."""
+    import queue
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from tuneyard.inference.generate import _Streamer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    ids = tok("Paris is the capital of France. Tokyo is the capital of Japan. " * (tokens // 8),
+              add_special_tokens=False)["input_ids"][:tokens]
+    best = float("inf")
+    for _ in range(runs):
+        st = _Streamer(tok, ["</answer>", "\n\n"], queue.Queue())
+        st.put(torch.tensor([[1]]))  # the prompt comes first
+        t0 = time.perf_counter()
+        for i in ids:
+            st.put(torch.tensor([i]))
+        st.end()
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e6 / len(ids)
+
+
 def bench(argv: list[str] | None = None) -> dict[str, Any]:
     """Train, then time generation; print and write bench/results/inference.json."""
     import httpx
@@ -114,13 +140,15 @@ def bench(argv: list[str] | None = None) -> dict[str, Any]:
             loads = httpx.get(f"{server.url}/healthz").json()["inference"]
             adapter = str(work / "home" / "jobs" / "bench" / job.id / "output")
             plain_ttft, plain_rate = _plain(str(model), adapter, args.tokens, args.runs)
+            streamer_us = _streamer_cost(adapter)
         finally:
             server.stop()
     figures = {"runs": args.runs, "tokens": args.tokens, "backend": loads["backend"], "device": loads["device"],
                "vllm_installed": loads["vllm"]["installed"], "cold_first_token_s": round(cold, 2),
                "first_token_s": round(statistics.median(t for t, _ in timed), 4),
                "tokens_per_s": round(statistics.median(r for _, r in timed), 1),
-               "plain_first_token_s": round(plain_ttft, 4), "plain_tokens_per_s": round(plain_rate, 1)}
+               "plain_first_token_s": round(plain_ttft, 4), "plain_tokens_per_s": round(plain_rate, 1),
+               "streamer_us_per_token_1024": round(streamer_us)}
     targets: dict[str, Any] = {}
     write_result("inference", figures, targets)
     print_table("inference", [(k, v, targets.get(k)) for k, v in figures.items()])

@@ -342,9 +342,29 @@ def export(job_id: str, base_url: BaseUrl = None, api_key: ApiKey = None,
                                                 "that loads with AutoModelForCausalLM alone")] = False,
            base: Annotated[str | None, typer.Option(help="The base model to merge into (default: the job's "
                                                     "model, as the server names it)")] = None,
-           checkpoint: Checkpoint = None) -> None:
+           checkpoint: Checkpoint = None,
+           push_to_hub: Annotated[str | None, typer.Option("--push-to-hub", help="Export on the server and push it "
+                                                          "to this Hub repository (namespace/name)")] = None,
+           secret: Annotated[str | None, typer.Option("--secret", help="The organisation's stored 'hf' secret "
+                                                      "holding the Hub token (default: the one named hf)")] = None,
+           public: Annotated[bool, typer.Option("--public", help="Create the Hub repository public (default: "
+                                                "private)")] = False) -> None:
     """Export a finished job's model (or one checkpoint's) to --out: its adapter (loads with
-    PeftModel.from_pretrained), or --merged."""
+    PeftModel.from_pretrained), or --merged; with --push-to-hub the server exports it and pushes it to the Hub."""
+    if push_to_hub is not None:
+        from tuneyard.client import ApiError
+
+        try:
+            done = _client(base_url, api_key).export(job_id, merged=merged, checkpoint=checkpoint, push_to_hub={
+                "repo_id": push_to_hub, "secret_id": secret, "private": not public})
+        except ApiError as e:
+            console.print(f"[red]export failed, nothing was pushed: {e}[/red]")
+            raise typer.Exit(1) from None
+        console.print(f"pushed {done['id']} to {done['hub']['url']}")
+        print(done["hub"]["url"])
+        return
+    if secret is not None or public:
+        raise typer.BadParameter("--secret and --public go with --push-to-hub", param_hint="--secret")
     import tempfile
 
     client = _client(base_url, api_key)

@@ -89,6 +89,12 @@ class Client:
                     f.write(chunk)
         return Path(dest)
 
+    def export(self, job_id: str, *, merged: bool, checkpoint: str | None = None,
+               push_to_hub: dict[str, Any] | None = None) -> dict:
+        """Export on the server (POST .../export): it waits while the server merges and pushes."""
+        body: dict[str, Any] = {"merged": merged, "checkpoint": checkpoint, "push_to_hub": push_to_hub}
+        return self._call("POST", f"/v1/fine_tuning/jobs/{job_id}/export", json=body, timeout=None)
+
     def follow(self, job_id: str, interval: float = 1.0) -> Iterator[tuple[dict, list[dict]]]:
         """Yield (job, new events oldest first) until the job reaches a final status."""
         seen: set[str] = set()

@@ -41,6 +41,7 @@ Layout::
         checkpoints/checkpoint-<step>/   adapter/model + optimizer + trainer state; complete only once it
                              holds tuneyard_checkpoint.json (written last), so a half-written one is ignored
         output/              the final adapter or model + tokenizer (written to .output.partial, then renamed)
+        exports/<ftexp-id>/  an API export (service/exports.py): model/ (merged or adapter) + export.json
         result.json          trainer outcome: succeeded, stopped (cancel, pause, drain) or failed
         logs/<phase>-<attempt>.log  stdout/stderr of each process
         tracking/tensorboard/ TensorBoard event files of every attempt (copied into output/tensorboard at the end)
@@ -298,6 +299,10 @@ class JobDir:
     @property
     def output(self) -> Path:
         return self.root / "output"
+
+    @property
+    def exports(self) -> Path:
+        return self.root / "exports"
 
     @property
     def result(self) -> Path:

@@ -119,6 +119,9 @@ class Settings(BaseSettings):
     inference_autostart: bool = True
     # How long the first inference request waits for a starting inference process.
     inference_start_seconds: float = Field(180.0, gt=0)
+    # The largest base (its weight files, bytes) that POST /v1/fine_tuning/jobs/{id}/export merges: the export
+    # runs synchronously in the inference process, so its size bounds the request's time; 0: no bound.
+    export_max_bytes: int = Field(8 * 1024**3, ge=0)
     log_level: str = "info"
     # Client side (the `tuneyard jobs ...` commands)
     base_url: str = "http://127.0.0.1:8000"

@@ -98,6 +98,25 @@ class InferenceClient:
         finally:
             await r.aclose()
 
+    async def export(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """Run one export in the inference process (it may take minutes); its refusal raised as a TuneyardError."""
+        r = None
+        for _ in range(2):
+            url, token = await self._ensure()
+            try:
+                r = await self.http.post(f"{url}/v1/export", json=payload, headers={TOKEN_HEADER: token})
+                break
+            except httpx.TransportError:
+                self._endpoint = None
+        if r is None:
+            raise Unavailable("The inference process did not answer; try again", code="inference_unavailable")
+        body = r.json()
+        if r.status_code != 200:
+            err = body.get("error") or {}
+            raise TuneyardError(err.get("message") or "export failed", param=err.get("param"),
+                                code=err.get("code"), status_code=err.get("status") or r.status_code)
+        return body
+
     async def forget(self, path: str) -> None:
         """Ask a running inference process to drop the model at ``path`` (nothing to do when none runs)."""
         ep = await self._find()

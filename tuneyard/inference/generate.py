@@ -57,11 +57,20 @@ def encode(loaded: Loaded, req: GenerationRequest) -> tuple[list[int], int]:
 
 class _Streamer:
     """Receives generate()'s tokens (on its thread): decodes them, cuts at a stop string, and hands the new text
-    on, holding back a tail that might still become a stop string or is half a character."""
+    on, holding back a tail that might still become a stop string or is half a character.
+
+    Each token costs work of its own size, not the text's: only the newest tokens are decoded (after the one or two
+    before them, whose text is subtracted: a tokenizer's spacing depends on the neighbours), and a stop string is
+    looked for only where it could end in the new text.
+    """
 
     def __init__(self, tokenizer: Any, stops: list[str], out: queue.Queue) -> None:
         self.tok, self.stops, self.out = tokenizer, stops, out
+        self.longest = max((len(s) for s in stops), default=0)
         self.ids: list[int] = []
+        self.text = ""  # the completion's text so far (up to the last token that decoded to whole characters)
+        self.prefix_at = self.read_at = 0  # ids[prefix_at:read_at]: context for decoding ids[read_at:]
+        self.scanned = 0  # text[:scanned] has been searched for stop strings
         self.sent = 0
         self.stopped = False
         self.prompt_seen = False
@@ -80,15 +89,25 @@ class _Streamer:
             self._emit(final=True)
         self.out.put(_END)
 
+    def _decode_new(self, final: bool) -> None:
+        """Append the text of the tokens after ``read_at``, unless they end inside a character (until ``final``)."""
+        before = self.tok.decode(self.ids[self.prefix_at:self.read_at], skip_special_tokens=True)
+        now = self.tok.decode(self.ids[self.prefix_at:], skip_special_tokens=True)
+        if len(now) > len(before) and (final or not now.endswith("\ufffd")):
+            self.text += now[len(before):]
+            self.prefix_at, self.read_at = self.read_at, len(self.ids)
+
     def _emit(self, final: bool) -> None:
-        text = self.tok.decode(self.ids, skip_special_tokens=True)
-        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        self._decode_new(final)
+        text = self.text
+        # A stop string not found before must end in the text added since.
+        start = max(0, self.scanned - self.longest + 1)
+        cut = min((i for i in (text.find(s, start) for s in self.stops) if i >= 0), default=-1)
+        self.scanned = len(text)
         if cut >= 0:
             text, self.stopped, final = text[:cut], True, True
         safe = len(text)
         if not final:
-            if text.endswith("\ufffd"):
-                safe -= 1
             for s in self.stops:
                 for k in range(min(len(s) - 1, len(text)), 0, -1):
                     if text.endswith(s[:k]):

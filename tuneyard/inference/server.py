@@ -25,6 +25,8 @@ from tuneyard import __version__
 from tuneyard.domain.generation import GenerationRequest
 from tuneyard.inference.cache import ModelCache
 from tuneyard.inference.client import address_file
+from tuneyard.inference.export import ExportError, ExportJob
+from tuneyard.inference.export import run as run_export
 from tuneyard.inference.generate import GenerationError, encode, generate
 from tuneyard.jobdir import write_json_atomic
 from tuneyard.settings import Settings, get_settings
@@ -91,6 +93,22 @@ def create_app(settings: Settings, token: str, address: Path | None = None) -> F
             return bad
         with turn:
             return {"forgotten": cache.forget(body.path)}
+
+    @app.post("/v1/export")
+    def export(body: ExportJob, x_tuneyard_inference_token: Annotated[str | None, Header()] = None) -> Any:
+        """Merge (or copy) a trained model into ``body.out`` and push it to the Hub if asked; synchronous, and it
+        takes this process's turn: generations wait meanwhile."""
+        if (bad := refuse(x_tuneyard_inference_token)) is not None:
+            return bad
+        with turn:
+            try:
+                return run_export(body)
+            except ExportError as e:
+                return JSONResponse(e.body(), status_code=e.status)
+            except Exception as e:  # noqa: BLE001 - a model that does not load or merge, a failed upload: a 503
+                log.error("export to %s failed: %s", body.out, type(e).__name__)
+                return JSONResponse(ExportError(f"The export failed: {type(e).__name__}: {e}", code="export_failed",
+                                                status=503).body(), status_code=503)
 
     @app.post("/v1/generate")
     def gen(body: GenerationRequest, x_tuneyard_inference_token: Annotated[str | None, Header()] = None) -> Any:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from tuneyard.service.audit import AuditService
 from tuneyard.service.auth import KeyCache
 from tuneyard.service.datasets import DatasetService
+from tuneyard.service.exports import ExportService
 from tuneyard.service.files import FileService
 from tuneyard.service.jobs import JobService
 from tuneyard.service.models import ModelService
@@ -25,6 +26,7 @@ class Services:
     files: FileService
     jobs: JobService
     models: ModelService
+    exports: ExportService
     datasets: DatasetService
     secrets: SecretService
     audit: AuditService
@@ -38,7 +40,8 @@ class Services:
         store = Store(settings.db_url)
         files = FileService(store, settings)
         secrets = SecretService(store, settings)
-        return cls(settings=settings, store=store, files=files, jobs=JobService(store, settings, files, secrets),
-                   models=ModelService(store, settings),
+        jobs = JobService(store, settings, files, secrets)
+        return cls(settings=settings, store=store, files=files, jobs=jobs, models=ModelService(store, settings),
+                   exports=ExportService(store, settings, jobs, secrets),
                    datasets=DatasetService(store, settings, files), secrets=secrets, audit=AuditService(store),
                    keys=KeyCache(settings.auth_cache_seconds), webhooks=WebhookService(store, settings))

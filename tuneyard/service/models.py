@@ -32,7 +32,7 @@ class Target:
     trust_remote_code: bool = False
 
 
-def _weights(job: Job, path: Path) -> Target | None:
+def weights_of(job: Job, path: Path) -> Target | None:
     """The target for a job's output or checkpoint directory: an adapter over the job's base, or a full model."""
     if (path / "adapter_config.json").is_file():
         model = job.spec.get("model", {})
@@ -95,13 +95,22 @@ class ModelService:
             job = self._job(who, name)
             with self.store.session() as s:
                 ck = s.scalar(select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.step == int(step)))
-            found = _weights(job, Path(ck.path)) if ck is not None else None
+            found = weights_of(job, Path(ck.path)) if ck is not None else None
         else:
             job = self._job(who, model_id)
-            found = _weights(job, JobDir(Path(job.output_dir)).output) if job.output_dir else None
+            found = weights_of(job, JobDir(Path(job.output_dir)).output) if job.output_dir else None
         if found is None:
             raise _not_found(model_id)
         return Target(model_id, found.base, found.adapter, found.trust_remote_code)
+
+    def checkpoint_model(self, who: Principal, checkpoint_id: str) -> str:
+        """The callable name (``<fine_tuned_model>:ckpt-step-N``) of a checkpoint given by its id, or NotFound."""
+        with self.store.session() as s:
+            row = s.execute(select(Job.fine_tuned_model, Checkpoint.step).join(Checkpoint, Checkpoint.job_id == Job.id)
+                            .where(*self._live(who), Checkpoint.id == checkpoint_id).limit(1)).first()
+        if row is None:
+            raise _not_found(checkpoint_id)
+        return f"{row[0]}{CHECKPOINT_MARK}{row[1]}"
 
     def delete(self, who: Principal, model_id: str) -> list[Path]:
         """Delete a fine-tuned model: it is no longer listed or callable, its weights and checkpoints are removed,
@@ -117,7 +126,7 @@ class ModelService:
             row.model_deleted_at = time.time()
             record_by(s, who, "model.delete", job.id, {"model": model_id})
         jd = JobDir(Path(job.output_dir)) if job.output_dir else None
-        gone = [p for p in ((jd.output, jd.checkpoints) if jd else ()) if p.exists()]
+        gone = [p for p in ((jd.output, jd.checkpoints, jd.exports) if jd else ()) if p.exists()]
         for p in gone:
             # Renamed first, so a reader never sees half a model; then removed.
             trash = p.with_name(f".{p.name}.deleted")

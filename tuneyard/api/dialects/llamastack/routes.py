@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from tuneyard.api.deps import Caller, Svc
 from tuneyard.api.dialects.llamastack import translate as tr
@@ -221,8 +222,12 @@ async def chat_completion(request: Request, svc: Svc, who: Caller, body: ChatCom
     configured base model; SSE chunks with ``stream``."""
     gen = tr.chat_request(body)
     try:
-        events = await open_events(request, svc, who, body.model_id, gen)
+        model = await run_in_threadpool(tr.callable_model, svc.models, who, body.model_id)
+        events = await open_events(request, svc, who, model, gen)
     except TuneyardError as e:
+        if e.code == "model_not_found":  # in this dialect's ids, not the shared name a checkpoint became
+            raise NotFound(f"The model '{body.model_id}' does not exist", param="model_id",
+                           code="model_not_found") from None
         raise e.rename_params({"model": "model_id"}) from None
     if not body.stream:
         texts, reasons, usage = await collect([events], 1)

@@ -38,6 +38,7 @@ from tuneyard.domain.spec import (
 from tuneyard.service.auth import Principal
 from tuneyard.service.datasets import DatasetService
 from tuneyard.service.jobs import Submission
+from tuneyard.service.models import ModelService
 from tuneyard.service.paths import confine
 from tuneyard.settings import Settings
 from tuneyard.store.models import Checkpoint, Dataset, Job
@@ -250,6 +251,15 @@ def checkpoint_out(job: Job, ck: Checkpoint) -> CheckpointOut:
     return CheckpointOut(identifier=ck.id, created_at=iso(ck.created_at), epoch=epoch,
                          post_training_job_id=job_uuid(job), path=ck.path,
                          training_metrics=_metrics(epoch, ck.metrics or {}))
+
+
+CHECKPOINT_PREFIX = "ftckpt-"
+
+
+def callable_model(models: ModelService, who: Principal, model_id: str) -> str:
+    """The shared model name for a Llama Stack ``model_id``: a checkpoint's identifier (``ftckpt-...``, as the job's
+    artifacts list it) becomes ``<fine_tuned_model>:ckpt-step-N``; anything else is the name itself."""
+    return models.checkpoint_model(who, model_id) if model_id.startswith(CHECKPOINT_PREFIX) else model_id
 
 
 def final_output(job: Job, last: Checkpoint | None) -> CheckpointOut | None:

@@ -23,6 +23,8 @@ from tuneyard.api.dialects.openai.schemas import (
     CheckpointOut,
     CompletionIn,
     CreateJobIn,
+    ExportIn,
+    ExportOut,
     FileDeletedOut,
     FileOut,
     JobOut,
@@ -33,6 +35,7 @@ from tuneyard.api.dialects.openai.schemas import (
 from tuneyard.api.generation import collect, open_events
 from tuneyard.api.jsonbody import StrictJSONRoute
 from tuneyard.domain.errors import InvalidRequest, Problems
+from tuneyard.inference.export import TRAINING_STATE  # the training state a download leaves out (no torch)
 
 router = APIRouter(tags=["openai"], route_class=StrictJSONRoute)
 # Served at /v1 (OpenAI, Nebius) and at /api/llm (TrueFoundry's path for the same API).
@@ -172,8 +175,6 @@ def retrieve_checkpoint(svc: Svc, who: Caller, job_id: str, checkpoint_id: str) 
     return tr.checkpoint_out(svc.jobs.checkpoint(who, job_id, checkpoint_id), job)
 
 
-# Training state, not the model: a downloaded checkpoint is for using (or exporting) the model.
-TRAINING_STATE = ("optimizer.pt", "scheduler.pt", "rng_state*.pth", "training_args.bin")
 
 
 def _tarball(svc: Svc, root: Path, name: str, background: BackgroundTasks, skip: tuple[str, ...] = ()
@@ -201,6 +202,43 @@ def download_checkpoint(svc: Svc, who: Caller, job_id: str, checkpoint_id: str,
     """One checkpoint's adapter (or model) and tokenizer, as a .tar.gz archive (no optimizer state)."""
     return _tarball(svc, svc.jobs.checkpoint_dir(who, job_id, checkpoint_id), checkpoint_id, background,
                     TRAINING_STATE)
+
+
+# ----- export (tuneyard's extension) ---------------------------------------------------------------
+def _export_out(request: Request, e: Any) -> ExportOut:
+    prefix = "/api/llm" if request.url.path.startswith("/api/llm") else "/v1"
+    return ExportOut(id=e.id, created_at=int(e.created_at), fine_tuning_job_id=e.job_id, checkpoint_id=e.checkpoint_id,
+                     merged=e.merged, bytes=e.bytes,
+                     content_url=f"{prefix}/fine_tuning/jobs/{e.job_id}/exports/{e.id}/content",
+                     hub={"repo_id": e.hub_repo_id, "url": e.hub_url} if e.hub_url else None)
+
+
+@router.post("/fine_tuning/jobs/{job_id}/export", response_model=ExportOut)
+async def create_export(request: Request, svc: Svc, who: Caller, job_id: str, body: ExportIn) -> ExportOut:
+    """Export a succeeded job's model (or a checkpoint's): merged into its base or as the adapter, and pushed to a
+    Hub repository when asked. Synchronous: the inference process does the work while the request waits."""
+    hub = body.push_to_hub
+    planned = await run_in_threadpool(
+        lambda: svc.exports.plan(who, job_id, merged=body.merged, checkpoint_id=body.checkpoint,
+                                 repo_id=hub.repo_id if hub else None, secret=hub.secret_id if hub else None,
+                                 private=hub.private if hub else True))
+    try:
+        result = await request.app.state.inference.export(planned.payload)
+    except BaseException:
+        await run_in_threadpool(svc.exports.discard, planned)
+        raise
+    return _export_out(request, await run_in_threadpool(svc.exports.record, who, planned, result))
+
+
+@router.get("/fine_tuning/jobs/{job_id}/exports/{export_id}", response_model=ExportOut)
+def retrieve_export(request: Request, svc: Svc, who: Caller, job_id: str, export_id: str) -> ExportOut:
+    return _export_out(request, svc.exports.get(who, job_id, export_id)[0])
+
+
+@router.get("/fine_tuning/jobs/{job_id}/exports/{export_id}/content", response_class=FileResponse)
+def download_export(svc: Svc, who: Caller, job_id: str, export_id: str, background: BackgroundTasks) -> FileResponse:
+    """An export's model files as a .tar.gz archive (entries under <export id>/)."""
+    return _tarball(svc, svc.exports.get(who, job_id, export_id)[1], export_id, background)
 
 
 # ----- models --------------------------------------------------------------------------------------

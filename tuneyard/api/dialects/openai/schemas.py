@@ -231,6 +231,38 @@ class ListOut(BaseModel):
     last_id: str | None = None
 
 
+# ----- export (tuneyard's extension, OpenAI's error format) ---------------------------------------
+class HubPushIn(_In):
+    """Where to push an export on the Hugging Face Hub, with the organisation's stored ``hf`` secret."""
+
+    repo_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")]
+    secret_id: str | None = None  # name or id of an 'hf' secret; default the one named "hf"
+    private: StrictBool = True
+
+
+class ExportIn(_In):
+    merged: StrictBool = False
+    checkpoint: str | None = None  # a checkpoint id (ftckpt-...) instead of the final model
+    push_to_hub: HubPushIn | None = None
+
+
+class HubOut(BaseModel):
+    repo_id: str
+    url: str
+
+
+class ExportOut(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.export"] = "fine_tuning.job.export"
+    created_at: int
+    fine_tuning_job_id: str
+    checkpoint_id: str | None
+    merged: bool
+    bytes: int
+    content_url: str
+    hub: HubOut | None
+
+
 class ModelDeletedOut(BaseModel):
     id: str
     object: Literal["model"] = "model"
