@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
 from tests.conftest import Server, free_port
@@ -257,7 +258,12 @@ def test_worker_settings_on_one_server(tmp_path_factory, tmp_path, tiny_model_di
         "TUNEYARD_CANCEL_GRACE_SECONDS": "0.5"})
     try:
         client = srv.openai(srv.key())
-        long_job = submit(srv, client, tmp_path, n_epochs=50, batch_size=1)
+        # TUNEYARD_CPU_PROCS_PER_JOB=2: the spec is split for two processes from the submission on, so a batch of
+        # one is refused naming it (it used to fail in the trainer).
+        with pytest.raises(openai.BadRequestError) as e:
+            submit(srv, client, tmp_path, n_epochs=50, batch_size=1)
+        assert e.value.body["param"] == "batch_size" and "2 training processes" in e.value.body["message"]
+        long_job = submit(srv, client, tmp_path, n_epochs=50, batch_size=2)
         other = submit(srv, client, tmp_path, n_epochs=1)
         jobs = srv.home / "jobs" / "acme"
         # TUNEYARD_POLL_INTERVAL (0.2 s here): the worker claims a new job at once.

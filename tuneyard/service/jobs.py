@@ -142,6 +142,12 @@ class JobService:
                 if row.type != "hf":
                     raise InvalidRequest(f"secret '{model.secret_id}' is a '{row.type}' secret; reading a hub "
                                          "model needs an 'hf' secret (a token)", param="model_secret_id")
+        # A job that will run on CPU runs TUNEYARD_CPU_PROCS_PER_JOB gloo processes: the spec says so, so that
+        # the batch is split for them from the start (and a batch that cannot be is refused here, not in the
+        # trainer).
+        if spec.resources.device == "cpu" or not detect(self.settings).has_cuda:
+            nproc = max(spec.resources.nproc_per_node, self.settings.cpu_procs_per_job)
+            spec = spec.model_copy(update={"resources": spec.resources.model_copy(update={"nproc_per_node": nproc})})
         spec = spec.model_copy(update={"model": model, "adapter": adapter})
         train = valid = None
         with problems.check():
@@ -258,6 +264,10 @@ class JobService:
             problems.add(InvalidRequest(f"node_count {res.node_count}: this installation runs jobs on one node with "
                                         "the local launcher; a multi-node launcher is not configured",
                                         param="node_count"))
+        batch = spec.hyperparameters.batch_size
+        if isinstance(batch, int) and batch % spec.world_size:
+            problems.add(InvalidRequest(f"batch_size {batch} must be a multiple of the {spec.world_size} training "
+                                        "processes this job runs on", param="batch_size"))
         if spec.schedule.keep_best_checkpoint and spec.data.validation is None and not spec.data.split.validation_ratio:
             # About the inputs, not the recipe: the prepare step checks it again on what it holds out.
             problems.add(InvalidRequest("keep_best_checkpoint needs validation data: a validation file or a split "
