@@ -102,28 +102,34 @@ def test_paused_only_once_the_checkpoint_of_the_stop_step_is_complete(setup, met
 
 def test_queued_pause_crash_while_pausing_and_cancel_while_pausing(setup):
     srv, key, client, f = setup
-    job, root = _create(srv, client, f, 4)  # after the resume at step 12, 36 steps to be stopped in
+    # Long enough that it is still training when stopped below, however fast this machine trains.
+    epochs = 20
+    job, root = _create(srv, client, f, epochs)
     _until(lambda: any(e.type == "checkpoint" for e in iter_events(root / "events.jsonl")))  # end of epoch 1
     # The only CPU slot is taken: a second job waits in the queue, and with no trainer it pauses at once.
     queued, _ = _create(srv, client, f, 1)
     _until(lambda: client.fine_tuning.jobs.retrieve(queued.id).status == "queued", every=0.2)
     assert client.fine_tuning.jobs.pause(queued.id).status == "paused"
 
-    # The trainer dies while pausing: paused at its newest complete checkpoint, never claiming more.
+    # The trainer dies while pausing: paused at its newest complete checkpoint, never claiming more. Which one
+    # that is depends on how far it got meanwhile (a checkpoint each epoch): the newest marked when it stopped.
     _signal(root, signal.SIGSTOP)
+    newest = max(int(d.name.split("-")[1]) for d in (root / "checkpoints").glob("checkpoint-*")
+                 if (d / CHECKPOINT_MARKER).is_file())
+    assert newest % EPOCH == 0 and newest < epochs * EPOCH, newest
     assert client.fine_tuning.jobs.pause(job.id).status == "running"
     _signal(root, signal.SIGKILL)
     j = _wait_not_running(client, job.id)
-    assert j.status == "paused" and j.trained_steps == EPOCH, (j.status, j.trained_steps)
+    assert j.status == "paused" and j.trained_steps == newest, (j.status, j.trained_steps, newest)
     assert not job_processes(root)
-    assert max(c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id).data) == EPOCH
-    assert max(train_steps(client, job.id)) == EPOCH  # the steps lost with the trainer are not reported
+    assert max(c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id).data) == newest
+    assert max(train_steps(client, job.id)) == newest  # the steps lost with the trainer are not reported
     assert any(m.startswith("The trainer exited unexpectedly (exit code -9) while pausing; paused at the newest "
-                            f"complete checkpoint, step {EPOCH}") for m in _messages(client, job.id))
+                            f"complete checkpoint, step {newest}") for m in _messages(client, job.id))
 
     # Resumed from there; then cancelled while pausing: the cancel wins, nothing pauses afterwards.
     client.fine_tuning.jobs.resume(job.id)
-    _until(lambda: any(e.message.startswith(f"Training resumed at step {EPOCH}/{4 * EPOCH}")
+    _until(lambda: any(e.message.startswith(f"Training resumed at step {newest}/{epochs * EPOCH}")
                        for e in iter_events(root / "events.jsonl")))
     _signal(root, signal.SIGSTOP)
     try:
