@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 
-from tuneyard import __version__
+from tuneyard import __version__, dashboard
 from tuneyard.api import errors, metrics
 from tuneyard.api.admin import router as admin_router
 from tuneyard.api.dialects.llamastack import routes as llamastack
@@ -89,6 +89,8 @@ def create_app(settings: Settings | None = None, *, run_worker: bool | None = No
         errors.register_renderer(prefix, llamastack.render_error, llamastack.tr.dialect_error)
 
     app.include_router(metrics.router)
+    # The browser dashboard: static files over the public API above (tuneyard/dashboard).
+    dashboard.mount(app)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict:
