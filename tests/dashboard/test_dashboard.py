@@ -211,7 +211,8 @@ def test_pause_resume_one_job_and_cancel_another(dash, page, tmp_path):
 
     page.goto(f"{dash.base_url}/dashboard/#/jobs/{long_job}")
     wait_status(page, {"running"})
-    page.wait_for_function("document.querySelectorAll('table[data-chart=loss] tbody tr').length >= 2")
+    page.wait_for_function("() => document.querySelectorAll('table[data-chart=loss] tbody tr').length >= 2",
+                           timeout=180_000)
     confirm(page, "Pause")
     assert wait_status(page, {"paused"}, 120) == "paused"
     assert page.locator("#events").get_by_text("Fine-tuning job paused").first.is_visible()
@@ -259,7 +260,7 @@ def test_compare_draws_several_jobs_and_chat_answers(dash, page):
             if j["status"] in ("succeeded", "cancelled") and j.get("trained_steps")]
     assert dash.succeeded in done and len(done) >= 2
     page.goto(f"{dash.base_url}/dashboard/#/compare/{','.join(done[:2])}")
-    page.wait_for_function("document.querySelectorAll('table[data-chart=compare] thead th').length >= 3")
+    page.wait_for_function("() => document.querySelectorAll('table[data-chart=compare] thead th').length >= 3")
     heads = page.locator("table[data-chart=compare] thead th").all_inner_texts()
     assert any(done[0] in h for h in heads) and any(done[1] in h for h in heads)
     page.goto(f"{dash.base_url}/dashboard/#/jobs/{dash.succeeded}")
