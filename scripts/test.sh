@@ -2,6 +2,10 @@
 # Install the test dependencies into .venv (CPU torch first) and run the whole suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The dashboard's browser tests drive Debian's chromium (Playwright's own browser download is not used).
+if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ]; then
+    apt-get update -q && apt-get install -y -q chromium
+fi
 python3 -m venv .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade pip

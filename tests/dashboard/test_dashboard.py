@@ -183,6 +183,9 @@ def test_upload_names_the_bad_line_then_a_good_job_trains_with_its_real_loss_cur
     assert page.get_by_role("heading", name="Try the model").is_visible()
     if shots := os.environ.get("TUNEYARD_DASHBOARD_SCREENSHOTS"):
         page.screenshot(path=f"{shots}/dashboard-job.png", full_page=True)
+        page.emulate_media(color_scheme="dark")
+        page.screenshot(path=f"{shots}/dashboard-job-dark.png", full_page=True)
+        page.emulate_media(color_scheme="light")
     page.get_by_role("link", name="All jobs").click()
     row = page.locator(f"#jobs tr[data-job='{job_id}']")
     assert "succeeded" in row.inner_text() and "experiment: dashboard" in row.inner_text()
@@ -261,7 +264,7 @@ def test_compare_draws_several_jobs_and_chat_answers(dash, page):
     assert dash.succeeded in done and len(done) >= 2
     page.goto(f"{dash.base_url}/dashboard/#/compare/{','.join(done[:2])}")
     page.wait_for_function("() => document.querySelectorAll('table[data-chart=compare] thead th').length >= 3")
-    heads = page.locator("table[data-chart=compare] thead th").all_inner_texts()
+    heads = page.locator("table[data-chart=compare] thead th").all_text_contents()
     assert any(done[0] in h for h in heads) and any(done[1] in h for h in heads)
     page.goto(f"{dash.base_url}/dashboard/#/jobs/{dash.succeeded}")
     page.get_by_label("Message").fill("What is the capital of France?")

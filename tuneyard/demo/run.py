@@ -101,6 +101,8 @@ def run_demo(*, model: str | None, home: Path | None, port: int, epochs: int | N
     try:
         wait_healthy(base_url)
         console.print(f"server up at {base_url} (log: {home / 'server.log'})")
+        # A throwaway key of a throwaway home: shown so the run can be watched in a browser while it lasts.
+        console.print(f"dashboard: {base_url}/dashboard/ (sign in with the demo's key {key}; it ends with the demo)")
         before = _answers(model_dir, None, QUESTIONS)
         client = Client(base_url, key)
         f = client.upload(data)

@@ -69,8 +69,9 @@ export function render(root, jobId) {
     h("div", { class: "grid" },
       h("section", { class: "panel", "aria-labelledby": "events-h" }, h("h2", { id: "events-h" }, "Events"), log),
       h("section", { class: "panel", "aria-labelledby": "ck-h" }, h("h2", { id: "ck-h" }, "Checkpoints"),
-        h("table", { id: "checkpoints" }, h("thead", {}, h("tr", {}, ["Step", "Checkpoint", "Metrics", ""].map(
-          (t) => h("th", { scope: "col" }, t)))), ckBody),
+        h("table", { id: "checkpoints" }, h("thead", {}, h("tr", {}, ["Step", "Train loss", "Valid loss",
+          "Train accuracy", "Valid accuracy", ""].map((t) => h("th", { scope: "col", class: "num" }, t)))), ckBody),
+        h("p", { class: "hint" }, "Each checkpoint is also a model: the fine-tuned model's name with :ckpt-step-N."),
         results)),
     chat);
 
@@ -120,15 +121,16 @@ export function render(root, jobId) {
   }
 
   function drawCheckpoints(cks) {
-    clear(ckBody, cks.map((c) => h("tr", { "data-checkpoint": c.id },
+    clear(ckBody, cks.map((c) => h("tr", { "data-checkpoint": c.id, title: c.fine_tuned_model_checkpoint },
       h("td", { class: "num" }, c.step_number),
-      h("td", {}, h("code", {}, c.fine_tuned_model_checkpoint)),
-      h("td", {}, h("dl", { class: "facts" }, CHECKPOINT_METRICS.filter((m) => typeof c.metrics[m] === "number")
-        .flatMap((m) => [h("dt", {}, m), h("dd", {}, num(c.metrics[m]))]))),
+      CHECKPOINT_METRICS.map((m) => h("td", { class: "num" }, num(c.metrics[m]))),
       h("td", {}, h("button", { type: "button", class: "link", "aria-label": `Download checkpoint ${c.step_number}`,
         onclick: () => download(`${path}/checkpoints/${encodeURIComponent(c.id)}/content`, `${c.id}.tar.gz`)
           .catch((e) => { message.textContent = e.message; }) }, "Download")))));
-    if (!cks.length) ckBody.append(h("tr", {}, h("td", { colspan: 4, class: "muted" }, "No checkpoints yet.")));
+    if (!cks.length) {
+      ckBody.append(h("tr", {}, h("td", { colspan: CHECKPOINT_METRICS.length + 2, class: "muted" },
+        "No checkpoints yet.")));
+    }
   }
 
   function drawResults() {
