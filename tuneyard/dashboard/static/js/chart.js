@@ -27,6 +27,13 @@ export class Chart {
       if (this.plot) this.plot.setSize({ width: this.width(), height: 220 });
     });
     this.resize.observe(this.root);
+    // Axis and grid colours are painted into the canvas: paint again when the colour scheme changes.
+    this.scheme = window.matchMedia("(prefers-color-scheme: dark)");
+    this.repaint = () => {
+      this.key = "";
+      if (this.last) this.update(this.last);
+    };
+    this.scheme.addEventListener("change", this.repaint);
   }
 
   width() {
@@ -34,6 +41,7 @@ export class Chart {
   }
 
   update(seriesPoints) {
+    this.last = seriesPoints;
     const keep = seriesPoints.map((pts, i) => [this.labels[i], pts]).filter(([, pts]) => pts.length);
     const key = JSON.stringify(keep);
     if (key === this.key) return;
@@ -73,6 +81,7 @@ export class Chart {
 
   destroy() {
     this.resize.disconnect();
+    this.scheme.removeEventListener("change", this.repaint);
     if (this.plot) this.plot.destroy();
   }
 }
