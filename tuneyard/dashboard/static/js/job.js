@@ -33,7 +33,7 @@ export function render(root, jobId) {
   const summary = h("div", { class: "panel" });
   const spec = h("div", { class: "panel" });
   const charts = h("div", { class: "grid", id: "charts" });
-  const log = h("ol", { class: "events", role: "log", "aria-label": "Event log", id: "events" });
+  const log = h("ol", { class: "events", role: "log", "aria-label": "Event log", id: "events", tabindex: "0" });
   const ckBody = h("tbody");
   const results = h("div", { id: "result-files" });
   const chat = h("div", { id: "chat" });
