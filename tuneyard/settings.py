@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     launcher: str = "local"
     cpu_slots: int = 1
     cpu_procs_per_job: int = 1
+    # GPUs (one rank each) of a GPU job whose request names no count (OpenAI, Llama Stack without "resources").
+    gpus_per_job: int = Field(1, ge=1, le=1024)
     gpu_count: int | None = None
     poll_interval: float = 0.5
     prepare_slots: int = 2

@@ -162,6 +162,14 @@ class ResourceSpec(_Strict):
     node_count: int = Field(1, ge=1, le=1024)
     gpu_type: str | None = None
     distributed: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    # FSDP (FSDP2): parameters resharded after the forward pass (least memory, FULL_SHARD) or kept gathered
+    # until the backward (SHARD_GRAD_OP: faster, more memory); parameters and optimizer state kept on the CPU.
+    fsdp_reshard_after_forward: bool = True
+    fsdp_cpu_offload: bool = False
+    # DeepSpeed ZeRO stage (2: optimizer state and gradients sharded; 3: parameters too).
+    deepspeed_stage: Literal[2, 3] = 2
+    # The caller's field that chose the strategy, named by a refusal of it (Llama Stack's efficiency flags).
+    distributed_param: str = "distributed"
     # torch.compile the model (TUNEYARD_TORCH_COMPILE sets it for every job): faster steps after a compile
     # of a minute or more, worth it for long runs.
     torch_compile: bool = False

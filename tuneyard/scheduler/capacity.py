@@ -58,3 +58,8 @@ def detect(settings: Settings) -> Capacity:
 def bitsandbytes_available() -> bool:
     """True when bitsandbytes is installed (checked without importing it)."""
     return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def deepspeed_available() -> bool:
+    """True when deepspeed is installed (checked without importing it: its import builds CUDA ops)."""
+    return importlib.util.find_spec("deepspeed") is not None

@@ -37,6 +37,8 @@ class Placement:
     cpu_ranks: int = 1
     # The local launcher's choice of devices (CUDA indices); empty where the launcher picks them itself.
     gpus: tuple[int, ...] = ()
+    # A process group even for one rank: FSDP and DeepSpeed set the model up through one.
+    rendezvous: bool = False
 
     @property
     def ranks_per_node(self) -> int:
@@ -46,9 +48,10 @@ class Placement:
     def for_spec(cls, spec: TrainingSpec, *, cuda: bool) -> Placement:
         """What ``spec`` asks for on a launcher that has (``cuda``) or has no GPUs."""
         res = spec.resources
+        group = res.distributed != "ddp"
         if cuda and res.device != "cpu":
-            return cls(node_count=res.node_count, gpus_per_node=res.nproc_per_node, cpu_ranks=0)
-        return cls(node_count=res.node_count, gpus_per_node=0, cpu_ranks=res.nproc_per_node)
+            return cls(node_count=res.node_count, gpus_per_node=res.nproc_per_node, cpu_ranks=0, rendezvous=group)
+        return cls(node_count=res.node_count, gpus_per_node=0, cpu_ranks=res.nproc_per_node, rendezvous=group)
 
 
 @runtime_checkable

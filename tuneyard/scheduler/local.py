@@ -21,7 +21,7 @@ from tuneyard.domain import capabilities
 from tuneyard.domain.errors import Problem
 from tuneyard.domain.spec import TrainingSpec
 from tuneyard.jobdir import JobDir, StopReason
-from tuneyard.scheduler.capacity import Capacity, bitsandbytes_available, detect
+from tuneyard.scheduler.capacity import Capacity, bitsandbytes_available, deepspeed_available, detect
 from tuneyard.scheduler.joblogs import rotate_logs  # noqa: F401  (re-exported: its old home)
 from tuneyard.scheduler.launcher import LaunchError, Placement
 from tuneyard.settings import Settings, get_settings
@@ -193,7 +193,8 @@ class LocalLauncher:
             out.append(Problem("node_count", f"node_count {spec.resources.node_count}: this installation runs jobs "
                                              "on one node with the local launcher; jobs over several nodes need "
                                              "TUNEYARD_LAUNCHER=ray"))
-        return out + capabilities.check_hardware(spec, self.total(), bitsandbytes=bitsandbytes_available())
+        return out + capabilities.check_hardware(spec, self.total(), bitsandbytes=bitsandbytes_available(),
+                                                 deepspeed=deepspeed_available())
 
     def idle(self, jd: JobDir) -> bool:
         """True when no process of the job is alive (an earlier run of it may still be winding down)."""
@@ -284,7 +285,8 @@ class LocalLauncher:
         if not self.idle(jd):
             return None
         # One process needs no rendezvous: torchrun would only add its own start-up (~1.5 s of imports) first.
-        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+        group = nproc > 1 or resources.rendezvous
+        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if group else []
         cmd = [self.python, *launcher, "-m", "tuneyard.trainer", str(jd.root)]
         env = {**(env or {}), "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in gpus)}
         if not gpus:

@@ -46,6 +46,9 @@ class Submission:
     metadata: dict[str, str] | None = None
     external_id: str | None = None
     idempotency_key: str | None = None
+    # The request named no device count (OpenAI and Llama Stack without the resources extension): a GPU job
+    # gets TUNEYARD_GPUS_PER_JOB.
+    default_devices: bool = False
 
 
 class JobService:
@@ -76,7 +79,7 @@ class JobService:
             existing = self._by_idempotency_key(who, sub.idempotency_key)
             if existing is not None:
                 return existing
-        spec = self._check_spec(who, sub.spec, problems or Problems())
+        spec = self._check_spec(who, sub.spec, problems or Problems(), default_devices=sub.default_devices)
         self._check_quota(who)
         job_id = new_id("ftjob")
         jd = JobDir(self.settings.jobs_dir / who.org_id / job_id).create()
@@ -129,7 +132,8 @@ class JobService:
                            param="Idempotency-Key", code="idempotency_key_reused")
         return job
 
-    def _check_spec(self, who: Principal, spec: TrainingSpec, problems: Problems) -> TrainingSpec:
+    def _check_spec(self, who: Principal, spec: TrainingSpec, problems: Problems, *, default_devices: bool = False
+                    ) -> TrainingSpec:
         """The spec with its model and data sources resolved; every independent problem raised at once."""
         roots = self.settings.allowed_roots
         model, adapter = spec.model, spec.adapter
@@ -153,9 +157,12 @@ class JobService:
         # A job that will run on CPU runs TUNEYARD_CPU_PROCS_PER_JOB gloo processes: the spec says so, so that
         # the batch is split for them from the start (and a batch that cannot be is refused here, not in the
         # trainer).
+        # A GPU job that named no count gets TUNEYARD_GPUS_PER_JOB, one rank per GPU.
         if spec.resources.device == "cpu" or not self.launcher.capacity().has_cuda:
             nproc = max(spec.resources.nproc_per_node, self.settings.cpu_procs_per_job)
-            spec = spec.model_copy(update={"resources": spec.resources.model_copy(update={"nproc_per_node": nproc})})
+        else:
+            nproc = self.settings.gpus_per_job if default_devices else spec.resources.nproc_per_node
+        spec = spec.model_copy(update={"resources": spec.resources.model_copy(update={"nproc_per_node": nproc})})
         spec = spec.model_copy(update={"model": model, "adapter": adapter})
         train = valid = None
         with problems.check():
