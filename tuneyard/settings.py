@@ -131,6 +131,16 @@ class Settings(BaseSettings):
     base_url: str = "http://127.0.0.1:8000"
     api_key: str | None = None
 
+    @field_validator("launcher")
+    @classmethod
+    def _known_launcher(cls, v: str) -> str:
+        # Imported here: the registry's module imports this one.
+        from tuneyard.scheduler.launcher import LAUNCHERS
+
+        if v not in LAUNCHERS:
+            raise ValueError(f"TUNEYARD_LAUNCHER={v!r}: there is no such launcher; use one of {sorted(LAUNCHERS)}")
+        return v
+
     @field_validator("home", mode="before")
     @classmethod
     def _expand_home(cls, v: object) -> object:

@@ -52,17 +52,19 @@ def test_resident_bytes_of_live_processes(tmp_path):
         child.wait()
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_one_process_runs_the_trainer_itself_several_run_under_torchrun(tmp_path, nproc):
-    """A one-process job skips torchrun's own start-up; more processes need its rendezvous."""
+@pytest.mark.parametrize("nproc,group", [(1, False), (2, False), (1, True)])
+def test_one_process_runs_the_trainer_itself_several_run_under_torchrun(tmp_path, nproc, group):
+    """A one-process job skips torchrun's own start-up; more processes need its rendezvous, and so does one rank
+    of FSDP or DeepSpeed (they set the model up through a process group)."""
     python = tmp_path / "python"  # stands in for the interpreter: records how it was called
     python.write_text('#!/bin/sh\necho "$@" > "$PWD/argv"\necho "$OMP_NUM_THREADS" > "$PWD/omp"\n')
     python.chmod(0o755)
     jd = JobDir(tmp_path / "ftjob-x").create()
-    proc = LocalLauncher(python=str(python)).train("ftjob-x", jd, 1, Placement(cpu_ranks=nproc))
+    proc = LocalLauncher(python=str(python)).train("ftjob-x", jd, 1, Placement(cpu_ranks=nproc, rendezvous=group))
     assert proc.popen.wait(10) == 0
     argv = (jd.root / "argv").read_text().split()
-    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    launcher = [] if nproc == 1 and not group else ["-m", "torch.distributed.run", "--standalone",
+                                                    f"--nproc_per_node={nproc}"]
     assert argv == [*launcher, "-m", "tuneyard.trainer", str(jd.root)]
     assert int((jd.root / "omp").read_text()) == max(1, (os.cpu_count() or 1) // nproc)
 

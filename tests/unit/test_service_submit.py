@@ -172,8 +172,9 @@ def test_the_launcher_is_chosen_by_its_setting():
     from tuneyard.scheduler.local import LocalLauncher
 
     assert isinstance(make_launcher(Settings(launcher="local", prepare_standby=False)), LocalLauncher)
+    # Refused with the settings, before any process starts: never a server that fails its first submission.
     with pytest.raises(ValueError, match="TUNEYARD_LAUNCHER='nope': there is no such launcher"):
-        make_launcher(Settings(launcher="nope"))
+        Settings(launcher="nope")
 
 
 def test_openai_resources_extension_and_the_gpu_default(tmp_path, file_id, svc):
