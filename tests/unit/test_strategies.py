@@ -65,3 +65,16 @@ def test_fsdp_and_deepspeed_start_a_process_group_even_for_one_rank():
     assert Placement.for_spec(spec(distributed="fsdp"), cuda=True) == Placement(gpus_per_node=1, cpu_ranks=0,
                                                                                 rendezvous=True)
     assert Placement.for_spec(spec(nproc_per_node=2), cuda=False) == Placement(cpu_ranks=2)
+
+
+def test_llama_stack_fsdp_flags_ask_for_fsdp():
+    from tuneyard.api.dialects.llamastack.schemas import EfficiencyConfig
+    from tuneyard.api.dialects.llamastack.translate import _resources
+
+    assert _resources(None).distributed == "ddp"
+    assert _resources(EfficiencyConfig(enable_activation_checkpointing=True)).distributed == "ddp"
+    wrap = _resources(EfficiencyConfig(memory_efficient_fsdp_wrap=True))
+    assert (wrap.distributed, wrap.fsdp_reshard_after_forward, wrap.fsdp_cpu_offload) == ("fsdp", True, False)
+    offload = _resources(EfficiencyConfig(fsdp_cpu_offload=True))
+    assert (offload.distributed, offload.fsdp_reshard_after_forward, offload.fsdp_cpu_offload) == ("fsdp", False, True)
+    assert offload.distributed_param == "training_config.efficiency_config.fsdp_cpu_offload"
