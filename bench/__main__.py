@@ -7,8 +7,8 @@ import sys
 
 # Each module exposes ``bench(argv) -> {"figures": {...}, "targets": {...}}`` and writes bench/results/NAME.json.
 BENCHMARKS = ["train_throughput", "data_prep", "api_load", "time_to_first_step", "inference"]
-# Run only when named: they take as long as they are told to.
-ON_DEMAND = ["soak", "fuzz", "spec_fuzz"]
+# Run only when named: they take as long as they are told to (strategies: on a GPU machine only).
+ON_DEMAND = ["soak", "fuzz", "spec_fuzz", "strategies"]
 # The run of everything keeps to about 15 minutes on a 2-core machine: data_prep on 256 MB there (its
 # 1 GB figure is `python -m bench data_prep`; the memory ratio is measured at 10x either way).
 ALL_RUN_ARGS = {"data_prep": ["--mb", "256", "--sample-mb", "100"]}

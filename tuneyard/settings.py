@@ -29,8 +29,12 @@ class Settings(BaseSettings):
     api_workers: int = 1
     # Worker / launcher
     run_worker: bool = True
+    # What runs the jobs' processes (scheduler/launcher.py LAUNCHERS): "local" (this machine) or "ray".
+    launcher: str = "local"
     cpu_slots: int = 1
     cpu_procs_per_job: int = 1
+    # GPUs (one rank each) of a GPU job whose request names no count (OpenAI, Llama Stack without "resources").
+    gpus_per_job: int = Field(1, ge=1, le=1024)
     gpu_count: int | None = None
     poll_interval: float = 0.5
     prepare_slots: int = 2
@@ -126,6 +130,16 @@ class Settings(BaseSettings):
     # Client side (the `tuneyard jobs ...` commands)
     base_url: str = "http://127.0.0.1:8000"
     api_key: str | None = None
+
+    @field_validator("launcher")
+    @classmethod
+    def _known_launcher(cls, v: str) -> str:
+        # Imported here: the registry's module imports this one.
+        from tuneyard.scheduler.launcher import LAUNCHERS
+
+        if v not in LAUNCHERS:
+            raise ValueError(f"TUNEYARD_LAUNCHER={v!r}: there is no such launcher; use one of {sorted(LAUNCHERS)}")
+        return v
 
     @field_validator("home", mode="before")
     @classmethod

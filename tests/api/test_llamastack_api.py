@@ -189,6 +189,10 @@ BAD = [
     ("training_config__efficiency_config__enable_activation_offloading", True, "enable_activation_offloading"),
     ("training_config__efficiency_config__fsdp_cpu_offload", True, "fsdp_cpu_offload"),
     ("training_config__efficiency_config__memory_efficient_fsdp_wrap", True, "memory_efficient_fsdp_wrap"),
+    # tuneyard's resources extension: FSDP and DeepSpeed need GPUs; a strategy's option beside another strategy.
+    ("resources", {"distributed": "deepspeed", "deepspeed_stage": 3}, "resources.distributed"),
+    ("resources", {"deepspeed_stage": 3}, "deepspeed_stage"),
+    ("resources", {"gpu_count": 0}, "gpu_count"),
     ("algorithm_config__type", "Prefix", "algorithm_config"),
     ("algorithm_config__lora_attn_modules", ["attention"], "lora_attn_modules"),
     ("algorithm_config__quantize_base", True, "quantize_base"),
@@ -258,13 +262,13 @@ def test_several_bad_values_are_one_400_with_all_in_detail(api, client, dataset)
     # Translation's checks: all of them.
     body = request(api, job_uuid="many-1", training_config__dtype="int8",
                    training_config__data_config__dataset_id="missing", hyperparam_search_config={"lr": [1e-4]},
-                   training_config__efficiency_config__fsdp_cpu_offload=True,
+                   training_config__efficiency_config__enable_activation_offloading=True,
                    algorithm_config__lora_attn_modules=["attention"])
     r = httpx.post(url, json=body, headers=h)
     assert r.status_code == 400, r.text
     detail = r.json()["detail"]
     assert detail.startswith("5 problems:"), detail
-    for field in ("training_config.dtype", "dataset_id", "hyperparam_search_config", "fsdp_cpu_offload",
+    for field in ("training_config.dtype", "dataset_id", "hyperparam_search_config", "enable_activation_offloading",
                   "lora_attn_modules"):
         assert field in detail, (field, detail)
     # The service's checks, named the Llama Stack way: a model that is not one, 4-bit on a CPU machine.

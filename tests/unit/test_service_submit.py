@@ -50,8 +50,8 @@ def submit(svc, file_id, **over):
     ({"model": {"name": "/etc"}}, "model", "outside the allowed local roots"),
     ({"model": {"name": "not a model id"}}, "model", "neither a Hugging Face hub id"),
     ({"model": {"name": "org/base", "model_type": "vlm"}}, "model_type", "vision-language"),
-    ({"resources": {"distributed": "fsdp"}}, "distributed", "'fsdp' is not available"),
-    ({"resources": {"distributed": "deepspeed"}}, "distributed", "'deepspeed' is not available"),
+    ({"resources": {"distributed": "fsdp"}}, "distributed", "'fsdp' needs CUDA GPUs: on CPU ranks"),
+    ({"resources": {"distributed": "deepspeed"}}, "distributed", "'deepspeed' needs CUDA GPUs"),
     ({"resources": {"node_count": 2}}, "node_count", "one node"),
     ({"resources": {"device": "cuda"}}, "device", "has none"),
     ({"model": {"name": "org/base", "quant_bits": 4}}, "quant_bits", "needs a CUDA GPU"),
@@ -153,3 +153,68 @@ def test_models_lists_only_models_that_exist(svc, file_id):
     assert [m[0] for m in svc.models.models(other)] == ["org/configured-base"]
     with pytest.raises(NotFound):
         svc.models.model(other, "ft:trained-base:acme::x1")
+
+
+def test_the_installation_settings_reach_the_jobs_through_the_spec(file_id, svc):
+    """Job processes read no TUNEYARD_* variable: the service writes what they need into the spec (runtime)."""
+    svc.jobs.settings = svc.jobs.settings.model_copy(update={
+        "flash_attention": False, "max_tokens_per_job": 7, "s3_endpoint_url": "http://127.0.0.1:9",
+        "tokenised_cache_bytes": 0, "prepare_workers": 3})
+    # A caller cannot set it: whatever a spec arrives with, the installation's settings replace it.
+    runtime = TrainingSpec.model_validate(submit(svc, file_id, runtime={"max_tokens_per_job": 10**9}).spec).runtime
+    assert (runtime.flash_attention, runtime.max_tokens_per_job, runtime.s3_endpoint_url) == (
+        False, 7, "http://127.0.0.1:9")
+    assert (runtime.tokenised_cache_dir, runtime.prepare_workers, runtime.liger_kernels) == (None, 3, True)
+
+
+def test_the_launcher_is_chosen_by_its_setting():
+    from tuneyard.scheduler.launcher import make_launcher
+    from tuneyard.scheduler.local import LocalLauncher
+
+    assert isinstance(make_launcher(Settings(launcher="local", prepare_standby=False)), LocalLauncher)
+    # Refused with the settings, before any process starts: never a server that fails its first submission.
+    with pytest.raises(ValueError, match="TUNEYARD_LAUNCHER='nope': there is no such launcher"):
+        Settings(launcher="nope")
+
+
+def test_openai_resources_extension_and_the_gpu_default(tmp_path, file_id, svc):
+    """OpenAI's request names devices and strategy through tuneyard's ``resources`` extension; without it a GPU
+    job gets TUNEYARD_GPUS_PER_JOB, a CPU job TUNEYARD_CPU_PROCS_PER_JOB ranks."""
+    import json
+
+    from tuneyard.api.dialects.openai.schemas import CreateJobIn
+    from tuneyard.api.dialects.openai.translate import to_submission
+    from tuneyard.domain.errors import Problems
+
+    def submitted(service, fid, **body):
+        req = CreateJobIn(model="org/base", training_file=fid, hyperparameters={"batch_size": 4}, **body)
+        return TrainingSpec.model_validate(service.jobs.submit(WHO, to_submission(req, None, Problems())).spec)
+
+    # This machine has no GPU: the count asked for is the number of gloo ranks.
+    assert submitted(svc, file_id, resources={"gpu_count": 2}).resources.nproc_per_node == 2
+    assert submitted(svc, file_id).resources.nproc_per_node == 1
+    with pytest.raises(InvalidRequest, match="'fsdp' needs CUDA GPUs") as e:
+        submitted(svc, file_id, resources={"distributed": "fsdp", "fsdp_cpu_offload": True})
+    assert e.value.param == "resources.distributed"
+    with pytest.raises(ValueError, match="deepspeed_stage applies to distributed 'deepspeed', not 'ddp'"):
+        CreateJobIn(model="m", training_file=file_id, resources={"deepspeed_stage": 3})
+
+    # Two GPUs (TUNEYARD_GPU_COUNT) and TUNEYARD_GPUS_PER_JOB=2: a request without a count gets both.
+    gpu = Services.build(Settings(home=tmp_path / "gpu", local_roots=str(tmp_path / "local"), gpu_count=2,
+                                  gpus_per_job=2))
+    try:
+        ensure_org(gpu.store, "acme")
+        body = "".join(json.dumps(r) + "\n" for r in sample_rows()).encode()
+        fid = gpu.files.create(WHO, io.BytesIO(body), "t.jsonl", "fine-tune").id
+        spec = submitted(gpu, fid)
+        assert (spec.resources.nproc_per_node, spec.resources.distributed) == (2, "ddp")
+        spec = submitted(gpu, fid, resources={"gpu_count": 1, "distributed": "fsdp",
+                                              "fsdp_reshard_after_forward": False})
+        assert (spec.resources.nproc_per_node, spec.resources.fsdp_reshard_after_forward) == (1, False)
+        with pytest.raises(InvalidRequest, match="needs the deepspeed package") as e:
+            submitted(gpu, fid, resources={"distributed": "deepspeed"})
+        assert e.value.param == "resources.distributed"
+        with pytest.raises(InvalidRequest, match="3 GPUs per node asked for, but this installation has 2"):
+            submitted(gpu, fid, resources={"gpu_count": 3})
+    finally:
+        gpu.store.engine.dispose()

@@ -49,13 +49,16 @@ class Recipe:
     hyperparameters: frozenset[str]
 
 
+# Every recipe runs under each: the Trainer sets the strategy up (check_hardware says where one cannot run).
+STRATEGIES = frozenset({"ddp", "fsdp", "deepspeed"})
+
 RECIPES: dict[str, Recipe] = {
     "sft": Recipe("sft", "supervised fine-tuning", "supervised", model_types=frozenset({"llm"}),
                   adapters=frozenset({"lora", "full"}), quant_bits=frozenset({None, 16, 4, 8}),
-                  strategies=frozenset({"ddp"}), data_options=frozenset(DATA_OPTIONS), hyperparameters=frozenset()),
+                  strategies=STRATEGIES, data_options=frozenset(DATA_OPTIONS), hyperparameters=frozenset()),
     "dpo": Recipe("dpo", "preference optimisation (DPO)", "preference", model_types=frozenset({"llm"}),
                   adapters=frozenset({"lora", "full"}), quant_bits=frozenset({None, 16, 4, 8}),
-                  strategies=frozenset({"ddp"}), data_options=frozenset(),
+                  strategies=STRATEGIES, data_options=frozenset(),
                   hyperparameters=frozenset({"beta", "dpo_loss", "label_smoothing"})),
 }
 
@@ -124,10 +127,24 @@ def check(spec: TrainingSpec) -> list[Problem]:
     return out
 
 
-def check_hardware(spec: TrainingSpec, hw: Hardware, *, bitsandbytes: bool) -> list[Problem]:
-    """What ``spec`` asks of devices that the launcher's capacity ``hw`` cannot give."""
+def check_hardware(spec: TrainingSpec, hw: Hardware, *, bitsandbytes: bool, deepspeed: bool = False
+                   ) -> list[Problem]:
+    """What ``spec`` asks of devices that the launcher's capacity ``hw`` cannot give (``deepspeed``: the
+    package is installed)."""
     out: list[Problem] = []
     res = spec.resources
+    on_cpu = res.device == "cpu" or not hw.has_cuda
+    if res.distributed == "fsdp" and on_cpu:
+        # accelerate (1.15) builds FSDP only on GPUs: on CPU ranks it drops the plugin and trains plain DDP.
+        out.append(Problem(res.distributed_param, "distributed 'fsdp' needs CUDA GPUs: on CPU ranks (gloo) "
+                                                  "accelerate does not shard the model (it would train as 'ddp'); "
+                                                  "use 'ddp' on CPU"))
+    if res.distributed == "deepspeed" and on_cpu:
+        out.append(Problem(res.distributed_param, "distributed 'deepspeed' needs CUDA GPUs (ZeRO runs on NCCL); "
+                                                  "use 'ddp' on CPU"))
+    elif res.distributed == "deepspeed" and not deepspeed:
+        out.append(Problem(res.distributed_param, "distributed 'deepspeed' needs the deepspeed package, which is "
+                                                  "not installed in this installation; use 'fsdp' or 'ddp'"))
     if res.device == "cuda" and not hw.has_cuda:
         out.append(Problem("device", "a GPU was asked for, but this installation has none"))
     if hw.has_cuda and res.device != "cpu" and res.nproc_per_node > hw.gpus:

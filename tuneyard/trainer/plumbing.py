@@ -45,6 +45,7 @@ from tuneyard.trainer.progress import (
     latest_complete_checkpoint,
 )
 from tuneyard.trainer.runtime import Ranks, Reporter, TrainerError, quiet_libraries
+from tuneyard.trainer.strategies import strategy_args
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -72,6 +73,9 @@ def run(spec: TrainingSpec, job: JobDir, ranks: Ranks, reporter: Reporter, log: 
     if problems:
         raise TrainerError("unsupported", "; ".join(f"{p.param}: {p.message}" for p in problems))
     device = pick_device(spec)
+    if spec.resources.distributed != "ddp" and device != "cuda":
+        raise TrainerError("unsupported", f"resources.distributed: '{spec.resources.distributed}' needs CUDA GPUs; "
+                                          "this trainer runs on CPU")
     precision = pick_precision(spec, device)
     per_device, accum = batch_split(spec, ranks.world_size)
     ctx = RecipeContext(spec, job, ranks, device, precision, per_device, accum, load_tokenizer(spec), log)
@@ -88,6 +92,7 @@ def run(spec: TrainingSpec, job: JobDir, ranks: Ranks, reporter: Reporter, log: 
                                    [progress, stop, *tracking.callbacks(spec, job, reporter, log)])
     # Our callback reports; the default printer would duplicate every log dict on stdout.
     trainer.remove_callback(PrinterCallback)
+    check_strategy(spec, trainer)
     # From the rows as the trainer holds them (packing makes fewer, longer rows).
     total = finalise_schedule(trainer.args, spec, recipe.train_rows(ctx, trainer.train_dataset), per_device, accum,
                               ranks.world_size)
@@ -126,6 +131,16 @@ def run(spec: TrainingSpec, job: JobDir, ranks: Ranks, reporter: Reporter, log: 
         {"output_dir": str(job.output), "final_metrics": metrics})
     return Succeeded(output_dir=str(job.output), trained_tokens=int(state.num_input_tokens_seen),
                      trained_steps=state.global_step, final_metrics=metrics, adapter=adapter)
+
+
+def check_strategy(spec: TrainingSpec, trainer: Any) -> None:
+    """TrainerError when accelerate did not set up the strategy the spec asks for (it falls back to DDP
+    silently, e.g. FSDP on CPU ranks): a job never trains with another strategy than it asked for."""
+    want = spec.resources.distributed
+    if want == "fsdp" and not getattr(trainer, "is_fsdp_enabled", False) or \
+            want == "deepspeed" and not getattr(trainer, "is_deepspeed_enabled", False):
+        raise TrainerError("unsupported", f"resources.distributed: '{want}' could not be set up on this machine "
+                                          "(accelerate fell back to DDP)")
 
 
 def pick_device(spec: TrainingSpec) -> str:
@@ -193,7 +208,8 @@ def load_model(spec: TrainingSpec, device: str, precision: dict[str, Any], ranks
     m = spec.model
     kwargs: dict[str, Any] = {"dtype": precision["load"], "revision": m.revision,
                               "trust_remote_code": m.trust_remote_code}
-    if fastpath.flash_attention(device, spec.data.padding_free or spec.data.packing, precision["load"]):
+    if fastpath.flash_attention(device, spec.data.padding_free or spec.data.packing, precision["load"],
+                                spec.runtime.flash_attention):
         # Varlen kernels attend within each packed example without the dense block mask sdpa needs.
         kwargs["attn_implementation"] = "flash_attention_2"
     if m.quant_bits in (4, 8):
@@ -297,8 +313,9 @@ def common_args(spec: TrainingSpec, job: JobDir, device: str, precision: dict[st
         report_to="none",
         disable_tqdm=True,
         log_level="passive",
-        use_liger_kernel=fastpath.liger(device),
+        use_liger_kernel=fastpath.liger(device, spec.runtime.liger_kernels),
         torch_compile=spec.resources.torch_compile,
+        **strategy_args(spec, precision),
     )
 
 

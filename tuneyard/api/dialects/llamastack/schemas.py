@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tuneyard.api.wire import omitted_if_none
+from tuneyard.api.wire import ResourcesIn, omitted_if_none
 from tuneyard.domain.spec import MAX_COUNT
 
 
@@ -80,6 +80,8 @@ class SupervisedFineTuneIn(_Closed):
     training_config: TrainingConfig
     hyperparam_search_config: dict[str, Any] = Field(default_factory=dict)
     logger_config: dict[str, Any] = Field(default_factory=dict)
+    # tuneyard extension: devices and distribution strategy (api/wire.py ResourcesIn).
+    resources: ResourcesIn | None = None
 
 
 class DPOAlignmentConfig(_Closed):
@@ -103,6 +105,8 @@ class PreferenceOptimizeIn(_Closed):
     training_config: TrainingConfig
     hyperparam_search_config: dict[str, Any] = Field(default_factory=dict)
     logger_config: dict[str, Any] = Field(default_factory=dict)
+    # tuneyard extension: devices and distribution strategy (api/wire.py ResourcesIn).
+    resources: ResourcesIn | None = None
 
 
 class JobUuid(BaseModel):

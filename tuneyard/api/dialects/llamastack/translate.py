@@ -14,6 +14,7 @@ from tuneyard.api.dialects.llamastack.schemas import (
     ChatCompletionIn,
     CheckpointOut,
     DatasetOut,
+    EfficiencyConfig,
     LoraConfig,
     PreferenceOptimizeIn,
     QatConfig,
@@ -22,6 +23,7 @@ from tuneyard.api.dialects.llamastack.schemas import (
     TopPIn,
     TrainingMetrics,
 )
+from tuneyard.api.wire import resources_spec
 from tuneyard.domain.errors import InvalidRequest, InvalidState, Problems, TuneyardError
 from tuneyard.domain.generation import GenerationRequest
 from tuneyard.domain.jobs import JobStatus
@@ -133,12 +135,14 @@ def _submission(req: SupervisedFineTuneIn | PreferenceOptimizeIn, model: str, me
         problems.add(InvalidRequest("training_config.data_config is required (dataset_id, batch_size, "
                                     "data_format...)", param=DATA))
     eff = tc.efficiency_config
-    if eff is not None:
-        for name in ("enable_activation_offloading", "memory_efficient_fsdp_wrap", "fsdp_cpu_offload"):
-            if getattr(eff, name):
-                problems.add(InvalidRequest(f"training_config.efficiency_config.{name} is not available in this "
-                                            "installation (it trains with DDP, without offloading)",
-                                            param=f"training_config.efficiency_config.{name}"))
+    fsdp_flags = eff is not None and (eff.memory_efficient_fsdp_wrap or eff.fsdp_cpu_offload)
+    if fsdp_flags and req.resources is not None and req.resources.distributed not in (None, "fsdp"):
+        problems.add(InvalidRequest(f"resources.distributed '{req.resources.distributed}': the FSDP flags of "
+                                    "training_config.efficiency_config ask for 'fsdp'", param="resources.distributed"))
+    if eff is not None and eff.enable_activation_offloading:
+        problems.add(InvalidRequest("training_config.efficiency_config.enable_activation_offloading is not available "
+                                    "in this installation (activation checkpointing is)",
+                                    param="training_config.efficiency_config.enable_activation_offloading"))
     dtype = "auto" if tc.dtype is None else DTYPES.get(tc.dtype.lower())
     if dtype is None:
         problems.add(InvalidRequest(f"training_config.dtype '{tc.dtype}' is not one of {sorted(DTYPES)}",
@@ -175,8 +179,25 @@ def _submission(req: SupervisedFineTuneIn | PreferenceOptimizeIn, model: str, me
                       shuffle=dc.shuffle),
         adapter=adapter, hyperparameters=hyper,
         schedule=ScheduleSpec(max_validation_steps=tc.max_validation_steps),
-        resources=ResourceSpec(), export_dir=export, integrations=_integrations(req.logger_config))
-    return Submission(spec=spec, dialect=DIALECT, request=req.model_dump(mode="json"), external_id=req.job_uuid)
+        resources=resources_spec(req.resources, _resources(eff), "resources"), export_dir=export,
+        integrations=_integrations(req.logger_config))
+    return Submission(spec=spec, dialect=DIALECT, request=req.model_dump(mode="json"), external_id=req.job_uuid,
+                      default_devices=req.resources is None or req.resources.gpu_count is None)
+
+
+def _resources(eff: EfficiencyConfig | None) -> ResourceSpec:
+    """The FSDP flags of efficiency_config: either one asks for FSDP (they mean nothing without it).
+
+    memory_efficient_fsdp_wrap is FSDP2's memory-for-speed choice, resharding parameters after the forward pass
+    (FULL_SHARD; without it they stay gathered until the backward, SHARD_GRAD_OP); fsdp_cpu_offload keeps
+    parameters and optimizer state on the CPU.
+    """
+    if eff is None or not (eff.memory_efficient_fsdp_wrap or eff.fsdp_cpu_offload):
+        return ResourceSpec()
+    flag = "fsdp_cpu_offload" if eff.fsdp_cpu_offload else "memory_efficient_fsdp_wrap"
+    return ResourceSpec(distributed="fsdp", fsdp_reshard_after_forward=eff.memory_efficient_fsdp_wrap,
+                        fsdp_cpu_offload=eff.fsdp_cpu_offload,
+                        distributed_param=f"training_config.efficiency_config.{flag}")
 
 
 def _integrations(logger_config: dict) -> list[IntegrationSpec]:
@@ -286,7 +307,7 @@ def resources(job: Job, settings: Settings) -> dict:
     import os
 
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return {"device": "cpu", "count": max(spec.resources.nproc_per_node, settings.cpu_procs_per_job),
+    return {"device": "cpu", "count": spec.resources.nproc_per_node,
             "memory_mib_total": total // 2**20}
 
 

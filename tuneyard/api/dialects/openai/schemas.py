@@ -16,7 +16,7 @@ from pydantic import (
     model_validator,
 )
 
-from tuneyard.api.wire import omitted_if_none
+from tuneyard.api.wire import ResourcesIn, omitted_if_none
 
 Auto = Literal["auto"]
 Number = StrictInt | StrictFloat
@@ -112,6 +112,8 @@ class CreateJobIn(_In):
     integrations: list[IntegrationIn] | None = None
     hyperparameters: HyperparametersIn | None = None
     method: MethodIn | None = None
+    # tuneyard extension (the SDK's extra_body): devices and distribution strategy.
+    resources: ResourcesIn | None = None
 
     @field_validator("metadata")
     @classmethod

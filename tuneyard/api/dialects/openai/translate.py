@@ -22,6 +22,7 @@ from tuneyard.api.dialects.openai.schemas import (
     JobOut,
     MethodBody,
 )
+from tuneyard.api.wire import resources_spec
 from tuneyard.domain import capabilities
 from tuneyard.domain import metrics as metrics_vocabulary
 from tuneyard.domain.errors import InvalidRequest, Problems
@@ -34,6 +35,7 @@ from tuneyard.domain.spec import (
     Hyperparameters,
     IntegrationSpec,
     ModelSpec,
+    ResourceSpec,
     TrainingSpec,
 )
 from tuneyard.service.jobs import Submission
@@ -88,12 +90,15 @@ def to_submission(req: CreateJobIn, idempotency_key: str | None, problems: Probl
                     for i in req.integrations or []]
     seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
     spec = TrainingSpec(method=METHODS.get(method_type, "sft"), model=ModelSpec(name=req.model),
-                        data=data, adapter=adapter, hyperparameters=hyper, seed=seed, integrations=integrations)
+                        data=data, adapter=adapter, hyperparameters=hyper, seed=seed, integrations=integrations,
+                        resources=resources_spec(req.resources, ResourceSpec(), "resources"))
     echo = {"method": {"type": method_type}, "integrations": [i.model_dump(exclude_none=True)
                                                               for i in req.integrations or []] or None,
-            "requested_hyperparameters": hp.model_dump(exclude_none=True)}
+            "requested_hyperparameters": hp.model_dump(exclude_none=True),
+            "resources": req.resources.model_dump(exclude_none=True) if req.resources else None}
     return Submission(spec=spec, dialect=DIALECT, request=echo, suffix=req.suffix, metadata=req.metadata,
-                      idempotency_key=idempotency_key)
+                      idempotency_key=idempotency_key,
+                      default_devices=req.resources is None or req.resources.gpu_count is None)
 
 
 def _method_hyperparameters(req: CreateJobIn, method_type: str, problems: Problems) -> HyperparametersIn:
