@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     api_workers: int = 1
     # Worker / launcher
     run_worker: bool = True
+    # What runs the jobs' processes (scheduler/launcher.py LAUNCHERS): "local" (this machine) or "ray".
+    launcher: str = "local"
     cpu_slots: int = 1
     cpu_procs_per_job: int = 1
     gpu_count: int | None = None

@@ -190,22 +190,20 @@ def test_torch_compile_keeps_the_first_losses(tmp_path, tiny_model_dir, tiny_tok
 def test_gpu_kernels_only_on_cuda_with_their_package_unless_turned_off(monkeypatch):
     from transformers.utils import is_flash_attn_2_available
 
-    from tuneyard.settings import reset_settings
+    from tuneyard.service.jobs import runtime_spec
+    from tuneyard.settings import Settings
 
     assert fastpath.liger("cpu") is False
     assert fastpath.liger("cuda") is (importlib.util.find_spec("liger_kernel") is not None)
     assert fastpath.flash_attention("cpu", True, torch.bfloat16) is False
     assert fastpath.flash_attention("cuda", True, torch.float32) is False
     assert fastpath.flash_attention("cuda", True, torch.bfloat16) is is_flash_attn_2_available()
+    # TUNEYARD_LIGER_KERNELS / TUNEYARD_FLASH_ATTENTION=false reach the trainer through the spec's runtime.
     monkeypatch.setenv("TUNEYARD_LIGER_KERNELS", "false")
     monkeypatch.setenv("TUNEYARD_FLASH_ATTENTION", "false")
-    reset_settings()
-    try:
-        assert fastpath.liger("cuda") is False
-        assert fastpath.flash_attention("cuda", True, torch.bfloat16) is False
-    finally:
-        monkeypatch.undo()
-        reset_settings()
+    runtime = runtime_spec(Settings())
+    assert fastpath.liger("cuda", runtime.liger_kernels) is False
+    assert fastpath.flash_attention("cuda", True, torch.bfloat16, runtime.flash_attention) is False
 
 
 @pytest.mark.slow

@@ -15,6 +15,8 @@ from tuneyard.data.splits import load_split
 from tuneyard.demo.tiny import sample_rows, write_sample_jsonl
 from tuneyard.domain.spec import DataSource, DataSpec, ModelSpec, SplitSpec, TrainingSpec
 from tuneyard.jobdir import JobDir, iter_events, read_json
+from tuneyard.service.jobs import runtime_spec
+from tuneyard.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,9 +25,10 @@ def make_job(tmp_path: Path, model: str | Path, train: Path, **data) -> JobDir:
     """A job directory holding spec.json for an SFT run on ``train``."""
     validation = data.pop("validation", None)
     val_source = DataSource(path=str(validation), param="validation_file") if validation else None
+    # The installation's settings as the service writes them into every spec (the test's environment).
     spec = TrainingSpec(model=ModelSpec(name=str(model), source="local"),
                         data=DataSpec(train=DataSource(path=str(train)), validation=val_source,
-                                      **{"max_length": 256, **data}))
+                                      **{"max_length": 256, **data}), runtime=runtime_spec(Settings()))
     job = JobDir(tmp_path / "job").create()
     job.spec.write_text(spec.model_dump_json())
     return job
@@ -279,7 +282,8 @@ def test_unreadable_s3_data_does_not_hide_a_model_that_cannot_be_loaded(tmp_path
         try:
             spec = TrainingSpec(model=ModelSpec(name=str(tmp_path / "no-such-model"), source="local"),
                                 data=DataSpec(train=DataSource(path=f"s3://{BUCKET}/ds/missing.jsonl",
-                                                               param="dataset_details.dataset_path")))
+                                                               param="dataset_details.dataset_path")),
+                                runtime=runtime_spec(Settings()))
             job = JobDir(tmp_path / "job").create()
             job.spec.write_text(spec.model_dump_json())
             assert run(job.root) == 0

@@ -10,7 +10,9 @@ import time
 import pytest
 
 from tuneyard.jobdir import JobDir
-from tuneyard.scheduler.local import LocalLauncher, resident_bytes, rotate_logs
+from tuneyard.scheduler.joblogs import rotate_logs
+from tuneyard.scheduler.launcher import Placement
+from tuneyard.scheduler.local import LocalLauncher, resident_bytes
 
 
 def test_a_log_over_its_size_is_rotated_while_its_writer_goes_on(tmp_path):
@@ -57,9 +59,22 @@ def test_one_process_runs_the_trainer_itself_several_run_under_torchrun(tmp_path
     python.write_text('#!/bin/sh\necho "$@" > "$PWD/argv"\necho "$OMP_NUM_THREADS" > "$PWD/omp"\n')
     python.chmod(0o755)
     jd = JobDir(tmp_path / "ftjob-x").create()
-    proc = LocalLauncher(python=str(python)).train("ftjob-x", jd, 1, nproc, gpus=[])
+    proc = LocalLauncher(python=str(python)).train("ftjob-x", jd, 1, Placement(cpu_ranks=nproc))
     assert proc.popen.wait(10) == 0
     argv = (jd.root / "argv").read_text().split()
     launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     assert argv == [*launcher, "-m", "tuneyard.trainer", str(jd.root)]
     assert int((jd.root / "omp").read_text()) == max(1, (os.cpu_count() or 1) // nproc)
+
+
+def test_job_processes_inherit_no_tuneyard_setting(tmp_path, monkeypatch):
+    """What a job needs of the settings is in its spec: the environment carries only what the worker hands over."""
+    monkeypatch.setenv("TUNEYARD_MAX_TOKENS_PER_JOB", "5")
+    monkeypatch.setenv("TUNEYARD_SECRET_KEY", "installation-key")
+    jd = JobDir(tmp_path / "ftjob-env").create()
+    probe = "import os, json; print(json.dumps(sorted(k for k in os.environ if k.startswith('TUNEYARD_'))))"
+    proc = LocalLauncher()._spawn("ftjob-env", "probe", [sys.executable, "-c", probe], jd, 0,
+                                  {"TUNEYARD_SOURCE_CREDENTIALS": "{}"})
+    assert proc.popen.wait(60) == 0
+    seen = (jd.logs / "probe-0.log").read_text().strip().splitlines()[-1]
+    assert seen == '["TUNEYARD_JOB_ID", "TUNEYARD_SOURCE_CREDENTIALS"]'

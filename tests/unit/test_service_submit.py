@@ -153,3 +153,24 @@ def test_models_lists_only_models_that_exist(svc, file_id):
     assert [m[0] for m in svc.models.models(other)] == ["org/configured-base"]
     with pytest.raises(NotFound):
         svc.models.model(other, "ft:trained-base:acme::x1")
+
+
+def test_the_installation_settings_reach_the_jobs_through_the_spec(file_id, svc):
+    """Job processes read no TUNEYARD_* variable: the service writes what they need into the spec (runtime)."""
+    svc.jobs.settings = svc.jobs.settings.model_copy(update={
+        "flash_attention": False, "max_tokens_per_job": 7, "s3_endpoint_url": "http://127.0.0.1:9",
+        "tokenised_cache_bytes": 0, "prepare_workers": 3})
+    # A caller cannot set it: whatever a spec arrives with, the installation's settings replace it.
+    runtime = TrainingSpec.model_validate(submit(svc, file_id, runtime={"max_tokens_per_job": 10**9}).spec).runtime
+    assert (runtime.flash_attention, runtime.max_tokens_per_job, runtime.s3_endpoint_url) == (
+        False, 7, "http://127.0.0.1:9")
+    assert (runtime.tokenised_cache_dir, runtime.prepare_workers, runtime.liger_kernels) == (None, 3, True)
+
+
+def test_the_launcher_is_chosen_by_its_setting():
+    from tuneyard.scheduler.launcher import make_launcher
+    from tuneyard.scheduler.local import LocalLauncher
+
+    assert isinstance(make_launcher(Settings(launcher="local", prepare_standby=False)), LocalLauncher)
+    with pytest.raises(ValueError, match="TUNEYARD_LAUNCHER='nope': there is no such launcher"):
+        make_launcher(Settings(launcher="nope"))

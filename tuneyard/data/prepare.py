@@ -37,7 +37,7 @@ from tuneyard.data.validate import CODE_N_EXAMPLES, ValidationReport, iter_examp
 from tuneyard.domain import capabilities
 from tuneyard.domain.errors import Problem, TuneyardError, combined_message
 from tuneyard.domain.hparams import resolve, total_steps
-from tuneyard.domain.spec import DataSource, TrainingSpec
+from tuneyard.domain.spec import DataSource, RuntimeSpec, TrainingSpec
 from tuneyard.jobdir import EventWriter, JobDir, JobError, PreparedFailed, PreparedOk, write_json_atomic
 
 INTERNAL_ERROR = "internal_error"
@@ -131,14 +131,12 @@ def _validate(source: DataSource, *, validation: bool, min_examples: int, max_er
     return report
 
 
-def _fetch(src: DataSource | None, jobdir: JobDir, log: _Log) -> DataSource | None:
+def _fetch(src: DataSource | None, jobdir: JobDir, log: _Log, settings: RuntimeSpec) -> DataSource | None:
     """The source as a local file: remote data is downloaded into the job directory first."""
     from tuneyard.data.sources import SourceError, display_uri, is_remote, materialise
-    from tuneyard.settings import get_settings
 
     if src is None or src.file_id and not is_remote(src.path):
         return src
-    settings = get_settings()
     shown = display_uri(src.path)
     if is_remote(src.path):
         log(f"Downloading {shown}")
@@ -165,7 +163,8 @@ def _write_split(rows: Iterator[tuple[int, dict]], n_rows: int, out: Path, ctx: 
 
     with SplitWriter(out, features_for(ctx.options)) as writer:
         try:
-            for table in encode_stream(rows, ctx.tokenizer, ctx.options, ctx.stats[split], workers=_workers(n_rows)):
+            for table in encode_stream(rows, ctx.tokenizer, ctx.options, ctx.stats[split],
+                                       workers=_workers(n_rows, ctx.runtime)):
                 writer.write_table(table)
         except RowError as e:
             raise PrepareFailure(code, str(e), param) from None
@@ -177,6 +176,7 @@ class _EncodeContext:
     tokenizer: Any
     options: dict[str, Any]
     stats: dict[str, EncodeStats]
+    runtime: RuntimeSpec
 
 
 def _rows(src: DataSource, fmt: str, keep: Callable[[int], bool]) -> Iterator[tuple[int, dict]]:
@@ -190,11 +190,9 @@ def prepare(jobdir: JobDir, events: EventWriter | None = None, *, max_errors: in
     """Run the prepare step for ``jobdir``; return the ``prepared.json`` it succeeded with or raise PrepareFailure."""
 
     log = _Log(events)
-    if max_errors is None:
-        from tuneyard.settings import get_settings
-
-        max_errors = get_settings().max_error_report
     spec = TrainingSpec.model_validate_json(jobdir.spec.read_text())
+    if max_errors is None:
+        max_errors = spec.runtime.max_error_report
     data = spec.data
     # The service checked the spec against the capabilities table; a spec written by hand gets the same answer.
     unsupported = capabilities.check(spec)
@@ -202,19 +200,17 @@ def prepare(jobdir: JobDir, events: EventWriter | None = None, *, max_errors: in
         raise PrepareFailure(unsupported[0].code or "unsupported", combined_message(unsupported),
                              unsupported[0].param)
 
-    from tuneyard.settings import get_settings
-
     # The data and the model are independent: a source that cannot be read must not hide a model that cannot
     # be loaded (nor the training file the validation file), so each is tried and every failure reported.
     failures = _Failures()
     train_src = val_src = train_report = val_report = None
     with failures.step():
-        train_src = _fetch(data.train, jobdir, log)
+        train_src = _fetch(data.train, jobdir, log, spec.runtime)
     if data.validation is not None:
         with failures.step():
-            val_src = _fetch(data.validation, jobdir, log)
+            val_src = _fetch(data.validation, jobdir, log, spec.runtime)
     # The server's floor applies to every job; a dialect may ask for more (never fewer).
-    min_examples = max(data.min_examples, get_settings().min_examples)
+    min_examples = max(data.min_examples, spec.runtime.min_examples)
     if train_src is not None:
         with failures.step():
             train_report = _validate(train_src, validation=False, min_examples=min_examples,
@@ -279,7 +275,7 @@ def prepare(jobdir: JobDir, events: EventWriter | None = None, *, max_errors: in
         log(f"Reused the tokenised data of an earlier job (cache key {key})", cache_key=key)
     else:
         n_train, n_val = _tokenise(jobdir, train_src, val_src, val_report, train_fmt, train_report.n_examples,
-                                   held_out, _EncodeContext(tokenizer, options, stats))
+                                   held_out, _EncodeContext(tokenizer, options, stats, spec.runtime))
         if cache is not None and n_train:
             cache.store(key, jobdir.data, ["train"] + (["validation"] if n_val else []),
                         {"n_train": n_train, "n_validation": n_val,
@@ -376,12 +372,10 @@ def _store_rows(jobdir: JobDir, train_src: DataSource, val_src: DataSource | Non
     return n_train, n_val
 
 
-def _workers(n_examples: int) -> int:
+def _workers(n_examples: int, settings: RuntimeSpec) -> int:
     """Processes for tokenising a split: one per core (or the setting) for a big one, this one for a small one."""
     from tuneyard.data.pipeline import default_workers
-    from tuneyard.settings import get_settings
 
-    settings = get_settings()
     if n_examples < settings.prepare_parallel_min_examples:
         return 1
     return settings.prepare_workers or default_workers()
@@ -389,9 +383,7 @@ def _workers(n_examples: int) -> int:
 
 def _check_rows_limit(spec: TrainingSpec, n_examples: int) -> None:
     """PrepareFailure when the training file has more examples than one job may (TUNEYARD_MAX_EXAMPLES_PER_JOB)."""
-    from tuneyard.settings import get_settings
-
-    rows = get_settings().max_examples_per_job
+    rows = spec.runtime.max_examples_per_job
     if rows and n_examples > rows:
         raise PrepareFailure("too_many_examples", f"the training set has {n_examples:,} examples, more than the "
                              f"{rows:,} this installation allows per job (TUNEYARD_MAX_EXAMPLES_PER_JOB)",
@@ -404,9 +396,7 @@ def _check_tokens_limit(spec: TrainingSpec, n_examples: int, tokens: int | None)
     ``tokens`` is None where they are not counted up front (lazy, streaming): then every row at max_length
     must fit, the most such a job can train on.
     """
-    from tuneyard.settings import get_settings
-
-    most = get_settings().max_tokens_per_job
+    most = spec.runtime.max_tokens_per_job
     if not most:
         return
     if tokens is not None and tokens > most:
@@ -476,10 +466,8 @@ def _cache_for(spec: TrainingSpec, tokenizer: Any, template: str, train_src: Dat
                val_src: DataSource | None, train_fmt: str, val_report: ValidationReport | None
                ) -> tuple[TokenisedCache | None, str]:
     """The tokenised-data cache (None when switched off) and this job's key in it."""
-    from tuneyard.settings import get_settings
-
-    settings = get_settings()
-    if settings.tokenised_cache_bytes <= 0:
+    settings = spec.runtime
+    if settings.tokenised_cache_bytes <= 0 or not settings.tokenised_cache_dir:
         return None, ""
     data = spec.data
     key = cache_key({
@@ -492,7 +480,7 @@ def _cache_for(spec: TrainingSpec, tokenizer: Any, template: str, train_src: Dat
         # These decide which rows are held out for validation.
         "split": [data.split.type, data.split.validation_ratio, spec.seed] if val_src is None else None,
     })
-    return TokenisedCache(settings.home / "cache" / "tokenised", settings.tokenised_cache_bytes), key
+    return TokenisedCache(Path(settings.tokenised_cache_dir), settings.tokenised_cache_bytes), key
 
 
 def _report_counts(log: _Log, n_train: int, n_val: int, tr: EncodeStats, va: EncodeStats, max_length: int,

@@ -167,6 +167,36 @@ class ResourceSpec(_Strict):
     torch_compile: bool = False
 
 
+class RuntimeSpec(_Strict):
+    """The installation's settings a job's processes follow, written in at submission (TUNEYARD_* of the server).
+
+    The processes read them from here, never from their environment, so a job runs the same wherever a
+    launcher starts it. The defaults are the settings' defaults (a spec written before this section existed).
+    """
+
+    # GPU kernels used when their package is installed (TUNEYARD_FLASH_ATTENTION, TUNEYARD_LIGER_KERNELS).
+    flash_attention: bool = True
+    liger_kernels: bool = True
+    # Remote data (TUNEYARD_S3_ENDPOINT_URL, ..._S3_AMBIENT_CREDENTIALS, ..._MAX_DOWNLOAD_BYTES,
+    # ..._DOWNLOAD_ALLOW_PRIVATE_HOSTS, ..._DOWNLOAD_TIMEOUT_SECONDS).
+    s3_endpoint_url: str | None = None
+    s3_ambient_credentials: bool = False
+    max_download_bytes: int = Field(50 * 1024**3, ge=0)
+    download_allow_private_hosts: bool = False
+    download_timeout_seconds: float = Field(3600.0, ge=0)
+    # The prepare step's limits and pool (TUNEYARD_MAX_ERROR_REPORT, ..._MIN_EXAMPLES, ..._MAX_EXAMPLES_PER_JOB,
+    # ..._MAX_TOKENS_PER_JOB, ..._PREPARE_WORKERS, ..._PREPARE_PARALLEL_MIN_EXAMPLES).
+    max_error_report: int = Field(20, ge=1)
+    min_examples: int = Field(1, ge=0)
+    max_examples_per_job: int = Field(0, ge=0)
+    max_tokens_per_job: int = Field(0, ge=0)
+    prepare_workers: int = Field(0, ge=0)
+    prepare_parallel_min_examples: int = Field(20000, ge=0)
+    # The tokenised-data cache: its directory (None: off) and bound (TUNEYARD_TOKENISED_CACHE_BYTES).
+    tokenised_cache_dir: str | None = None
+    tokenised_cache_bytes: int = Field(0, ge=0)
+
+
 class IntegrationSpec(_Strict):
     """An experiment tracker a caller asked for (wandb...); ``param`` names the field it came from."""
 
@@ -192,6 +222,8 @@ class TrainingSpec(_Strict):
     # A directory (already confined to the allowed roots) that also receives a copy of the final output,
     # as <export_dir>/<job id>/ (Llama Stack's checkpoint_dir).
     export_dir: str | None = None
+    # Set by the service, whatever a caller sent: the installation's settings the job runs under.
+    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainingSpec:

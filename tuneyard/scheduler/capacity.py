@@ -13,12 +13,17 @@ from tuneyard.settings import Settings
 
 @dataclass(frozen=True)
 class Capacity:
-    """Devices a local launcher may hand out."""
+    """Devices a launcher may hand out: in all (per node), and free now (``Launcher.capacity``)."""
 
     gpus: int
     gpu_name: str | None
     cpu_slots: int
     gpu_memory_mib: int | None = None
+    # Free now: GPUs on the node with the most free ones, CPU job slots; None: all of them (nothing runs).
+    free_gpus: int | None = None
+    free_cpu_slots: int | None = None
+    # Nodes a job may spread over (the local launcher: this one).
+    nodes: int = 1
 
     @property
     def has_cuda(self) -> bool:

@@ -1,22 +1,32 @@
 """The local launcher: starts a job's processes on this machine (prepare step, torchrun trainer).
 
 Processes start in their own session (process group) so that a restart or crash of
-``tuneyard serve`` does not take them down; a restarted worker re-adopts them by pid.
+``tuneyard serve`` does not take them down; a restarted worker re-adopts them by pid. This module alone
+knows pids, pid files, ``/proc`` and process groups; ``capacity.py`` counts the GPUs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from tuneyard.domain import capabilities
+from tuneyard.domain.errors import Problem
+from tuneyard.domain.spec import TrainingSpec
 from tuneyard.jobdir import JobDir, StopReason
+from tuneyard.scheduler.capacity import Capacity, bitsandbytes_available, detect
+from tuneyard.scheduler.joblogs import rotate_logs  # noqa: F401  (re-exported: its old home)
+from tuneyard.scheduler.launcher import LaunchError, Placement
+from tuneyard.settings import Settings, get_settings
+
+log = logging.getLogger("tuneyard.launcher")
 
 # The server's own W&B key must not report a job to the operator's account: a job's key is its organisation's.
 PRIVATE_ENV = frozenset({"TUNEYARD_SECRET_KEY", "TUNEYARD_SOURCE_CREDENTIALS", "WANDB_API_KEY"})
@@ -33,22 +43,27 @@ class Proc:
     popen: subprocess.Popen | None = None
     gpus: list[int] = field(default_factory=list)
     cpu_slot: bool = False
-    stop_sent_at: float | None = None
-    # What the last stop request sent to it asked for ("cancel", "pause", "drain"): a cancel overrides a pause.
-    stop_reason: StopReason | None = None
-    term_sent_at: float | None = None
     # The job directory: every process of the job has it on its command line (see job_processes).
     root: Path | None = None
     # The job's attempt number this process was started for (unknown for an adopted process).
     attempt: int | None = None
-    # Set when the worker killed it for using more memory than TUNEYARD_JOB_MEMORY_BYTES (bytes it used).
-    over_memory: int | None = None
 
     def poll(self) -> int | None:
-        """None while running; the exit code (or -1 when unknown, for an adopted process) once it ended."""
-        if self.popen is not None:
-            return self.popen.poll()
-        return None if pid_alive(self.pid, self.job_id) else -1
+        """None while any process of the job runs; the exit code (-1 when unknown, adopted) once all ended.
+
+        A launcher that is gone while ranks of it live on (torchrun was killed) is not over: they must not go
+        on training beside a retry, so they are killed, and the outcome waits until they are gone.
+        """
+        code = self.popen.poll() if self.popen is not None else (None if pid_alive(self.pid, self.job_id) else -1)
+        if code is None:
+            return None
+        stray = self.leftovers()
+        if stray:
+            log.warning("job %s: %s exited (%s) leaving processes %s: killing them", self.job_id, self.phase, code,
+                        stray)
+            self.signal_group(signal.SIGKILL)
+            return None
+        return code
 
     def signal_group(self, sig: int) -> None:
         """Send ``sig`` to the process group and to every other process of the job (torchrun's ranks)."""
@@ -93,25 +108,6 @@ def _cwd(pid: int) -> bytes | None:
         return None
 
 
-def rotate_logs(logs: Path, max_bytes: int) -> list[Path]:
-    """Move each log over ``max_bytes`` to ``NAME.1`` (replacing the last one) and empty it; the rotated logs.
-
-    The job's processes keep writing to their open file: it was opened for appending, so after the
-    truncation their writes land at the new end (copy-then-truncate, as logrotate's copytruncate).
-    """
-    rotated = []
-    for log in logs.glob("*.log"):
-        try:
-            if log.stat().st_size <= max_bytes:
-                continue
-            shutil.copyfile(log, log.with_name(log.name + ".1"))
-            os.truncate(log, 0)
-        except OSError:
-            continue
-        rotated.append(log)
-    return rotated
-
-
 def resident_bytes(pids: list[int]) -> int:
     """Memory the processes hold together: proportional set size (shared pages split between their users)."""
     total = 0
@@ -149,18 +145,67 @@ def pid_alive(pid: int, job_id: str) -> bool:
 class LocalLauncher:
     """Runs the prepare step and the torchrun trainer as subprocesses on this machine."""
 
-    def __init__(self, python: str | None = None, *, standby: bool = False) -> None:
+    name = "local"
+
+    def __init__(self, python: str | None = None, *, standby: bool = False, settings: Settings | None = None
+                 ) -> None:
         self.python = python or sys.executable
         # With ``standby``, one prepare process is kept started ahead of need, its imports done (~3 s of
         # transformers): the next job's prepare step is handed to it instead of starting from nothing.
         self.standby = standby
         self._standby: subprocess.Popen | None = None
+        self._settings = settings
+        self._total: Capacity | None = None
+        # Trainers started or adopted here, until they end: what holds this machine's devices.
+        self._live: dict[str, Proc] = {}
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> LocalLauncher:
+        """The launcher as the settings describe it (standby prepare process, GPU count)."""
+        return cls(standby=settings.prepare_standby, settings=settings)
+
+    # ----- capacity ---------------------------------------------------------------------------
+    def total(self) -> Capacity:
+        """This machine's devices (``TUNEYARD_GPU_COUNT`` overriding nvidia-smi), all of them."""
+        if self._total is None:
+            self._total = detect(self._settings or get_settings())
+        return self._total
+
+    def capacity(self) -> Capacity:
+        """This machine's devices, and those no trainer started here holds now."""
+        total = self.total()
+        for job_id, proc in list(self._live.items()):
+            if proc.poll() is not None:
+                del self._live[job_id]
+        used_gpus = {g for p in self._live.values() for g in p.gpus}
+        used_cpu = sum(1 for p in self._live.values() if p.cpu_slot)
+        return replace(total, free_gpus=len([g for g in range(total.gpus) if g not in used_gpus]),
+                       free_cpu_slots=total.cpu_slots - used_cpu)
+
+    def _free_gpus(self) -> list[int]:
+        used = {g for p in self._live.values() for g in p.gpus}
+        return [g for g in range(self.total().gpus) if g not in used]
+
+    def fits(self, spec: TrainingSpec) -> list[Problem]:
+        """Why ``spec`` can never run on this machine: more than one node, or devices it does not have."""
+        out = []
+        if spec.resources.node_count > 1:
+            out.append(Problem("node_count", f"node_count {spec.resources.node_count}: this installation runs jobs "
+                                             "on one node with the local launcher; jobs over several nodes need "
+                                             "TUNEYARD_LAUNCHER=ray"))
+        return out + capabilities.check_hardware(spec, self.total(), bitsandbytes=bitsandbytes_available())
+
+    def idle(self, jd: JobDir) -> bool:
+        """True when no process of the job is alive (an earlier run of it may still be winding down)."""
+        return not job_processes(jd.root)
+
+    # ----- processes --------------------------------------------------------------------------
     @staticmethod
     def _inherited() -> dict[str, str]:
         # The job's processes get the credentials the worker passes in and nothing else secret: not the key that
-        # decrypts every organisation's secrets, nor source credentials this process may have inherited.
-        return {k: v for k, v in os.environ.items() if k not in PRIVATE_ENV}
+        # decrypts every organisation's secrets, nor source credentials this process may have inherited. Nor any
+        # tuneyard setting: what a job needs of them is in its spec (runtime), so it runs the same anywhere.
+        return {k: v for k, v in os.environ.items() if k not in PRIVATE_ENV and not k.startswith("TUNEYARD_")}
 
     def warm(self) -> None:
         """Start a standby prepare process if standby is on and none is waiting."""
@@ -218,9 +263,26 @@ class LocalLauncher:
         return self._spawn(job_id, "prepare", [self.python, "-m", "tuneyard.data.prepare", str(jd.root)], jd,
                            attempt, {**(env or {}), "CUDA_VISIBLE_DEVICES": ""})
 
-    def train(self, job_id: str, jd: JobDir, attempt: int, nproc: int, gpus: list[int],
-              env: dict[str, str] | None = None) -> Proc:
-        """Start ``torchrun`` with ``nproc`` ranks on the given GPUs (none: CPU ranks on gloo); one rank runs alone."""
+    def train(self, job_id: str, jd: JobDir, attempt: int, resources: Placement, env: dict[str, str] | None = None
+              ) -> Proc | None:
+        """Start ``torchrun`` with one rank per GPU asked for (none: CPU ranks on gloo); one rank runs alone.
+
+        None when the devices are taken now (by other jobs' trainers, or an earlier run of this one).
+        """
+        if resources.node_count > 1:
+            raise LaunchError(f"the local launcher runs a job on one node, not {resources.node_count}")
+        if resources.gpus_per_node:
+            free = self._free_gpus()
+            gpus = list(resources.gpus) or free[:resources.gpus_per_node]
+            if len(gpus) < resources.gpus_per_node or not set(gpus) <= set(free):
+                return None
+            nproc = len(gpus)
+        else:
+            if self.capacity().free_cpu_slots < 1:
+                return None
+            gpus, nproc = [], max(1, resources.cpu_ranks)
+        if not self.idle(jd):
+            return None
         # One process needs no rendezvous: torchrun would only add its own start-up (~1.5 s of imports) first.
         launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
         cmd = [self.python, *launcher, "-m", "tuneyard.trainer", str(jd.root)]
@@ -228,30 +290,48 @@ class LocalLauncher:
         if not gpus:
             # Ranks share the cores: without this each would start one thread per core.
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+        # The devices go beside the pid file: a worker that adopts the trainer after a restart counts them as taken.
+        (jd.root / "train.gpus").write_text(",".join(str(g) for g in gpus))
         proc = self._spawn(job_id, "train", cmd, jd, attempt, env)
         proc.gpus = list(gpus)
         proc.cpu_slot = not gpus
+        self._live[job_id] = proc
         return proc
 
-    @staticmethod
-    def adopt(job_id: str, jd: JobDir, phase: str) -> Proc | None:
+    def adopt(self, job_id: str, jd: JobDir, phase: str) -> Proc | None:
         """The still-running process of a job started before this worker restarted, if any."""
         try:
             pid = int((jd.root / f"{phase}.pid").read_text().strip())
         except (FileNotFoundError, ValueError):
             return None
-        return Proc(job_id=job_id, phase=phase, pid=pid, root=jd.root) if pid_alive(pid, job_id) else None
+        if not pid_alive(pid, job_id):
+            return None
+        proc = Proc(job_id=job_id, phase=phase, pid=pid, root=jd.root)
+        if phase == "train":
+            try:
+                proc.gpus = [int(g) for g in (jd.root / "train.gpus").read_text().split(",") if g.strip()]
+            except (FileNotFoundError, ValueError):
+                proc.gpus = []
+            proc.cpu_slot = not proc.gpus
+            self._live[job_id] = proc
+        return proc
 
     @staticmethod
-    def stop(proc: Proc, jd: JobDir, reason: StopReason) -> None:
+    def stop(h: Proc, jd: JobDir, reason: StopReason) -> None:
         """Ask the trainer to stop at its next step (it checkpoints first when pausing)."""
         jd.request_stop(reason)
-        proc.stop_reason = reason
 
     @staticmethod
-    def terminate(proc: Proc) -> None:
-        proc.signal_group(signal.SIGTERM)
+    def terminate(h: Proc) -> None:
+        """SIGTERM to the process group and to every other process of the job."""
+        h.signal_group(signal.SIGTERM)
 
     @staticmethod
-    def kill(proc: Proc) -> None:
-        proc.signal_group(signal.SIGKILL)
+    def kill(h: Proc) -> None:
+        """SIGKILL to the process group and to every other process of the job."""
+        h.signal_group(signal.SIGKILL)
+
+    @staticmethod
+    def resident_bytes(h: Proc) -> int | None:
+        """Proportional set size of every process of the job together."""
+        return resident_bytes(job_processes(h.root)) if h.root is not None else None

@@ -11,59 +11,69 @@ one that is malformed counts as missing (the process left no result), never as a
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import logging
-import os
 import shutil
-import signal
 import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import select, update
 
 from tuneyard.data.sources import CREDENTIALS_ENV
 from tuneyard.domain.jobs import JobStatus, fine_tuned_model_name
 from tuneyard.domain.spec import TrainingSpec
 from tuneyard.jobdir import (
-    CheckpointSaved,
     Failed,
     JobDir,
     JobError,
     PreparedOk,
-    Progress,
     ProtocolError,
     Stopped,
+    StopReason,
     Succeeded,
-    iter_events,
     latest_complete_checkpoint,
     read_checkpoint_marker,
 )
-from tuneyard.scheduler.capacity import Capacity, detect
-from tuneyard.scheduler.local import (
-    LocalLauncher,
-    Proc,
-    job_processes,
-    resident_bytes,
-    rotate_logs,
-)
+from tuneyard.scheduler import recorder
+from tuneyard.scheduler.joblogs import rotate_logs
+from tuneyard.scheduler.launcher import Ended, JobHandle, Launcher, LaunchError, Placement, make_launcher
 from tuneyard.service.files import FileService
 from tuneyard.service.secrets import SecretService, SecretUnavailable
 from tuneyard.service.webhooks import WebhookSender
 from tuneyard.settings import Settings
+from tuneyard.store import repo
 from tuneyard.store.db import Store
-from tuneyard.store.models import Checkpoint, Job, JobEvent
+from tuneyard.store.models import Job, JobEvent
 from tuneyard.store.repo import add_event, transition
 
 log = logging.getLogger("tuneyard.worker")
 MAX_ATTEMPTS = 3
 KILL_AFTER_TERM_SECONDS = 3.0
+
+
+@dataclass
+class Watched:
+    """A job phase this worker looks after: the launcher's handle and what the worker has done about it."""
+
+    handle: JobHandle
+    jd: JobDir
+    stop_sent_at: float | None = None
+    # What the last stop request asked for ("cancel", "pause", "drain"): a cancel overrides a pause.
+    stop_reason: StopReason | None = None
+    term_sent_at: float | None = None
+    # Set when the worker killed it for using more memory than TUNEYARD_JOB_MEMORY_BYTES (bytes it used).
+    over_memory: int | None = None
+
+    @property
+    def phase(self) -> str:
+        return self.handle.phase
 
 
 def default_worker_id(settings: Settings) -> str:
@@ -75,16 +85,15 @@ class Worker:
     """Runs jobs on this machine; many workers may share one database."""
 
     def __init__(self, store: Store, settings: Settings, files: FileService, *,
-                 launcher: LocalLauncher | None = None, worker_id: str | None = None) -> None:
+                 launcher: Launcher | None = None, worker_id: str | None = None) -> None:
         self.store = store
         self.settings = settings
         self.files = files
-        self.launcher = launcher or LocalLauncher(standby=settings.prepare_standby)
+        self.launcher: Launcher = launcher or make_launcher(settings)
         self.worker_id = worker_id or default_worker_id(settings)
-        self.capacity: Capacity = detect(settings)
         self.secrets = SecretService(store, settings)
         self.webhooks = WebhookSender(store, settings)
-        self.procs: dict[str, Proc] = {}
+        self.procs: dict[str, Watched] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._adopted = False
@@ -114,13 +123,13 @@ class Worker:
         release their jobs; what has not stopped within ``seconds`` is left running to be re-adopted."""
         self._draining = True
         log.info("draining %d job(s) for up to %.0f s", len(self.procs), seconds)
-        for proc in list(self.procs.values()):
-            if proc.stop_sent_at is not None or proc.root is not None and JobDir(proc.root).stop_requested():
+        for w in list(self.procs.values()):
+            if w.stop_sent_at is not None or w.jd.stop_requested():
                 continue  # being cancelled or paused already (maybe asked by the API, not yet by us): that goes on
-            if proc.phase == "train":
-                self.launcher.stop(proc, JobDir(proc.root), "drain")
+            if w.phase == "train":
+                self.launcher.stop(w.handle, w.jd, "drain")
             else:
-                self.launcher.terminate(proc)
+                self.launcher.terminate(w.handle)
         deadline = time.time() + seconds
         while self.procs and time.time() < deadline:
             for job_id in list(self.procs):
@@ -160,22 +169,17 @@ class Worker:
     # ----- adoption after a restart -----------------------------------------------------------
     def _adopt(self) -> None:
         with self.store.session() as s:
-            mine = list(s.scalars(select(Job).where(
-                Job.worker_id == self.worker_id,
-                Job.status.in_([JobStatus.VALIDATING_FILES, JobStatus.RUNNING, JobStatus.CANCELLED,
-                                JobStatus.PAUSED]),
-                Job.pid.is_not(None))))
+            mine = repo.jobs_held_by(s, self.worker_id)
         for job in mine:
             jd = JobDir(Path(job.output_dir))
             phase = "prepare" if job.status == JobStatus.VALIDATING_FILES else "train"
-            proc = self.launcher.adopt(job.id, jd, phase)
-            if proc is not None:
-                proc.cpu_slot = phase == "train"
-                log.info("job %s: re-adopted %s process %d", job.id, phase, proc.pid)
-                self.procs[job.id] = proc
+            h = self.launcher.adopt(job.id, jd, phase)
+            if h is not None:
+                log.info("job %s: re-adopted its %s step", job.id, phase)
+                self.procs[job.id] = Watched(h, jd)
             elif job.status in (JobStatus.VALIDATING_FILES, JobStatus.RUNNING):
                 # It ended while no worker watched it: its files say how.
-                self.procs[job.id] = Proc(job_id=job.id, phase=phase, pid=job.pid or -1, root=jd.root)
+                self.procs[job.id] = Watched(Ended(job_id=job.id, phase=phase), jd)
 
     def _recover_lost(self) -> None:
         """Take over running jobs whose worker stopped renewing their lease (crashed, or its machine died).
@@ -185,25 +189,19 @@ class Worker:
         """
         now = time.time()
         with self.store.session() as s:
-            lost = list(s.scalars(select(Job).where(
-                Job.status == JobStatus.RUNNING, Job.lease_expires_at.is_not(None), Job.lease_expires_at < now,
-                or_(Job.worker_id.is_(None), Job.worker_id != self.worker_id)).limit(20)))
+            lost = repo.lapsed_running(s, self.worker_id, now)
         for job in lost:
             if job.id in self.procs:
                 continue
             jd = JobDir(Path(job.output_dir))
             with self.store.session() as s:
-                # Whoever moves the lease first owns the job; the others see rowcount 0 and leave it.
-                # The lapsed lease value is the token: a renewal or another taker changes it.
-                won = s.execute(update(Job).where(
-                    Job.id == job.id, Job.status == JobStatus.RUNNING, Job.lease_expires_at == job.lease_expires_at
-                ).values(worker_id=self.worker_id, lease_expires_at=now + self.settings.lease_seconds)).rowcount == 1
+                # Whoever moves the lease first owns the job; the others see that they lost and leave it.
+                won = repo.take_over(s, job, self.worker_id, now, self.settings.lease_seconds)
             if not won:
                 continue
-            proc = self.launcher.adopt(job.id, jd, "train")
-            if proc is not None:
-                proc.cpu_slot = True
-                self.procs[job.id] = proc
+            h = self.launcher.adopt(job.id, jd, "train")
+            if h is not None:
+                self.procs[job.id] = Watched(h, jd)
                 with self.store.session() as s:
                     add_event(s, job.id, f"Worker {job.worker_id} stopped answering; {self.worker_id} took over "
                               "the running trainer", level="warn")
@@ -231,47 +229,41 @@ class Worker:
 
     # ----- watching running processes ---------------------------------------------------------
     def _watch(self, job_id: str) -> None:
-        proc = self.procs[job_id]
+        w = self.procs[job_id]
         with self.store.session() as s:
             job = s.scalar(select(Job).where(Job.id == job_id))
         if job is None:
-            self._terminate_now(proc)
+            self._terminate_now(w)
             self.procs.pop(job_id, None)
             return
-        if proc.phase == "train" and job.worker_id not in (None, self.worker_id):
+        if w.phase == "train" and job.worker_id not in (None, self.worker_id):
             # Our lease lapsed and another worker took the job. If it adopted this very trainer (same
             # machine) the job is still running: let go. If it requeued the job, it could not see this
             # trainer and will start another: this one must stop.
-            if job.status != JobStatus.RUNNING or proc.attempt is not None and job.attempt != proc.attempt:
-                self._terminate_now(proc)
+            if job.status != JobStatus.RUNNING or w.handle.attempt is not None and job.attempt != w.handle.attempt:
+                self._terminate_now(w)
             log.warning("job %s: now owned by worker %s; letting go of it", job_id, job.worker_id)
             self.procs.pop(job_id, None)
             return
-        jd = JobDir(Path(job.output_dir))
+        jd = w.jd
         self.ingest(job, jd)
-        code = proc.poll()
+        # None also while processes of it outlive its main one (the launcher ends them first).
+        code = w.handle.poll()
         if code is None:
-            self._enforce_control(job, jd, proc)
-            self._enforce_memory(job, proc)
+            self._enforce_control(job, w)
+            self._enforce_memory(job, w)
             if self.settings.job_log_bytes:
                 rotate_logs(jd.logs, self.settings.job_log_bytes)
             return
-        stray = proc.leftovers()
-        if stray:
-            # The launcher is gone but ranks of it live on (torchrun was killed): they must not go on
-            # training beside a retry. Kill them and decide the outcome once they are gone.
-            log.warning("job %s: %s exited (%s) leaving processes %s: killing them", job_id, proc.phase, code, stray)
-            proc.signal_group(signal.SIGKILL)
-            return
         self.ingest(job, jd)
         # Forget the process only once its outcome is recorded: a failed write is retried next tick.
-        if proc.phase == "prepare":
+        if w.phase == "prepare":
             self._finish_prepare(job, jd, code)
         else:
-            self._finish_train(job, jd, code, proc)
+            self._finish_train(job, jd, code, w)
         self.procs.pop(job_id, None)
 
-    def _enforce_control(self, job: Job, jd: JobDir, proc: Proc) -> None:
+    def _enforce_control(self, job: Job, w: Watched) -> None:
         status = JobStatus(job.status)
         wanted = {JobStatus.CANCELLED: "cancel", JobStatus.PAUSED: "pause", JobStatus.FAILED: "cancel"}.get(status)
         if status == JobStatus.RUNNING and job.pause_requested_at is not None:
@@ -279,116 +271,48 @@ class Worker:
         if wanted is None:
             return
         now = time.time()
-        if proc.stop_reason != wanted or proc.stop_sent_at is None:
+        if w.stop_reason != wanted or w.stop_sent_at is None:
             # The API wrote the request already; writing it again covers one lost in a race with the start of
             # the trainer, and a cancel replaces a pause still under way.
-            self.launcher.stop(proc, jd, wanted)
-            proc.stop_sent_at = now
+            self.launcher.stop(w.handle, w.jd, wanted)
+            w.stop_reason = wanted
+            w.stop_sent_at = now
         # A prepare step has nothing to save; a cancelled trainer gets a few seconds to stop at a step
         # boundary; a pausing one must finish its step and write its checkpoint.
-        if proc.phase == "prepare":
+        if w.phase == "prepare":
             grace = 0.0
         elif wanted == "cancel":
             grace = self.settings.cancel_grace_seconds
         else:
             grace = self.settings.pause_grace_seconds
-        if proc.term_sent_at is None and now - proc.stop_sent_at >= grace:
-            self.launcher.terminate(proc)
-            proc.term_sent_at = now
-        elif proc.term_sent_at is not None and now - proc.term_sent_at > KILL_AFTER_TERM_SECONDS:
-            self.launcher.kill(proc)
+        if w.term_sent_at is None and now - w.stop_sent_at >= grace:
+            self.launcher.terminate(w.handle)
+            w.term_sent_at = now
+        elif w.term_sent_at is not None and now - w.term_sent_at > KILL_AFTER_TERM_SECONDS:
+            self.launcher.kill(w.handle)
 
-    def _enforce_memory(self, job: Job, proc: Proc) -> None:
+    def _enforce_memory(self, job: Job, w: Watched) -> None:
         """Kill a trainer whose processes use more memory than TUNEYARD_JOB_MEMORY_BYTES (a job must not
         take the machine, and the server with it, into the kernel's OOM killer)."""
         limit = self.settings.job_memory_bytes
-        if not limit or proc.phase != "train" or proc.over_memory is not None or proc.root is None:
+        if not limit or w.phase != "train" or w.over_memory is not None:
             return
-        used = resident_bytes(job_processes(proc.root))
-        if used > limit:
+        used = self.launcher.resident_bytes(w.handle)
+        if used is not None and used > limit:
             log.warning("job %s: its processes use %d bytes, over the %d byte limit: killing them", job.id, used,
                         limit)
-            proc.over_memory = used
-            self.launcher.kill(proc)
-            for pid in job_processes(proc.root):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            w.over_memory = used
+            self.launcher.kill(w.handle)
 
-    def _terminate_now(self, proc: Proc) -> None:
-        self.launcher.terminate(proc)
+    def _terminate_now(self, w: Watched) -> None:
+        self.launcher.terminate(w.handle)
         time.sleep(0.2)
-        self.launcher.kill(proc)
+        self.launcher.kill(w.handle)
 
     # ----- recording events -------------------------------------------------------------------
     def ingest(self, job: Job, jd: JobDir) -> int:
         """Record the job's new events (each once, by seq) and the progress they carry; returns how many."""
-        new = list(iter_events(jd.events, after_seq=job.events_seq))
-        if not new:
-            return 0
-        updates: dict[str, Any] = {}
-        with self.store.session(write=True) as s:
-            saved = False
-            for ev in new:
-                if ev.type == "progress":
-                    self._progress_fields(ev.progress(), updates)
-                    continue
-                start = ev.start_step()
-                if start is not None and start > 0:
-                    self._supersede_metrics(s, job.id, start)
-                add_event(s, job.id, ev.message, type=ev.type, level=ev.level, data=ev.data, file_seq=ev.seq,
-                          created_at=ev.ts)
-                if ev.type == "metrics":
-                    self._progress_fields(ev.progress(), updates)
-                elif (saved_ckpt := ev.checkpoint()) is not None:
-                    self._add_checkpoint(s, job.id, saved_ckpt, ev.ts)
-                    saved = True
-            if saved:
-                self._prune_checkpoints(s, job.id)
-            updates["events_seq"] = max(ev.seq for ev in new)
-            s.execute(update(Job).where(Job.id == job.id, Job.events_seq < updates["events_seq"]).values(**updates))
-        job.events_seq = updates["events_seq"]
-        return len(new)
-
-    @staticmethod
-    def _progress_fields(p: Progress, updates: dict[str, Any]) -> None:
-        if p.step is not None:
-            updates["trained_steps"] = p.step
-        if p.total_steps is not None:
-            updates["total_steps"] = p.total_steps
-        if p.trained_tokens is not None:
-            updates["trained_tokens"] = p.trained_tokens
-        if p.eta_s is not None:
-            updates["estimated_finish"] = time.time() + p.eta_s
-
-    @staticmethod
-    def _supersede_metrics(s, job_id: str, start_step: int) -> None:
-        """A trainer resumed at ``start_step``: the metrics an interrupted attempt logged after that step
-        describe work that was rolled back and is done again; the resumed run's own replace them."""
-        for ev in s.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.type == "metrics")):
-            step = (ev.data or {}).get("step")
-            if isinstance(step, int) and step > start_step:
-                s.delete(ev)
-
-    @staticmethod
-    def _prune_checkpoints(s, job_id: str) -> None:
-        """Forget checkpoints the trainer rotated away (save_total_limit): the API lists what can be used."""
-        for ck in s.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id)):
-            if ck.path and not Path(ck.path).exists():
-                s.delete(ck)
-
-    @staticmethod
-    def _add_checkpoint(s, job_id: str, saved: CheckpointSaved, ts: float | None) -> None:
-        from sqlalchemy.exc import IntegrityError
-
-        from tuneyard.ids import new_id
-
-        ck = Checkpoint(id=new_id("ftckpt"), job_id=job_id, step=saved.step, created_at=ts or time.time(),
-                        path=saved.path, metrics={"step": saved.step, **saved.metrics})
-        try:
-            with s.begin_nested():
-                s.add(ck)
-        except IntegrityError:
-            pass
+        return recorder.ingest(self.store, job, jd)
 
     # ----- prepare phase ----------------------------------------------------------------------
     def _start_prepares(self) -> None:
@@ -398,19 +322,12 @@ class Worker:
             return
         now = time.time()
         with self.store.session() as s:
-            candidates = list(s.scalars(select(Job.id).where(
-                Job.status == JobStatus.VALIDATING_FILES,
-                or_(Job.worker_id.is_(None), Job.lease_expires_at < now)).order_by(Job.pk).limit(free)))
+            candidates = repo.prepare_candidates(s, now, free)
         for job_id in candidates:
             if job_id in self.procs:
                 continue
             with self.store.session() as s:
-                won = s.execute(update(Job).where(
-                    Job.id == job_id, Job.status == JobStatus.VALIDATING_FILES,
-                    or_(Job.worker_id.is_(None), Job.lease_expires_at < now)).values(
-                    worker_id=self.worker_id, lease_expires_at=now + self.settings.lease_seconds,
-                    updated_at=now)).rowcount == 1
-                job = s.scalar(select(Job).where(Job.id == job_id)) if won else None
+                job = repo.claim_for_prepare(s, job_id, self.worker_id, now, self.settings.lease_seconds)
             if job is None:
                 continue
             jd = JobDir(Path(job.output_dir)).create()
@@ -423,10 +340,10 @@ class Worker:
                                                                        "param": e.param})):
                         add_event(s, job.id, f"Validation failed: {e.message}", level="error")
                 continue
-            proc = self.launcher.prepare(job.id, jd, job.attempt, env=env)
-            self.procs[job.id] = proc
+            h = self.launcher.prepare(job.id, jd, job.attempt, env=env)
+            self.procs[job.id] = Watched(h, jd)
             with self.store.session() as s:
-                s.execute(update(Job).where(Job.id == job.id).values(pid=proc.pid))
+                repo.record_process(s, job.id, h.pid)
 
     def _model_credentials(self, job: Job) -> dict[str, str]:
         """HF_TOKEN for a private hub model, from the stored secret the spec names (environment only)."""
@@ -471,8 +388,7 @@ class Worker:
                 return
             if self._draining and res is None:
                 # Stopped by this worker's shutdown: the next worker prepares the job again.
-                s.execute(update(Job).where(Job.id == job.id, Job.status == JobStatus.VALIDATING_FILES)
-                          .values(worker_id=None, lease_expires_at=None, pid=None))
+                repo.release_prepare(s, job.id)
                 return
             err = res.error.model_dump() if res is not None else {
                 "code": "internal_error",
@@ -482,56 +398,52 @@ class Worker:
                 add_event(s, job.id, f"Validation failed: {err['message']}", level="error")
 
     # ----- training phase ---------------------------------------------------------------------
-    def _free_devices(self) -> tuple[list[int], int]:
-        used_gpus = {g for p in self.procs.values() for g in p.gpus}
-        free_gpus = [g for g in range(self.capacity.gpus) if g not in used_gpus]
-        used_cpu = sum(1 for p in self.procs.values() if p.phase == "train" and p.cpu_slot)
-        return free_gpus, self.capacity.cpu_slots - used_cpu
-
     def _start_trainers(self) -> None:
         with self.store.session() as s:
-            queued = list(s.scalars(select(Job).where(Job.status == JobStatus.QUEUED).order_by(Job.pk).limit(50)))
+            queued = repo.queued_jobs(s)
         for job in queued:
             if job.id in self.procs:
                 continue  # a paused-then-resumed job whose old trainer is still saving
             spec = TrainingSpec.model_validate(job.spec)
-            free_gpus, free_cpu = self._free_devices()
-            use_gpu = self.capacity.has_cuda and spec.resources.device != "cpu"
-            nproc = spec.resources.nproc_per_node if use_gpu else max(spec.resources.nproc_per_node,
-                                                                       self.settings.cpu_procs_per_job)
-            if use_gpu and len(free_gpus) < nproc or not use_gpu and free_cpu < 1:
+            cap = self.launcher.capacity()
+            # The spec says how many processes (CPU jobs: TUNEYARD_CPU_PROCS_PER_JOB, written at submission).
+            want = Placement.for_spec(spec, cuda=cap.has_cuda)
+            free_gpus = cap.gpus if cap.free_gpus is None else cap.free_gpus
+            free_cpu = cap.cpu_slots if cap.free_cpu_slots is None else cap.free_cpu_slots
+            if want.gpus_per_node and free_gpus < want.gpus_per_node or not want.gpus_per_node and free_cpu < 1:
                 continue  # wait; a smaller job behind it may still fit
-            if job_processes(Path(job.output_dir)):
+            jd = JobDir(Path(job.output_dir))
+            if not self.launcher.idle(jd):
                 continue  # an earlier run of this job is still winding down: never two trainers on one job
-            now = time.time()
             with self.store.session() as s:
-                won = transition(s, job.id, JobStatus.RUNNING, expect={JobStatus.QUEUED}, worker_id=self.worker_id,
-                                 lease_expires_at=now + self.settings.lease_seconds, attempt=job.attempt + 1,
-                                 started_at=job.started_at or now, pause_requested_at=None)
-                if won:
-                    add_event(s, job.id, "Fine-tuning job started" if job.attempt == 0 and not job.trained_steps
-                              else f"Fine-tuning job restarted (attempt {job.attempt + 1})")
+                won = repo.claim_for_training(s, job, self.worker_id, time.time(), self.settings.lease_seconds)
             if not won:
                 continue
-            jd = JobDir(Path(job.output_dir)).create()
+            jd.create()
             jd.clear_stop()
             jd.result.unlink(missing_ok=True)
             try:
-                proc = self.launcher.train(job.id, jd, job.attempt + 1, nproc, free_gpus[:nproc] if use_gpu else [],
-                                           env={**self._model_credentials(job), **self._tracking_credentials(job)})
-            except (OSError, SecretUnavailable) as e:
+                h = self.launcher.train(job.id, jd, job.attempt + 1, want,
+                                        env={**self._model_credentials(job), **self._tracking_credentials(job)})
+            except (OSError, SecretUnavailable, LaunchError) as e:
                 with self.store.session() as s:
                     transition(s, job.id, JobStatus.FAILED, worker_id=None, lease_expires_at=None, error=_error(
                         {"code": "launch_failed", "message": f"could not start the trainer: {e}"}))
                 continue
-            self.procs[job.id] = proc
             with self.store.session() as s:
-                s.execute(update(Job).where(Job.id == job.id).values(pid=proc.pid))
+                if h is None:
+                    # Taken between the look and the start (another launcher's job on the same devices): later.
+                    repo.unclaim_training(s, job)
+                    continue
+                repo.record_process(s, job.id, h.pid)
+                add_event(s, job.id, "Fine-tuning job started" if job.attempt == 0 and not job.trained_steps
+                          else f"Fine-tuning job restarted (attempt {job.attempt + 1})")
+            self.procs[job.id] = Watched(h, jd)
 
-    def _finish_train(self, job: Job, jd: JobDir, code: int, proc: Proc | None = None) -> None:
+    def _finish_train(self, job: Job, jd: JobDir, code: int, w: Watched | None = None) -> None:
         res, unreadable = _read(jd.read_result, job.id)
-        if proc is not None and proc.over_memory is not None:
-            mib, limit = proc.over_memory // 2**20, self.settings.job_memory_bytes // 2**20
+        if w is not None and w.over_memory is not None:
+            mib, limit = w.over_memory // 2**20, self.settings.job_memory_bytes // 2**20
             res = Failed(error=JobError(
                 code="out_of_memory",
                 message=f"the trainer used {mib:,} MiB of memory, over this installation's limit of {limit:,} MiB "
@@ -622,7 +534,7 @@ class Worker:
                 "before its first step; resume starts from the beginning"
             add_event(s, job.id, f"Fine-tuning job paused {where}", data=data)
             return
-        self._supersede_metrics(s, job.id, step)
+        recorder.supersede_metrics(s, job.id, step)
         where = f"at the newest complete checkpoint, step {step}; resume continues from there" if ckpt else \
             "with no complete checkpoint; resume starts from the beginning"
         add_event(s, job.id, f"{died}; paused {where}", level="warn", data=data)
@@ -682,8 +594,7 @@ class Worker:
         if not self.procs:
             return
         with self.store.session() as s:
-            s.execute(update(Job).where(Job.id.in_(list(self.procs)), Job.worker_id == self.worker_id)
-                      .values(lease_expires_at=time.time() + self.settings.lease_seconds))
+            repo.renew_leases(s, list(self.procs), self.worker_id, time.time() + self.settings.lease_seconds)
 
 
 # Below this much free space a trainer that died without a result is taken to have filled the disk.

@@ -15,10 +15,10 @@ from tuneyard.data.sources import SECRET_TYPES, check_uri, hub_local_dir, is_uri
 from tuneyard.domain import capabilities, tracking
 from tuneyard.domain.errors import Conflict, InvalidRequest, InvalidState, NotFound, Problems, RateLimited
 from tuneyard.domain.jobs import JobStatus, is_fine_tuned_name
-from tuneyard.domain.spec import DataSource, IntegrationSpec, TrainingSpec
+from tuneyard.domain.spec import DataSource, IntegrationSpec, RuntimeSpec, TrainingSpec
 from tuneyard.ids import new_id
 from tuneyard.jobdir import JobDir, StopReason, write_json_atomic
-from tuneyard.scheduler.capacity import bitsandbytes_available, detect
+from tuneyard.scheduler.launcher import Launcher, launcher_class
 from tuneyard.service import lineage
 from tuneyard.service.audit import record_by
 from tuneyard.service.auth import Principal, visible
@@ -56,6 +56,14 @@ class JobService:
         self.settings = settings
         self.files = files
         self.secrets = secrets
+        self._launcher: Launcher | None = None
+
+    @property
+    def launcher(self) -> Launcher:
+        """The configured launcher, asked what a job can get (it starts nothing here)."""
+        if self._launcher is None:
+            self._launcher = launcher_class(self.settings.launcher).from_settings(self.settings)
+        return self._launcher
 
     # ----- submission -------------------------------------------------------------------------
     def submit(self, who: Principal, sub: Submission, problems: Problems | None = None) -> Job:
@@ -145,7 +153,7 @@ class JobService:
         # A job that will run on CPU runs TUNEYARD_CPU_PROCS_PER_JOB gloo processes: the spec says so, so that
         # the batch is split for them from the start (and a batch that cannot be is refused here, not in the
         # trainer).
-        if spec.resources.device == "cpu" or not detect(self.settings).has_cuda:
+        if spec.resources.device == "cpu" or not self.launcher.capacity().has_cuda:
             nproc = max(spec.resources.nproc_per_node, self.settings.cpu_procs_per_job)
             spec = spec.model_copy(update={"resources": spec.resources.model_copy(update={"nproc_per_node": nproc})})
         spec = spec.model_copy(update={"model": model, "adapter": adapter})
@@ -162,7 +170,7 @@ class JobService:
         resources = spec.resources.model_copy(
             update={"torch_compile": spec.resources.torch_compile or self.settings.torch_compile})
         return spec.model_copy(update={"model": model, "data": data, "resources": resources,
-                                       "integrations": integrations})
+                                       "integrations": integrations, "runtime": runtime_spec(self.settings)})
 
     def _check_integrations(self, who: Principal, spec: TrainingSpec, problems: Problems) -> list[IntegrationSpec]:
         """The trackers checked (domain/tracking.py), each W&B one with the secret its key comes from resolved."""
@@ -259,11 +267,6 @@ class JobService:
 
     def _check_resources(self, spec: TrainingSpec, problems: Problems) -> None:
         """Record each thing this installation cannot honour (they are independent: all are reported)."""
-        res = spec.resources
-        if res.node_count > 1:
-            problems.add(InvalidRequest(f"node_count {res.node_count}: this installation runs jobs on one node with "
-                                        "the local launcher; a multi-node launcher is not configured",
-                                        param="node_count"))
         batch = spec.hyperparameters.batch_size
         if isinstance(batch, int) and batch % spec.world_size:
             problems.add(InvalidRequest(f"batch_size {batch} must be a multiple of the {spec.world_size} training "
@@ -272,9 +275,8 @@ class JobService:
             # About the inputs, not the recipe: the prepare step checks it again on what it holds out.
             problems.add(InvalidRequest("keep_best_checkpoint needs validation data: a validation file or a split "
                                         "that holds some rows out", param="keep_best_checkpoint"))
-        # What the recipe supports, then what the launcher's devices allow: the one table in domain/.
-        found = capabilities.check(spec) + capabilities.check_hardware(spec, detect(self.settings),
-                                                                       bitsandbytes=bitsandbytes_available())
+        # What the recipe supports (the one table in domain/), then what the launcher can ever give the job.
+        found = capabilities.check(spec) + self.launcher.fits(spec)
         for p in found:
             problems.add(InvalidRequest(p.message, param=p.param, code=p.code))
 
@@ -455,3 +457,18 @@ def _invalid_state(job: Job, action: str) -> InvalidState:
     else:
         message = f"Only paused jobs can be resumed; {job.id} is {job.status}"
     return InvalidState(message, job_id=job.id, external_id=job.external_id, status=job.status, action=action)
+
+
+def runtime_spec(settings: Settings) -> RuntimeSpec:
+    """The settings a job's processes follow, as the spec carries them to wherever a launcher runs them."""
+    return RuntimeSpec(
+        flash_attention=settings.flash_attention, liger_kernels=settings.liger_kernels,
+        s3_endpoint_url=settings.s3_endpoint_url, s3_ambient_credentials=settings.s3_ambient_credentials,
+        max_download_bytes=settings.max_download_bytes,
+        download_allow_private_hosts=settings.download_allow_private_hosts,
+        download_timeout_seconds=settings.download_timeout_seconds, max_error_report=settings.max_error_report,
+        min_examples=settings.min_examples, max_examples_per_job=settings.max_examples_per_job,
+        max_tokens_per_job=settings.max_tokens_per_job, prepare_workers=settings.prepare_workers,
+        prepare_parallel_min_examples=settings.prepare_parallel_min_examples,
+        tokenised_cache_dir=str(settings.home / "cache" / "tokenised") if settings.tokenised_cache_bytes > 0 else None,
+        tokenised_cache_bytes=settings.tokenised_cache_bytes)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any, TypeVar
 
-from sqlalchemy import ColumnElement, Select, exists, func, select, update
+from sqlalchemy import ColumnElement, Select, exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -96,3 +96,80 @@ def json_value_is(column: Any, key: str, value: str, dialect: str) -> ColumnElem
         pairs = func.json_each(column).table_valued("key", "value")
         return exists().select_from(pairs).where(pairs.c.key == key, pairs.c.value == value)
     return column[key].as_string() == value
+
+
+# ----- claims and leases (the worker's; each a conditional UPDATE, so of racing workers exactly one wins) ----------
+def prepare_candidates(s: Session, now: float, limit: int) -> list[str]:
+    """Jobs waiting for a prepare step that no worker holds a live lease on, oldest first."""
+    return list(s.scalars(select(Job.id).where(
+        Job.status == JobStatus.VALIDATING_FILES,
+        or_(Job.worker_id.is_(None), Job.lease_expires_at < now)).order_by(Job.pk).limit(limit)))
+
+
+def claim_for_prepare(s: Session, job_id: str, worker_id: str, now: float, lease_seconds: float) -> Job | None:
+    """Take a job's prepare step for ``worker_id`` (a lease until ``now + lease_seconds``); the job if won."""
+    won = s.execute(update(Job).where(
+        Job.id == job_id, Job.status == JobStatus.VALIDATING_FILES,
+        or_(Job.worker_id.is_(None), Job.lease_expires_at < now)).values(
+        worker_id=worker_id, lease_expires_at=now + lease_seconds, updated_at=now)).rowcount == 1
+    return s.scalar(select(Job).where(Job.id == job_id)) if won else None
+
+
+def queued_jobs(s: Session, limit: int = 50) -> list[Job]:
+    """Jobs waiting for a trainer, oldest first."""
+    return list(s.scalars(select(Job).where(Job.status == JobStatus.QUEUED).order_by(Job.pk).limit(limit)))
+
+
+def claim_for_training(s: Session, job: Job, worker_id: str, now: float, lease_seconds: float) -> bool:
+    """Move a queued job to running under ``worker_id``'s lease as its next attempt; True when this call won."""
+    return transition(s, job.id, JobStatus.RUNNING, expect={JobStatus.QUEUED}, worker_id=worker_id,
+                      lease_expires_at=now + lease_seconds, attempt=job.attempt + 1,
+                      started_at=job.started_at or now, pause_requested_at=None)
+
+
+def unclaim_training(s: Session, job: Job) -> bool:
+    """Put a job claimed by ``claim_for_training`` back in the queue as it was (its trainer could not start)."""
+    return transition(s, job.id, JobStatus.QUEUED, expect={JobStatus.RUNNING}, worker_id=None, lease_expires_at=None,
+                      attempt=job.attempt, started_at=job.started_at, pid=None)
+
+
+def jobs_held_by(s: Session, worker_id: str) -> list[Job]:
+    """Jobs ``worker_id`` had started a process for, in the states where that process may still run."""
+    return list(s.scalars(select(Job).where(
+        Job.worker_id == worker_id,
+        Job.status.in_([JobStatus.VALIDATING_FILES, JobStatus.RUNNING, JobStatus.CANCELLED, JobStatus.PAUSED]),
+        # A running job has had its trainer started (or is about to); elsewhere the pid says a process was.
+        or_(Job.pid.is_not(None), Job.status == JobStatus.RUNNING))))
+
+
+def lapsed_running(s: Session, worker_id: str, now: float, limit: int = 20) -> list[Job]:
+    """Running jobs of other workers whose lease lapsed (the worker crashed, or its machine died)."""
+    return list(s.scalars(select(Job).where(
+        Job.status == JobStatus.RUNNING, Job.lease_expires_at.is_not(None), Job.lease_expires_at < now,
+        or_(Job.worker_id.is_(None), Job.worker_id != worker_id)).limit(limit)))
+
+
+def take_over(s: Session, job: Job, worker_id: str, now: float, lease_seconds: float) -> bool:
+    """Move a lapsed lease of a running job to ``worker_id``; True when this call won.
+
+    The lapsed lease value is the token: a renewal by the old worker or another taker changes it.
+    """
+    return s.execute(update(Job).where(
+        Job.id == job.id, Job.status == JobStatus.RUNNING, Job.lease_expires_at == job.lease_expires_at
+    ).values(worker_id=worker_id, lease_expires_at=now + lease_seconds)).rowcount == 1
+
+
+def renew_leases(s: Session, job_ids: list[str], worker_id: str, until: float) -> None:
+    """Extend ``worker_id``'s leases on ``job_ids`` (those it still holds) to ``until``."""
+    s.execute(update(Job).where(Job.id.in_(job_ids), Job.worker_id == worker_id).values(lease_expires_at=until))
+
+
+def record_process(s: Session, job_id: str, pid: int | None) -> None:
+    """Note the process a launcher started for the job (None: a launcher without local processes)."""
+    s.execute(update(Job).where(Job.id == job_id).values(pid=pid))
+
+
+def release_prepare(s: Session, job_id: str) -> None:
+    """Let go of a job whose prepare step this worker stopped (shutting down): the next worker prepares it."""
+    s.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.VALIDATING_FILES)
+              .values(worker_id=None, lease_expires_at=None, pid=None))

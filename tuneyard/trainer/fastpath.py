@@ -32,7 +32,6 @@ from transformers.utils import is_flash_attn_2_available
 
 from tuneyard.data.splits import LAZY_COLUMN
 from tuneyard.domain.spec import TrainingSpec
-from tuneyard.settings import get_settings
 
 # Per-layer kinds in a config's ``layer_types`` that are plain (masked) attention: a packed row's block mask
 # or varlen kernel keeps its examples apart. Anything else (mamba, conv, linear attention...) carries a state
@@ -122,15 +121,21 @@ def length_grouped_sampler(ds: Any, batch_size: int, seed: int) -> EpochLengthGr
     return EpochLengthGroupedSampler(batch_size, lengths, seed)
 
 
-def flash_attention(device: str, packed: bool, dtype: torch.dtype) -> bool:
-    """FlashAttention-2 varlen kernels: on CUDA, packed half-precision batches, with flash_attn installed."""
+def flash_attention(device: str, packed: bool, dtype: torch.dtype, allowed: bool = True) -> bool:
+    """FlashAttention-2 varlen kernels: on CUDA, packed half-precision batches, with flash_attn installed.
+
+    ``allowed``: the installation's TUNEYARD_FLASH_ATTENTION, as the job's spec carries it (runtime).
+    """
     return (device == "cuda" and packed and dtype in (torch.float16, torch.bfloat16)
-            and get_settings().flash_attention and is_flash_attn_2_available())
+            and allowed and is_flash_attn_2_available())
 
 
-def liger(device: str) -> bool:
-    """Liger's fused kernels (RMSNorm, SwiGLU, RoPE): on CUDA when the liger_kernel package is installed."""
-    return device == "cuda" and get_settings().liger_kernels and importlib.util.find_spec("liger_kernel") is not None
+def liger(device: str, allowed: bool = True) -> bool:
+    """Liger's fused kernels (RMSNorm, SwiGLU, RoPE): on CUDA when the liger_kernel package is installed.
+
+    ``allowed``: the installation's TUNEYARD_LIGER_KERNELS, as the job's spec carries it (runtime).
+    """
+    return device == "cuda" and allowed and importlib.util.find_spec("liger_kernel") is not None
 
 
 def compile_blocker(device: str) -> str | None:

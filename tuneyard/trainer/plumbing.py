@@ -193,7 +193,8 @@ def load_model(spec: TrainingSpec, device: str, precision: dict[str, Any], ranks
     m = spec.model
     kwargs: dict[str, Any] = {"dtype": precision["load"], "revision": m.revision,
                               "trust_remote_code": m.trust_remote_code}
-    if fastpath.flash_attention(device, spec.data.padding_free or spec.data.packing, precision["load"]):
+    if fastpath.flash_attention(device, spec.data.padding_free or spec.data.packing, precision["load"],
+                                spec.runtime.flash_attention):
         # Varlen kernels attend within each packed example without the dense block mask sdpa needs.
         kwargs["attn_implementation"] = "flash_attention_2"
     if m.quant_bits in (4, 8):
@@ -297,7 +298,7 @@ def common_args(spec: TrainingSpec, job: JobDir, device: str, precision: dict[st
         report_to="none",
         disable_tqdm=True,
         log_level="passive",
-        use_liger_kernel=fastpath.liger(device),
+        use_liger_kernel=fastpath.liger(device, spec.runtime.liger_kernels),
         torch_compile=spec.resources.torch_compile,
     )
 
