@@ -46,8 +46,9 @@ def moto_s3(objects: dict[str, bytes], bucket: str = BUCKET) -> Iterator[dict]:
     """moto's S3 in server mode on loopback, checking signatures and IAM policies like AWS does.
 
     Yields ``url``, ``reader`` (an aws secret allowed to read the bucket), ``writer`` (allowed everything on
-    S3: shared storage) and ``nobody`` (valid keys, no permissions). Setup runs before authentication is switched on; authentication is switched off and the
-    accounts emptied again at the end, because moto keeps both per process, not per server.
+    S3: shared storage) and ``nobody`` (valid keys, no permissions). Setup runs before authentication is
+    switched on; authentication is switched off and the accounts emptied again at the end, because moto keeps
+    both per process, not per server.
     """
     import boto3
     import httpx

@@ -13,18 +13,21 @@ worker's credentials and is not distributed); its outputs are uploaded before th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from tuneyard.domain import capabilities
 from tuneyard.domain.errors import Problem
 from tuneyard.domain.spec import TrainingSpec
 from tuneyard.jobdir import CHECKPOINT_MARKER, JobDir, StopReason
-from tuneyard.scheduler.capacity import Capacity
+from tuneyard.scheduler.capacity import Capacity, bitsandbytes_available
+from tuneyard.scheduler.launcher import LaunchError, Placement
 from tuneyard.scheduler.local import LocalLauncher
 from tuneyard.settings import Settings
 from tuneyard.storage import Storage, complete_checkpoints, get_dir, open_storage, put_dir
@@ -64,13 +67,8 @@ class RayJob:
     phase: str = "train"
     attempt: int | None = None
     offset: int = 0
-    gpus: list[int] = field(default_factory=list)
-    cpu_slot: bool = False
-    stop_sent_at: float | None = None
-    stop_reason: StopReason | None = None
-    term_sent_at: float | None = None
-    over_memory: int | None = None
-    pid: int = -1
+    # No local process: the ranks are the cluster's.
+    pid: int | None = None
     _unanswered_since: dict[int, float] = field(default_factory=dict)
     _first_end: float | None = None
     _mirrored_at: float = 0.0
@@ -91,7 +89,10 @@ class RayJob:
         if time.time() - self._mirrored_at > MIRROR_SECONDS:
             self.launcher.mirror_checkpoints(self.jd)
             self._mirrored_at = time.time()
-        refs = [a.poll.remote() for a in self.actors]
+        try:
+            refs = [a.poll.remote() for a in self.actors]
+        except ray.exceptions.RayError:
+            return self._end(-1)
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=5)
         codes: list[int | None] = []
         errors: list[str] = []
@@ -147,10 +148,6 @@ class RayJob:
                 f.write(data)
             self.offset += len(data)
 
-    def leftovers(self) -> list[int]:
-        """No local processes: the ranks are the cluster's (released with the placement group)."""
-        return []
-
     def signal_group(self, sig: int) -> None:
         """Send ``sig`` to every rank's trainer."""
         for a in self.actors:
@@ -174,6 +171,11 @@ class RayLauncher:
         self.storage: Storage = open_storage(**self.storage_args)
         self._connected = False
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RayLauncher:
+        """The launcher for the cluster and storage the settings name."""
+        return cls(settings, local=LocalLauncher.from_settings(settings))
+
     # ----- the cluster ----------------------------------------------------------------------------
     def _ray(self) -> Any:
         import ray
@@ -189,15 +191,35 @@ class RayLauncher:
         return [n["Resources"] for n in self._ray().nodes() if n.get("Alive")]
 
     def capacity(self) -> Capacity:
-        """The cluster's devices: GPUs summed over the nodes (the first GPU type named), every CPU a slot."""
+        """The cluster's devices: GPUs of the largest node (the first GPU type named), every CPU a slot; free:
+        what Ray has unreserved now (summed over nodes: placing the job's group is the exact test)."""
+        ray = self._ray()
         nodes = self._nodes()
-        gpus = int(sum(n.get("GPU", 0) for n in nodes))
+        free = ray.available_resources()
         types = sorted({k.split(":", 1)[1] for n in nodes for k in n if k.startswith("accelerator_type:")})
-        return Capacity(gpus=gpus, gpu_name=types[0] if types else None,
-                        cpu_slots=max(1, int(sum(n.get("CPU", 0) for n in nodes))))
+        return Capacity(gpus=int(max((n.get("GPU", 0) for n in nodes), default=0)),
+                        gpu_name=types[0] if types else None,
+                        cpu_slots=max(1, int(sum(n.get("CPU", 0) for n in nodes))),
+                        free_gpus=int(free.get("GPU", 0)), free_cpu_slots=int(free.get("CPU", 0)), nodes=len(nodes))
+
+    def idle(self, jd: JobDir) -> bool:
+        """True when no rank actor of the job lives on in the cluster (nor a prepare process here)."""
+        ray = self._ray()
+        prefix = f"tuneyard-{jd.root.name}-rank"
+        names = ray.util.list_named_actors(all_namespaces=True)
+        return self.local.idle(jd) and not any(
+            (a["name"] if isinstance(a, dict) else a).startswith(prefix) for a in names)
 
     def fits(self, spec: TrainingSpec) -> list[Problem]:
-        """What the job asks for that no set of this cluster's nodes has (it could never start)."""
+        """What the job asks for that no set of this cluster's nodes has (it could never start), and what its
+        devices cannot do (QLoRA without a GPU...)."""
+        placement = self._fits_nodes(spec)
+        hw = replace(self.capacity(), gpu_name=None)  # GPU types are checked per node above
+        covered = {"gpu_count", "node_count", "gpu_type", "device"}
+        return placement + [p for p in capabilities.check_hardware(spec, hw, bitsandbytes=bitsandbytes_available())
+                            if p.param not in covered]
+
+    def _fits_nodes(self, spec: TrainingSpec) -> list[Problem]:
         res = spec.resources
         nodes = self._nodes()
         if res.device == "cpu" or not any(n.get("GPU") for n in nodes):
@@ -263,7 +285,7 @@ class RayLauncher:
             if (d / CHECKPOINT_MARKER).is_file() and f"{key}/checkpoints/{d.name}" not in have:
                 put_dir(self.storage, d, f"{key}/checkpoints/{d.name}", last=CHECKPOINT_MARKER)
 
-    def train(self, job_id: str, jd: JobDir, attempt: int, resources: Any = None,
+    def train(self, job_id: str, jd: JobDir, attempt: int, resources: Placement,
               env: dict[str, str] | None = None) -> RayJob | None:
         """Reserve the job's nodes and start its ranks; None when the cluster cannot place them now (it waits)."""
         ray = self._ray()
@@ -272,10 +294,11 @@ class RayLauncher:
 
         from tuneyard.scheduler.ray_rank import RankActor
 
-        spec = TrainingSpec.model_validate_json(jd.resolved_spec.read_text())
-        res = spec.resources
-        nodes, per_node = res.node_count, res.nproc_per_node
-        gpu = res.device != "cpu" and any(n.get("GPU") for n in self._nodes())
+        try:
+            res = TrainingSpec.model_validate_json(jd.resolved_spec.read_text()).resources
+        except (OSError, ValueError) as e:
+            raise LaunchError(f"the job's resolved spec does not read: {e}") from e
+        nodes, per_node, gpu = resources.node_count, resources.ranks_per_node, resources.gpus_per_node > 0
         bundle: dict[str, float] = {"GPU": per_node} if gpu else {"CPU": per_node}
         if gpu and res.gpu_type:
             bundle[f"accelerator_type:{res.gpu_type.upper()}"] = 0.001
@@ -334,15 +357,11 @@ class RayLauncher:
                 actor = ray.get_actor(_actor_name(job_id, rank), namespace=NAMESPACE)
             except ValueError:
                 continue
-            try:
+            with contextlib.suppress(ray.exceptions.RayError):
                 ray.get(actor.cleanup.remote(), timeout=10)
-            except ray.exceptions.RayError:
-                pass
             ray.kill(actor, no_restart=True)
-        try:
+        with contextlib.suppress(ValueError):
             remove_placement_group(get_placement_group(_pg_name(job_id)))
-        except ValueError:
-            pass
 
     # ----- files back from the storage ------------------------------------------------------------
     def mirror_checkpoints(self, jd: JobDir) -> None:
