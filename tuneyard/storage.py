@@ -36,6 +36,7 @@ class Storage(Protocol):
     def put_file(self, local: Path, key: str) -> None: ...
     def get_file(self, key: str, local: Path) -> bool: ...
     def list(self, prefix: str) -> list[str]: ...
+    def delete(self, key: str) -> None: ...
     def delete_prefix(self, prefix: str) -> None: ...
 
 
@@ -49,14 +50,6 @@ def open_storage(url: str, *, credentials: dict[str, Any] | None = None, endpoin
     if not os.path.isabs(path):
         raise StorageError(f"TUNEYARD_STORAGE_URL '{url}' is neither s3://bucket/prefix nor an absolute path")
     return LocalStorage(url=url, root=Path(path))
-
-
-def check_url(url: str) -> str | None:
-    """Why ``url`` cannot be a storage location (None when it can); no I/O."""
-    if S3_URL.match(url):
-        return None
-    return None if os.path.isabs(url.removeprefix("file://")) else \
-        f"TUNEYARD_STORAGE_URL '{url}' is neither s3://bucket/prefix nor an absolute path"
 
 
 @dataclass
@@ -93,6 +86,10 @@ class LocalStorage:
             return []
         return sorted(str(PurePosixPath(prefix) / p.relative_to(base).as_posix()) for p in base.rglob("*")
                       if p.is_file() and not p.name.endswith(".partial"))
+
+    def delete(self, key: str) -> None:
+        """Remove ``key`` (nothing when it is not there)."""
+        self._path(key).unlink(missing_ok=True)
 
     def delete_prefix(self, prefix: str) -> None:
         """Remove every key under ``prefix``."""
@@ -173,6 +170,15 @@ class S3Storage:
         """Every key under ``prefix``."""
         cut = len(self.prefix) + 1 if self.prefix else 0
         return sorted(k[cut:] for k in self._objects(prefix))
+
+    def delete(self, key: str) -> None:
+        """Remove ``key`` (nothing when it is not there)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        except (BotoCoreError, ClientError) as e:
+            raise self._fail("delete", key, e) from e
 
     def delete_prefix(self, prefix: str) -> None:
         """Remove every key under ``prefix``."""

@@ -72,7 +72,10 @@ class RayCluster:
     """A head node and worker nodes on 127.0.0.1, one CPU each, the dashboard off."""
 
     def __init__(self, env: dict[str, str]) -> None:
-        self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **env}
+        # A busy machine (the tests share two cores) starts a node's agents slowly: give the raylet longer than
+        # its default 30 s to see them.
+        self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_raylet_start_wait_time_s": "120",
+                    "RAY_agent_register_timeout_ms": "120000", **env}
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.head = RayNode(["--head", "--port", str(self.port), "--num-cpus", "1", "--include-dashboard", "false",

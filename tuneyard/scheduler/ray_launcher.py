@@ -279,6 +279,8 @@ class RayLauncher:
         for name in ("resolved_spec.json", "prepared.json", "events.jsonl", "tracking/runs.json"):
             if (jd.root / name).is_file():
                 self.storage.put_file(jd.root / name, f"{key}/{name}")
+        # An earlier attempt's outcome (a rank 0 that failed when its peer's node was lost) is not this one's.
+        self.storage.delete(f"{key}/result.json")
         # A checkpoint the storage lacks (the job was paused before the storage was configured): put it there.
         have = {k for _, k in complete_checkpoints(self.storage, f"{key}/checkpoints", CHECKPOINT_MARKER)}
         for d in sorted(jd.checkpoints.glob("checkpoint-*")) if jd.checkpoints.is_dir() else ():
