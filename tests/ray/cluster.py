@@ -25,13 +25,13 @@ class RayNode:
         # Short: Ray's unix socket paths live under the temp dir and must stay within 107 bytes.
         self.temp_dir = Path(tempfile.mkdtemp(prefix=f"tyray-{name}-", dir="/tmp"))
         self.log = (self.temp_dir / "start.log").open("ab")
-        ray = str(Path(sys.executable).with_name("ray"))
         # Every agent port given: with port 0 the raylet waits a fixed time for the agent to write its port to a
         # file, which a slow (busy) machine misses, and two nodes on one machine must not share the defaults.
         ports = [f"--{name}={free_port()}" for name in ("dashboard-agent-grpc-port", "dashboard-agent-listen-port",
                                                         "metrics-export-port", "runtime-env-agent-port",
                                                         "node-manager-port", "object-manager-port")]
-        self.proc = subprocess.Popen([ray, "start", "--block", "--node-ip-address", "127.0.0.1",
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.ray.ray_start", "start", "--block",
+                                      "--node-ip-address", "127.0.0.1",
                                       "--temp-dir", str(self.temp_dir), "--disable-usage-stats", *ports, *args],
                                      env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -78,14 +78,17 @@ class RayCluster:
                     "RAY_agent_register_timeout_ms": "120000", **env}
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
-        self.head = RayNode(["--head", "--port", str(self.port), "--num-cpus", "1", "--include-dashboard", "false",
-                             "--resources", json.dumps({"head": 1})], self.env, "head")
         self.workers: list[RayNode] = []
-        for _ in range(60):  # the head's GCS first: a driver cannot connect before it listens
-            if (self.head.temp_dir / "ray_current_cluster").exists() or list(self.head.temp_dir.glob("session_*")):
+        for attempt in range(3):
+            self.head = RayNode(["--head", "--port", str(self.port), "--num-cpus", "1", "--include-dashboard",
+                                 "false", "--resources", json.dumps({"head": 1})], self.env, "head")
+            try:
+                self.wait_nodes(1)
                 break
-            time.sleep(1)
-        self.wait_nodes(1)
+            except RuntimeError:
+                self.head.stop()
+                if attempt == 2:
+                    raise
 
     def add_node(self, resources: dict[str, float] | None = None) -> RayNode:
         """Start a worker node that joins the cluster, and wait until the cluster counts it (on a busy machine a
