@@ -122,7 +122,11 @@ class RayJob:
             return self._end(-1)
         if all(c is not None for c in codes):
             self.pull_events()
-            self.launcher.collect(self.jd)
+            try:
+                rank0 = ray.get(self.actors[0].local_root.remote(), timeout=30)
+            except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+                return self._end(-1)
+            self.launcher.collect(self.jd, rank0)
             return self._end(codes[0])
         if any(c is not None for c in codes):
             self._first_end = self._first_end or now
@@ -140,13 +144,13 @@ class RayJob:
         import ray
 
         try:
-            data = ray.get(self.actors[0].events.remote(self.offset), timeout=10)
+            size, data = ray.get(self.actors[0].events.remote(self.offset, str(self.jd.root)), timeout=10)
         except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
             return
         if data:
             with self.jd.events.open("ab") as f:
                 f.write(data)
-            self.offset += len(data)
+            self.offset += size
 
     def signal_group(self, sig: int) -> None:
         """Send ``sig`` to every rank's trainer."""
@@ -292,9 +296,7 @@ class RayLauncher:
         """Reserve the job's nodes and start its ranks; None when the cluster cannot place them now (it waits)."""
         ray = self._ray()
         from ray.util.placement_group import placement_group, remove_placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from tuneyard.scheduler.ray_rank import RankActor
 
         try:
             res = TrainingSpec.model_validate_json(jd.resolved_spec.read_text()).resources
@@ -312,6 +314,19 @@ class RayLauncher:
         except ray.exceptions.GetTimeoutError:
             remove_placement_group(pg)
             return None
+        try:
+            return self._start_ranks(job_id, jd, attempt, pg, nodes, per_node, gpu, env or {})
+        except Exception as e:  # the group is reserved: nothing of a half-started job may stay behind
+            self.release(job_id, nodes * per_node)
+            raise LaunchError(f"could not start the ranks on the Ray cluster: {type(e).__name__}: {e}") from e
+
+    def _start_ranks(self, job_id: str, jd: JobDir, attempt: int, pg: Any, nodes: int, per_node: int, gpu: bool,
+                     env: dict[str, str]) -> RayJob:
+        ray = self._ray()
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from tuneyard.scheduler.ray_rank import RankActor
+
         self.upload_inputs(jd)
         remote = ray.remote(RankActor)
         actors = []
@@ -325,7 +340,7 @@ class RayLauncher:
         world = nodes * per_node
         starts = []
         for rank, actor in enumerate(actors):
-            rank_env = {**(env or {}), "MASTER_ADDR": master, "MASTER_PORT": str(port), "RANK": str(rank),
+            rank_env = {**env, "MASTER_ADDR": master, "MASTER_PORT": str(port), "RANK": str(rank),
                         "WORLD_SIZE": str(world), "LOCAL_RANK": "0" if gpu else str(rank % per_node),
                         "LOCAL_WORLD_SIZE": str(per_node), "GROUP_RANK": str(rank // per_node)}
             if not gpu:
@@ -333,8 +348,7 @@ class RayLauncher:
                 rank_env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
             starts.append(actor.start.remote(rank_env))
         offsets = ray.get(starts, timeout=600)
-        return RayJob(job_id=job_id, jd=jd, actors=actors, launcher=self, attempt=attempt, offset=offsets[0],
-                      cpu_slot=not gpu)
+        return RayJob(job_id=job_id, jd=jd, actors=actors, launcher=self, attempt=attempt, offset=offsets[0])
 
     def adopt(self, job_id: str, jd: JobDir, phase: str) -> Any:
         """The job's running ranks, found by name after this worker restarted (a prepare step: by pid)."""
@@ -384,8 +398,9 @@ class RayLauncher:
             if (d / CHECKPOINT_MARKER).is_file() and d.name not in names and found:
                 shutil.rmtree(d, ignore_errors=True)  # rotated away by the trainer
 
-    def collect(self, jd: JobDir) -> None:
-        """Bring rank 0's outcome into the job directory: result.json, output/, tracker run ids, checkpoints."""
+    def collect(self, jd: JobDir, rank0_root: str) -> None:
+        """Bring rank 0's outcome into the job directory (``rank0_root``: its directory on its node, which the
+        result's paths name): result.json, output/, tracker run ids, checkpoints."""
         key = job_key(jd)
         self.mirror_checkpoints(jd)
         self.storage.get_file(f"{key}/tracking/runs.json", jd.root / "tracking" / "runs.json")
@@ -395,8 +410,11 @@ class RayLauncher:
             get_dir(self.storage, f"{key}/output", partial)
             shutil.rmtree(jd.output, ignore_errors=True)
             partial.rename(jd.output)
-        # Last: the worker takes the job as finished once result.json is there.
-        self.storage.get_file(f"{key}/result.json", jd.result)
+        # Last: the worker takes the job as finished once result.json is there. The paths in it are rank 0's.
+        tmp = jd.root / ".result.remote"
+        if self.storage.get_file(f"{key}/result.json", tmp):
+            tmp.write_text(tmp.read_text().replace(rank0_root, str(jd.root)))
+            tmp.replace(jd.result)
 
     # ----- control --------------------------------------------------------------------------------
     @staticmethod

@@ -132,14 +132,21 @@ class RankActor:
         """(exit code once the trainer ended and rank 0's uploads are done, else None; an upload error)."""
         return (self.code if self._done.is_set() else None), self.error
 
-    def events(self, offset: int) -> bytes:
-        """The whole lines of events.jsonl from byte ``offset`` on (rank 0's; nothing on other ranks)."""
+    def events(self, offset: int, root: str) -> tuple[int, bytes]:
+        """The whole lines of events.jsonl from byte ``offset`` on (rank 0's; nothing on other ranks): how many
+        bytes they are here, and the lines with this rank's directory written as ``root`` (the worker's job
+        directory, where the paths they name are mirrored)."""
         if self.rank != 0 or not self.jd.events.exists():
-            return b""
+            return 0, b""
         with self.jd.events.open("rb") as f:
             f.seek(offset)
             data = f.read(8 * 2**20)
-        return data[:data.rfind(b"\n") + 1]
+        data = data[:data.rfind(b"\n") + 1]
+        return len(data), data.replace(str(self.root).encode(), root.encode())
+
+    def local_root(self) -> str:
+        """This rank's job directory on its node."""
+        return str(self.root)
 
     def stop(self, reason: StopReason) -> None:
         """Ask the trainer to stop at its next step (rank 0 reads the file and tells the others)."""
