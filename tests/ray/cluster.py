@@ -113,11 +113,12 @@ class RayCluster:
         if not ray.is_initialized():
             try:
                 ray.init(address=self.address, logging_level="ERROR", log_to_driver=False)
-            except ConnectionError:
-                return 0  # the head's GCS is not listening yet
+            except (ConnectionError, RuntimeError, TimeoutError):
+                ray.shutdown()  # the head's GCS is not answering yet (a busy machine): ask again later
+                return 0
         return sum(1 for n in ray.nodes() if n["Alive"])
 
-    def wait_nodes(self, n: int, timeout: float = 240, until_exit: RayNode | None = None) -> None:
+    def wait_nodes(self, n: int, timeout: float = 600, until_exit: RayNode | None = None) -> None:
         """Wait until ``n`` nodes are alive (RuntimeError if the head, or ``until_exit``, exits first)."""
         deadline = time.time() + timeout
         while self.alive_nodes() != n:
