@@ -126,6 +126,14 @@ class Settings(BaseSettings):
     # The largest base (its weight files, bytes) that POST /v1/fine_tuning/jobs/{id}/export merges: the export
     # runs synchronously in the inference process, so its size bounds the request's time; 0: no bound.
     export_max_bytes: int = Field(8 * 1024**3, ge=0)
+    # The Ray launcher (TUNEYARD_LAUNCHER=ray): the cluster's address (ray://... or host:port of its GCS), and how
+    # long one attempt to place a job's ranks waits before the job stays queued for the next tick.
+    ray_address: str | None = None
+    ray_placement_wait_seconds: float = Field(2.0, gt=0)
+    # Storage every node can reach (a shared filesystem path or s3://bucket/prefix): job inputs, checkpoints and
+    # outputs of Ray jobs. S3 credentials: a JSON object in the shape of an 'aws' secret; unset: boto3's own chain.
+    storage_url: str | None = None
+    storage_credentials: str | None = Field(None, repr=False)
     log_level: str = "info"
     # Client side (the `tuneyard jobs ...` commands)
     base_url: str = "http://127.0.0.1:8000"
@@ -169,6 +177,20 @@ class Settings(BaseSettings):
     def run_dir(self) -> Path:
         """Where running processes leave their addresses (the inference process's inference.json)."""
         return self.home / "run"
+
+    def storage_credentials_dict(self) -> dict | None:
+        """TUNEYARD_STORAGE_CREDENTIALS parsed (None when unset); a malformed value is a ValueError naming it."""
+        if not self.storage_credentials:
+            return None
+        import json
+
+        try:
+            value = json.loads(self.storage_credentials)
+        except ValueError as e:
+            raise ValueError(f"TUNEYARD_STORAGE_CREDENTIALS is not JSON: {e}") from None
+        if not isinstance(value, dict):
+            raise ValueError("TUNEYARD_STORAGE_CREDENTIALS must be a JSON object (access_key_id, secret_access_key...)")
+        return value
 
     @property
     def base_model_list(self) -> list[str]:

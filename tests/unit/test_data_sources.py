@@ -45,9 +45,10 @@ GLOBEX = Principal(org_id="globex", key_id="k2", role="admin")
 def moto_s3(objects: dict[str, bytes], bucket: str = BUCKET) -> Iterator[dict]:
     """moto's S3 in server mode on loopback, checking signatures and IAM policies like AWS does.
 
-    Yields ``url``, ``reader`` (an aws secret allowed to read the bucket) and ``nobody`` (valid keys, no
-    permissions). Setup runs before authentication is switched on; authentication is switched off and the
-    accounts emptied again at the end, because moto keeps both per process, not per server.
+    Yields ``url``, ``reader`` (an aws secret allowed to read the bucket), ``writer`` (allowed everything on
+    S3: shared storage) and ``nobody`` (valid keys, no permissions). Setup runs before authentication is
+    switched on; authentication is switched off and the accounts emptied again at the end, because moto keeps
+    both per process, not per server.
     """
     import boto3
     import httpx
@@ -64,7 +65,7 @@ def moto_s3(objects: dict[str, bytes], bucket: str = BUCKET) -> Iterator[dict]:
         httpx.post(f"{url}/moto-api/reset").raise_for_status()
         iam = boto3.client("iam", **kw)
         secrets = {}
-        for user, actions in (("reader", ["s3:GetObject", "s3:ListBucket"]), ("nobody", [])):
+        for user, actions in (("reader", ["s3:GetObject", "s3:ListBucket"]), ("writer", ["s3:*"]), ("nobody", [])):
             iam.create_user(UserName=user)
             key = iam.create_access_key(UserName=user)["AccessKey"]
             if actions:

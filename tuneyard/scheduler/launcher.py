@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 # name -> "module:Class"; a new launcher is a new module and one line here.
 LAUNCHERS: dict[str, str] = {
     "local": "tuneyard.scheduler.local:LocalLauncher",
-    "ray": "tuneyard.scheduler.ray:RayLauncher",
+    "ray": "tuneyard.scheduler.ray_launcher:RayLauncher",
 }
 
 
