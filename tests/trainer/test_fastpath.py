@@ -282,3 +282,24 @@ def test_dense_head_equals_trls_chunked_head(tmp_path, tiny_model_dir, tiny_toke
         torch.testing.assert_close(d, c, atol=1e-6, rtol=1e-4)
     assert set(dense[2]) == {"entropy", "mean_token_accuracy"}
     assert dense[2] == pytest.approx(chunked[2], abs=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is None,
+                    reason="FlashAttention varlen kernels need a CUDA GPU and the flash_attn package")
+def test_flash_attention_keeps_the_first_losses(tmp_path, tiny_model_dir, tiny_tokenizer, tokenised_rows, monkeypatch):
+    from tuneyard.settings import reset_settings
+
+    losses = {}
+    try:
+        for use in (False, True):
+            monkeypatch.setenv("TUNEYARD_FLASH_ATTENTION", str(use).lower())
+            reset_settings()
+            torch.manual_seed(0)
+            trainer = _trainer(tmp_path, tiny_model_dir, tiny_tokenizer, tokenised_rows * 2, f"flash-{use}",
+                               device="cuda", resources={"device": "cuda"}, model={"torch_dtype": "bfloat16"})
+            assert (trainer.model.config._attn_implementation == "flash_attention_2") is use
+            losses[use] = _first_losses(trainer, 4)
+    finally:
+        reset_settings()
+    assert losses[True] == pytest.approx(losses[False], abs=2e-2)  # bf16 kernels: the same loss to rounding
