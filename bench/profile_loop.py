@@ -11,6 +11,8 @@ back to back, rounds interleaved:
 
 - ``tuneyard``: ``tuneyard.trainer.__main__.main`` on a job directory as the prepare step leaves it (the code path a
   job uses: recipes/sft.py, plumbing.py, fastpath.py), with one extra callback that takes the marks below;
+- ``tuneyard_chunked``: the same with ``TUNEYARD_DENSE_LM_HEAD=false`` (TRL's chunked LM head, as before the dense
+  one);
 - ``trl_pf``: TRL's SFTTrainer as its docs show, with ``padding_free=True`` (TRL's defaults otherwise: bf16
   autocast and gradient checkpointing on);
 - ``trl_pf_fp32``: the same with ``bf16=False, gradient_checkpointing=False`` (the faster TRL run on this CPU).
@@ -146,7 +148,7 @@ def _child(side: str, work: Path, steps: int) -> None:
     prof_out = os.environ.get("PROFILE_LOOP_TORCH")
     if prof_out:
         _with_torch_profiler(Path(prof_out))
-    if side == "tuneyard":
+    if side.startswith("tuneyard"):
         _side_tuneyard(work, out, spawned)
     else:
         _side_trl(work, out, spawned, side == "trl_pf_fp32", steps)
@@ -181,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rows", type=int, default=2000)
     ap.add_argument("--steps", type=int, default=40, help="optimizer steps timed per side (plus warm-up)")
     ap.add_argument("--rounds", type=int, default=1)
-    ap.add_argument("--sides", default="tuneyard,trl_pf,trl_pf_fp32")
+    ap.add_argument("--sides", default="tuneyard,tuneyard_chunked,trl_pf,trl_pf_fp32")
     ap.add_argument("--cprofile", action="store_true")
     ap.add_argument("--torch-profile", action="store_true")
     ap.add_argument("--env", action="append", default=[], help="KEY=VALUE for the tuneyard side (repeatable)")
@@ -195,8 +197,10 @@ def main(argv: list[str] | None = None) -> None:
     for r in range(args.rounds):
         for side in sides:
             env = dict(base_env)
-            if side == "tuneyard":
+            if side.startswith("tuneyard"):
                 env.update(kv.split("=", 1) for kv in args.env)
+            if side == "tuneyard_chunked":
+                env["TUNEYARD_DENSE_LM_HEAD"] = "false"
             res = _run_side(work, side, args.steps, env, args.cprofile, args.torch_profile)
             results[side].append(res)
             print(f"round {r + 1} {side}: " + ", ".join(f"{k}={v:.4g}" for k, v in res.items() if v is not None),
@@ -205,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
                for s, rs in results.items()}
     if "tuneyard" in summary:
         for s in sides:
-            if s != "tuneyard":
+            if s != "tuneyard" and s in summary:
                 summary[f"ratio_vs_{s}"] = {
                     "tok_per_cpu_s": summary["tuneyard"]["tok_per_cpu_s"] / summary[s]["tok_per_cpu_s"],
                     "tok_per_s": summary["tuneyard"]["tok_per_s"] / summary[s]["tok_per_s"]}
