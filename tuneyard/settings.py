@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     # GPU kernels a trainer uses when their package is installed (flash-attn, liger-kernel); false: never.
     flash_attention: bool = True
     liger_kernels: bool = True
+    # On CPU, score only the labelled positions with one dense LM-head matmul while their logits fit in 256 MiB
+    # (trainer/fastpath.py use_dense_head) instead of TRL's chunked head; false: TRL's head always.
+    dense_lm_head: bool = True
     # Limits
     max_upload_bytes: int = 512 * 1024 * 1024
     # Any other request body (JSON, forms without files); larger bodies get a 413 before they are read.

@@ -1,6 +1,7 @@
 """Each speed choice of the trainer (tuneyard/trainer/fastpath.py) leaves the loss what the plain path gives.
 
-- the fused, chunked LM head (TRL's, always on): the same loss and gradients as full logits + cross-entropy;
+- the LM head (TRL's fused, chunked one; on CPU with a small vocabulary tuneyard's dense one over the labelled
+  positions only): the same loss and gradients as full logits + cross-entropy, and the dense one TRL's metrics;
 - length-grouped padded batches (for models that cannot take padding-free ones): every row once per epoch,
   each with the loss it has alone, and less padding than random batches;
 - torch.compile (``resources.torch_compile``): the same first training losses as eager;
@@ -250,3 +251,53 @@ def test_a_padded_length_grouped_job_trains_and_resumes_exactly(make_job, tokeni
     resumed = [(s, loss) for s, loss in train_losses(paused_job) if s > paused]
     assert resumed and resumed[0][0] == paused + 1 and resumed[-1][0] == 24
     assert max(abs(loss - reference[s]) for s, loss in resumed) < 1e-4
+
+
+def test_dense_head_equals_trls_chunked_head(tmp_path, tiny_model_dir, tiny_tokenizer, tokenised_rows, monkeypatch):
+    """On CPU the labelled positions are scored by one dense matmul: TRL's loss, gradients and metrics, exactly."""
+    trainer = _trainer(tmp_path, tiny_model_dir, tiny_tokenizer, tokenised_rows, "dense")
+    assert trainer.model.get_base_model().tuneyard_dense_head
+    batch = trainer.data_collator(varied(tokenised_rows))
+    assert batch["input_ids"].shape[0] == 1 and (batch["labels"] == -100).any()  # padding-free, prompts unscored
+    model = trainer.model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def run() -> tuple[torch.Tensor, list[torch.Tensor], dict[str, float]]:
+        trainer._metrics["train"].clear()
+        loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(37))
+        metrics = {k: v[-1] for k, v in trainer._metrics["train"].items() if k != "num_tokens"}
+        return loss, torch.autograd.grad(loss, trainable), metrics
+
+    head_calls = []  # the dense head calls the LM head module; TRL's tiles use its weight alone
+    trainer.model.get_output_embeddings().register_forward_hook(lambda *a: head_calls.append(1))
+    dense = run()
+    assert head_calls == [1]
+    monkeypatch.setattr(fastpath, "DENSE_HEAD_MAX_BYTES", 0)  # every batch too big: TRL's chunked head
+    chunked = run()
+    assert head_calls == [1]
+    torch.testing.assert_close(dense[0], chunked[0], atol=1e-5, rtol=1e-5)
+    for d, c in zip(dense[1], chunked[1], strict=True):
+        torch.testing.assert_close(d, c, atol=1e-6, rtol=1e-4)
+    assert set(dense[2]) == {"entropy", "mean_token_accuracy"}
+    assert dense[2] == pytest.approx(chunked[2], abs=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is None,
+                    reason="FlashAttention varlen kernels need a CUDA GPU and the flash_attn package")
+def test_flash_attention_keeps_the_first_losses(tmp_path, tiny_model_dir, tiny_tokenizer, tokenised_rows, monkeypatch):
+    from tuneyard.settings import reset_settings
+
+    losses = {}
+    try:
+        for use in (False, True):
+            monkeypatch.setenv("TUNEYARD_FLASH_ATTENTION", str(use).lower())
+            reset_settings()
+            torch.manual_seed(0)
+            trainer = _trainer(tmp_path, tiny_model_dir, tiny_tokenizer, tokenised_rows * 2, f"flash-{use}",
+                               device="cuda", resources={"device": "cuda"}, model={"torch_dtype": "bfloat16"})
+            assert (trainer.model.config._attn_implementation == "flash_attention_2") is use
+            losses[use] = _first_losses(trainer, 4)
+    finally:
+        reset_settings()
+    assert losses[True] == pytest.approx(losses[False], abs=2e-2)  # bf16 kernels: the same loss to rounding

@@ -43,6 +43,17 @@ def load_spec(path: os.PathLike) -> TrainingSpec:
     return spec
 
 
+def hide_unused_trackers(spec: TrainingSpec) -> None:
+    """Make W&B look absent to a run that does not log to it, before transformers and TRL are imported.
+
+    Both ask ``is_wandb_available()`` at import time, which imports wandb (about 1.5 s of every trainer's
+    start-up, for a job that never uses it); a ``None`` in ``sys.modules`` makes ``find_spec`` say it is absent.
+    """
+    if "wandb" in sys.modules or any(i.type == "wandb" for i in spec.integrations):
+        return
+    sys.modules["wandb"] = None  # type: ignore[assignment]
+
+
 def die_with_launcher() -> None:
     """Under torchrun, end this rank when torchrun dies: ranks run in sessions of their own and would train on."""
     if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
@@ -73,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     reporter = Reporter(job, ranks)
     try:
         spec = load_spec(job.resolved_spec)
+        hide_unused_trackers(spec)
         from tuneyard.trainer import plumbing, recipes
 
         result = plumbing.run(spec, job, ranks, reporter, log, recipes.load(spec.method))

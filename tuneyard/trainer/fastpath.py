@@ -4,7 +4,10 @@
   model is attention-only and takes ``position_ids``; otherwise padded batches of similar lengths
   (``group_by_length``), which waste little padding without changing any example's loss.
 - The LM head: TRL's fused, chunked head never builds the (tokens x vocabulary) logits, and on GPU scores
-  only the positions with a label (always on in ``SFTTrainer``).
+  only the positions with a label (always on in ``SFTTrainer``). On CPU it scores every position and recomputes
+  each tile's projection in the backward pass; there, while the labelled positions' logits fit in
+  ``DENSE_HEAD_MAX_BYTES`` (a small vocabulary), ``dense_head`` scores only those positions, once, with plain
+  autograd: the same loss, gradients and metrics for about half the head's work.
 - On a GPU: FlashAttention varlen kernels for packed half-precision batches when ``flash_attn`` is
   installed, Liger's fused RMSNorm/SwiGLU/RoPE kernels when ``liger_kernel`` is installed (an operator
   turns either off with TUNEYARD_FLASH_ATTENTION / TUNEYARD_LIGER_KERNELS=false), bf16 and fused AdamW
@@ -16,10 +19,12 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
 import os
 import shutil
+import types
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,3 +150,66 @@ def compile_blocker(device: str) -> str | None:
     if device == "cuda" and importlib.util.find_spec("triton") is None:
         return "torch.compile needs the triton package on GPU; it is not installed"
     return None
+
+
+# The labelled positions' float32 logits the dense head may hold (with their softmax and gradient, about three
+# times this): 256 MiB is 8,192 tokens of a 8,192-word vocabulary; beyond it TRL's tiles keep memory flat.
+DENSE_HEAD_MAX_BYTES = 256 * 2**20
+
+
+def dense_head_blocker(model: PreTrainedModel, device: str) -> str | None:
+    """Why the dense LM head must not replace TRL's chunked one for this model, or None when it may."""
+    if device != "cpu":
+        return "on GPU TRL's kernel scores only the labelled positions already"
+    cfg = model.config.get_text_config()
+    if getattr(cfg, "final_logit_softcapping", None) or any(
+            getattr(cfg, k, None) not in (None, 1, 1.0) for k in ("logit_scale", "output_multiplier",
+                                                                 "lm_head_multiplier", "logits_scaling")):
+        return f"{cfg.model_type} scales or caps its logits"
+    if getattr(cfg, "output_router_logits", False):
+        return "a mixture of experts adds its router loss in TRL's head"
+    return None
+
+
+def use_dense_head(model: PreTrainedModel) -> None:
+    """Put the dense head in front of TRL's fused one (``add_fused_lm_head``, already installed on ``model``).
+
+    A call with ``fused_lm_head=True`` whose labelled logits fit in ``DENSE_HEAD_MAX_BYTES`` is scored here; any
+    other call (generation, pre-shifted labels, autocast, a batch too big) goes to TRL's forward unchanged.
+    """
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    fused = model.forward
+
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None,
+                **kwargs):
+        head = self.get_output_embeddings()
+        if (not fused_lm_head or labels is None or shift_labels is not None or args
+                or torch.is_autocast_enabled(labels.device.type)
+                or int((labels[:, 1:] != -100).sum()) * head.weight.shape[0] * 4 > DENSE_HEAD_MAX_BYTES):
+            return fused(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
+                         num_items_in_batch=num_items_in_batch, **kwargs)
+        kwargs["use_cache"] = False
+        hidden = self.base_model(**kwargs).last_hidden_state[:, :-1]
+        targets = labels[:, 1:].to(head.weight.device)
+        mask = targets != -100
+        picked = targets[mask]
+        logits = head(hidden.to(head.weight.device)[mask]).float()
+        log_z = torch.logsumexp(logits, dim=-1)
+        token_lp = logits.gather(-1, picked.unsqueeze(-1)).squeeze(-1) - log_z
+        with torch.no_grad():  # metrics only (SFTTrainer logs them detached)
+            log_p = logits - log_z.unsqueeze(-1)
+            entropy = -(log_p.exp() * log_p).sum(-1)
+            top1 = logits.argmax(-1) == picked
+
+        def spread(x: torch.Tensor) -> torch.Tensor:
+            # masked_scatter keeps an all-ignored batch connected to the model: a differentiable zero.
+            return x.new_zeros(mask.shape).masked_scatter(mask, x)
+
+        log_probs = spread(token_lp)
+        count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        return FusedCausalLMOutput(loss=-log_probs.sum() / count, log_probs=log_probs, entropy=spread(entropy),
+                                   is_top1=spread(top1), label_mask=mask)
+
+    model.forward = types.MethodType(functools.wraps(type(model).forward)(forward), model)
+    model.tuneyard_dense_head = True

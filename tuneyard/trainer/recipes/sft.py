@@ -17,6 +17,7 @@ from trl import SFTConfig, SFTTrainer
 from tuneyard.data.splits import LAZY_COLUMN, load_split
 from tuneyard.domain.spec import TrainingSpec
 from tuneyard.jobdir import JobDir, PreparedOk, ProtocolError, read_json
+from tuneyard.settings import get_settings
 from tuneyard.trainer import fastpath
 from tuneyard.trainer.fastpath import Batching
 from tuneyard.trainer.plumbing import (
@@ -53,17 +54,23 @@ def build_trainer(ctx: RecipeContext, model: Any, train: AnyDataset, valid: AnyD
     config = build_config(spec, ctx.job, ctx.device, ctx.precision, ctx.per_device, ctx.accum,
                           has_eval=valid is not None, moe=_is_moe(model), world_size=ctx.ranks.world_size,
                           batching=batching)
-    ctx.log.info("sft: batches %s, attention %s%s%s", batching.why, model.config._attn_implementation,
-                 ", Liger kernels" if config.use_liger_kernel else "",
-                 ", torch.compile" if config.torch_compile else "")
     if spec.data.streaming:
         # The Trainer refuses a dataset without a length unless max_steps is set before it is built.
         finalise_schedule(config, spec, train_rows(ctx, train), ctx.per_device, ctx.accum, ctx.ranks.world_size)
     # A model that already carries an adapter (continued training) trains that adapter: no new config.
     peft_config = None if hasattr(model, "peft_config") else lora_config(spec)
-    return Trainer(model=model, args=config, train_dataset=train, eval_dataset=valid, processing_class=ctx.tokenizer,
-                   peft_config=peft_config, callbacks=callbacks,
-                   optimizer_cls_and_kwargs=optimizer_override(spec, ctx.device))
+    trainer = Trainer(model=model, args=config, train_dataset=train, eval_dataset=valid,
+                      processing_class=ctx.tokenizer, peft_config=peft_config, callbacks=callbacks,
+                      optimizer_cls_and_kwargs=optimizer_override(spec, ctx.device))
+    ctx.log.info("sft: batches %s, attention %s, LM head %s%s%s", batching.why, model.config._attn_implementation,
+                 "dense" if getattr(_inner(trainer.model), "tuneyard_dense_head", False) else "chunked (TRL)",
+                 ", Liger kernels" if config.use_liger_kernel else "",
+                 ", torch.compile" if config.torch_compile else "")
+    return trainer
+
+
+def _inner(model: Any) -> Any:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def train_rows(ctx: RecipeContext, train: AnyDataset) -> int:
@@ -233,7 +240,14 @@ def build_config(spec: TrainingSpec, job: JobDir, device: str, precision: dict[s
 
 
 class Trainer(SFTTrainer):
-    """TRL's SFTTrainer, with length-grouped sampling that reads row lengths from Arrow."""
+    """TRL's SFTTrainer, with length-grouped sampling that reads row lengths from Arrow, and on CPU the dense LM head
+    (``fastpath.use_dense_head``) in front of TRL's chunked one."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        inner = _inner(self.model)
+        if get_settings().dense_lm_head and fastpath.dense_head_blocker(inner, self.args.device.type) is None:
+            fastpath.use_dense_head(inner)
 
     def _get_train_sampler(self, train_dataset=None):
         ds = self.train_dataset if train_dataset is None else train_dataset
