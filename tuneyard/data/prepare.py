@@ -231,8 +231,11 @@ def prepare(jobdir: JobDir, events: EventWriter | None = None, *, max_errors: in
         config, tokenizer = load_tokenizer(spec)
     failures.raise_if_any()
     assert train_src is not None and train_report is not None  # else a failure was raised just above
+    spec, processor = _vision_model(spec, config, log)
+    text_tokenizer = tokenizer
     try:
-        template = resolve_template(tokenizer, data.template)
+        template = resolve_template(tokenizer, data.template if processor is None or data.template else
+                                    _processor_template(processor))
     except ValueError as e:
         raise PrepareFailure("invalid_request", str(e), "template") from None
     context = getattr(config, "max_position_embeddings", None)
@@ -243,6 +246,10 @@ def prepare(jobdir: JobDir, events: EventWriter | None = None, *, max_errors: in
     options = {"template": template, "system_prompt": data.system_prompt, "max_length": data.max_length,
                "truncation": data.truncation, "train_on_input": data.train_on_input,
                "last_turn_only": data.last_turn_only, "rows": capabilities.RECIPES[spec.method].rows}
+    if processor is not None:
+        # Image rows: the processor's encoder, which reads the stored images' sizes from data/.
+        options.update(rows="vision", data_dir=str(jobdir.data))
+        tokenizer = processor
 
     train_fmt = normalize_format_name(train_report.format or train_src.format)
     held_out: set[int] = set()
@@ -260,7 +267,7 @@ def prepare(jobdir: JobDir, events: EventWriter | None = None, *, max_errors: in
     deferred = data.lazy_tokenize or data.streaming
     if deferred:
         _trial_encode(tokenizer, options, train_src, train_fmt, val_src, val_report)
-    cache, key = _cache_for(spec, tokenizer, template, train_src, val_src, train_fmt, val_report)
+    cache, key = _cache_for(spec, text_tokenizer, template, train_src, val_src, train_fmt, val_report, processor)
     hit = cache.fetch(key, jobdir.data) if cache is not None and not deferred else None
     if data.streaming:
         n_train, n_val = _write_stream_manifest(jobdir, spec, train_src, val_src, val_report, train_fmt,
@@ -322,7 +329,7 @@ def prepare(jobdir: JobDir, events: EventWriter | None = None, *, max_errors: in
         dropped=tr.dropped + va.dropped,
         total_steps=steps,
         format=train_report.format,
-        template=template_label(tokenizer, data.template),
+        template=template_label(text_tokenizer, data.template),
         hyperparameters=hp.model_dump(mode="json"),
     )
 
@@ -473,8 +480,8 @@ def _stats(d: dict) -> EncodeStats:
 
 
 def _cache_for(spec: TrainingSpec, tokenizer: Any, template: str, train_src: DataSource,
-               val_src: DataSource | None, train_fmt: str, val_report: ValidationReport | None
-               ) -> tuple[TokenisedCache | None, str]:
+               val_src: DataSource | None, train_fmt: str, val_report: ValidationReport | None,
+               processor: Any = None) -> tuple[TokenisedCache | None, str]:
     """The tokenised-data cache (None when switched off) and this job's key in it."""
     from tuneyard.settings import get_settings
 
@@ -491,8 +498,44 @@ def _cache_for(spec: TrainingSpec, tokenizer: Any, template: str, train_src: Dat
         "last_turn_only": data.last_turn_only, "rows": capabilities.RECIPES[spec.method].rows,
         # These decide which rows are held out for validation.
         "split": [data.split.type, data.split.validation_ratio, spec.seed] if val_src is None else None,
+        # How many tokens each image expands to.
+        "image_processor": processor.image_processor.to_json_string() if processor is not None else None,
     })
     return TokenisedCache(settings.home / "cache" / "tokenised", settings.tokenised_cache_bytes), key
+
+
+def _vision_model(spec: TrainingSpec, config: Any, log: _Log) -> tuple[TrainingSpec, Any]:
+    """The spec (model_type 'vlm' when the config shows a vision-language model) and the model's processor, or None
+    for a text model; PrepareFailure for model_type 'vlm' on a text model."""
+    from tuneyard.data.vision import is_vision_model, load_processor
+
+    m = spec.model
+    if not is_vision_model(config):
+        if m.model_type == "vlm":
+            raise PrepareFailure("invalid_request", f"model_type is 'vlm', but {m.name} is a text-only model "
+                                 f"({getattr(config, 'model_type', 'unknown')}) that takes no images", "model_type")
+        return spec, None
+    if m.model_type != "vlm":
+        spec = spec.model_copy(update={"model": m.model_copy(update={"model_type": "vlm"})})
+        unsupported = capabilities.check(spec)
+        if unsupported:
+            raise PrepareFailure(unsupported[0].code or "unsupported",
+                                 f"{m.name} is a vision-language model: " + combined_message(unsupported),
+                                 unsupported[0].param)
+        log(f"{m.name} is a vision-language model ({config.model_type}): trained as model_type 'vlm'")
+    try:
+        processor = load_processor(m.name, revision=m.revision, trust_remote_code=m.trust_remote_code,
+                                   max_pixels=spec.vision.max_pixels, min_pixels=spec.vision.min_pixels)
+    except Exception as e:
+        raise PrepareFailure("model_not_found", f"the processor of '{m.name}' could not be loaded: {_first_line(e)}",
+                             "model") from e
+    return spec, processor
+
+
+def _processor_template(processor: Any) -> str | None:
+    from tuneyard.data.vision import processor_template
+
+    return processor_template(processor)
 
 
 def _report_counts(log: _Log, n_train: int, n_val: int, tr: EncodeStats, va: EncodeStats, max_length: int,

@@ -195,7 +195,7 @@ class VisionEncoder:
         self.text = ConversationEncoder(self.tokenizer, template=self.template or processor_template(self.processor),
                                         system_prompt=self.system_prompt, max_length=MAX_LENGTH,
                                         truncation="truncate", train_on_input=self.train_on_input,
-                                        last_turn_only=self.last_turn_only)
+                                        last_turn_only=self.last_turn_only, text_only=False)
         self._per_size: dict[tuple[int, int], int] = {}
 
     def encode(self, rows: list[dict], stats: EncodeStats | None = None) -> list[VisionEncoded | None]:
