@@ -217,9 +217,8 @@ def inspect(data: bytes, ref: str, max_pixels: int) -> ImageInfo:
         # In the entropy-coded scan an 0xFF byte is always stuffed or a restart marker: FFD9 after it is the end.
         if scan < 0 or data.rfind(b"\xff\xd9") < scan:
             why = "truncated: the JPEG data ends before its end-of-image marker"
-    elif fmt == "GIF":
-        if not data.rstrip(b"\x00").endswith(b";"):
-            why = "truncated: the GIF data ends before its trailer"
+    elif fmt == "GIF" and not data.rstrip(b"\x00").endswith(b";"):
+        why = "truncated: the GIF data ends before its trailer"
     if why:
         raise ImageError(f"image '{shown(ref)}' is {why}")
     return ImageInfo(fmt, w, h)
