@@ -1,0 +1,161 @@
+"""Tiny random vision-language models with their processors, built offline, and the solid-colour image task.
+
+Two families, each saved with ``save_pretrained`` and loaded back by the real ``from_pretrained`` code:
+
+* Qwen2-VL (``Qwen2VLForConditionalGeneration``): patch 14, merge 2, so a 28x28 image is 4 patches, one
+  image token;
+* LLaVA (``LlavaForConditionalGeneration`` over a tiny CLIP vision tower): a 28x28 image is 4 patches, four
+  ``<image>`` tokens.
+
+Their tokenizers are the demo's byte-level BPE (``tuneyard.demo.tiny.build_tokenizer``) with the families' image
+tokens added, and a ChatML template that renders image parts as each family's placeholder.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from tuneyard.demo.tiny import build_tokenizer
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
+QUESTION = "What colour is this?"
+IMAGE_SIDE = 28
+
+
+def _chatml_with_images(image_text: str) -> str:
+    return (
+        "{% for message in messages %}"
+        "{{ '<|im_start|>' + message['role'] + '\n' }}"
+        "{% if message['content'] is string %}{{ message['content'] }}"
+        "{% else %}{% for part in message['content'] %}"
+        "{% if part['type'] == 'image' %}{{ '" + image_text + "' }}"
+        "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+        "{% endfor %}{% endif %}"
+        "{{ '<|im_end|>' + '\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+
+
+def _corpus() -> list[str]:
+    return [f"<|im_start|>user\n{QUESTION}<|im_end|>\n<|im_start|>assistant\n{c}.<|im_end|>\n" for c in COLOURS] * 4
+
+
+def _tokenizer(out: Path, extra: list[str], template: str):
+    tok = build_tokenizer(_corpus(), out, vocab_size=300)
+    tok.add_special_tokens({"additional_special_tokens": extra})
+    tok.chat_template = template
+    return tok
+
+
+def build_tiny_qwen2_vl(out_dir: Path, seed: int = 0) -> Path:
+    """A random Qwen2-VL-shaped model (1 vision block, 2 text layers) + Qwen2VLProcessor, saved to ``out_dir``."""
+    import torch
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    template = _chatml_with_images("<|vision_start|><|image_pad|><|vision_end|>")
+    tok = _tokenizer(out, ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"], template)
+    side = IMAGE_SIDE * IMAGE_SIDE
+    image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": side, "longest_edge": 4 * side},
+                                               patch_size=14, merge_size=2, temporal_patch_size=2)
+    ids = tok.convert_tokens_to_ids
+    config = Qwen2VLConfig(
+        text_config={"vocab_size": len(tok), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+                     "initializer_range": 0.1, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
+                     "bos_token_id": None,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}},
+        vision_config={"depth": 1, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2,
+                       "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+                       "initializer_range": 0.1},
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(str(out))
+    # Qwen2VLProcessor itself needs torchvision (for its video processor): its parts are saved instead, and
+    # AutoProcessor (or tuneyard's image-only fallback) assembles it from them.
+    tok.save_pretrained(str(out))
+    image_processor.save_pretrained(str(out))
+    return out
+
+
+def build_tiny_llava(out_dir: Path, seed: int = 0) -> Path:
+    """A random LLaVA model (tiny CLIP tower + 2-layer Llama) + LlavaProcessor, saved to ``out_dir``."""
+    import torch
+    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    template = _chatml_with_images("<image>")
+    tok = _tokenizer(out, ["<image>"], template)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIDE},
+                                         crop_size={"height": IMAGE_SIDE, "width": IMAGE_SIDE})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=14,
+                               vision_feature_select_strategy="default", chat_template=template,
+                               num_additional_image_tokens=1)
+    config = LlavaConfig(
+        vision_config={"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+                       "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": IMAGE_SIDE,
+                       "patch_size": 14, "projection_dim": 32},
+        text_config={"model_type": "llama", "vocab_size": len(tok), "hidden_size": 64, "intermediate_size": 128,
+                     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
+                     "max_position_embeddings": 512, "initializer_range": 0.1, "eos_token_id": tok.eos_token_id,
+                     "pad_token_id": tok.pad_token_id, "bos_token_id": None},
+        image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_select_strategy="default",
+        vision_feature_layer=-1, projector_hidden_act="gelu", tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(str(out))
+    processor.save_pretrained(str(out))
+    return out
+
+
+def colour_image(colour: str, rng: random.Random, side: int = IMAGE_SIDE, blank: bool = False):
+    """A solid image of ``colour`` with a little per-pixel noise (grey when ``blank``)."""
+    from PIL import Image
+
+    base = (128, 128, 128) if blank else COLOURS[colour]
+    jitter = [rng.randint(-20, 20) for _ in range(3)]
+    rgb = tuple(max(0, min(255, c + j)) for c, j in zip(base, jitter, strict=True))
+    return Image.new("RGB", (side, side), rgb)
+
+
+def colour_rows(data_dir: Path, n_per_class: int, seed: int, *, blank: bool = False,
+                prefix: str = "img") -> list[dict]:
+    """Image rows ("what colour is this?" -> "<colour>.") whose images are stored under ``data_dir/images``,
+    referenced as the prepare step stores them (``images/<name>.png``)."""
+    rng = random.Random(seed)
+    images = data_dir / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for k in range(n_per_class):
+        for colour in COLOURS:
+            ref = f"images/{prefix}-{colour}-{k}.png"
+            colour_image(colour, rng, blank=blank).save(data_dir / ref)
+            rows.append({"messages": [
+                {"role": "user", "content": [{"type": "image", "image": ref}, {"type": "text", "text": QUESTION}]},
+                {"role": "assistant", "content": f"{colour}."},
+            ], "colour": colour})
+    rng.shuffle(rows)
+    return rows
+
+
+def write_rows_jsonl(path: Path, rows: list[dict]) -> Path:
+    """Rows as JSONL (without the test's own ``colour`` key)."""
+    with path.open("w") as f:
+        for row in rows:
+            f.write(json.dumps({k: v for k, v in row.items() if k != "colour"}) + "\n")
+    return path
