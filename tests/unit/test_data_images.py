@@ -227,25 +227,22 @@ def test_https_images_are_downloaded_once_within_the_image_limit(tmp_path, image
     assert not list((tmp_path / "data" / "images").glob(".fetch-*"))
 
 
-def test_prepare_refuses_image_rows_for_a_text_model_and_stores_them_for_a_vision_one(tmp_path, tiny_model_dir,
-                                                                                       monkeypatch):
-    import shutil
-
+def test_prepare_refuses_image_rows_for_a_text_model_and_tokenises_them_for_a_vision_one(tmp_path, tiny_model_dir,
+                                                                                         monkeypatch):
+    from tests.vision import build_tiny_qwen2_vl
     from tuneyard.data.prepare import run
+    from tuneyard.data.splits import load_split
     from tuneyard.domain.spec import DataSource, DataSpec, ModelSpec, TrainingSpec
     from tuneyard.jobdir import JobDir, read_json
     from tuneyard.settings import get_settings
 
     monkeypatch.setenv("TUNEYARD_LOCAL_ROOTS", str(tmp_path))
     get_settings.cache_clear()
-
-    (tmp_path / "red.png").write_bytes(picture())
-    data = write_jsonl(tmp_path / "train.jsonl", [vision("red.png"), vision(uri(picture(colour="blue")))])
-    # A config with a vision tower's settings (the tiny text model's weights: the prepare step loads none).
-    vlm = tmp_path / "tiny-vlm"
-    shutil.copytree(tiny_model_dir, vlm)
-    config = json.loads((vlm / "config.json").read_text())
-    (vlm / "config.json").write_text(json.dumps({**config, "vision_config": {"hidden_size": 8}}))
+    (tmp_path / "red.png").write_bytes(picture(size=(28, 28)))
+    rows = [vision("red.png"), vision(uri(picture(size=(28, 28), colour="blue"))), vision("red.png"),
+            {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}]
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    vlm = build_tiny_qwen2_vl(tmp_path / "tiny-qwen2-vl")
     results = {}
     try:
         for name, model in (("text", tiny_model_dir), ("vision", vlm)):
@@ -260,6 +257,12 @@ def test_prepare_refuses_image_rows_for_a_text_model_and_stores_them_for_a_visio
     text, _ = results["text"]
     assert text["ok"] is False and text["error"]["code"] == "model_not_vision"
     assert "takes text only" in text["error"]["message"] and text["error"]["param"] == "model"
-    vision_, job = results["vision"]
-    assert vision_["ok"] is False and "tuneyard.data.vision" in vision_["error"]["message"]
-    assert len(list((job.data / "images").glob("*.png"))) == 2
+    prepared, job = results["vision"]
+    assert prepared["ok"] is True, prepared
+    stored = sorted(p.name for p in (job.data / "images").glob("*.png"))
+    assert len(stored) == 2  # red.png named twice is kept once
+    split = load_split(job.data / "train")
+    refs = [r for rs in split["images"] for r in rs]
+    assert len(refs) == 3 and {r.removeprefix("images/") for r in refs} == set(stored)
+    assert sorted(len(rs) for rs in split["images"]) == [0, 1, 1, 1]
+    assert prepared["train_tokens"] == sum(len(ids) for ids in split["input_ids"])

@@ -175,29 +175,39 @@ def _fetch(src: DataSource | None, jobdir: JobDir, log: _Log) -> DataSource | No
     return local
 
 
-def _prepare_images(spec: TrainingSpec, jobdir: JobDir, config: Any,
-                    sources: list[tuple[DataSource | None, DataSource | None, ValidationReport | None]],
-                    log: _Log) -> dict[str, str]:
-    """Check that the job can train on image rows, then fetch and store every image once (data/images/)."""
-    from tuneyard.data.formats import image_refs
-    from tuneyard.data.images import ImageError, ImageRules, ImageStore
+def _check_vision(spec: TrainingSpec, config: Any, has_image_rows: bool) -> bool:
+    """Whether the job trains a vision-language model; PrepareFailure for what cannot train (all at once)."""
+    from tuneyard.data.vision import is_vision_model
 
-    param = spec.data.train.param
+    vision = is_vision_model(config)
     refusals = []
-    if spec.method != "sft":
-        refusals.append(Problem("method", f"the training data holds image rows, and the '{spec.method}' method "
-                                          "trains on text only; image rows train with 'sft'", "invalid_request"))
-    if spec.data.lazy_tokenize or spec.data.streaming:
-        what = "lazy_tokenize" if spec.data.lazy_tokenize else "streaming"
-        refusals.append(Problem(what, f"{what} is not available for image rows: they are tokenised, with their "
-                                      "images stored, before the job is queued", "invalid_request"))
-    # Until tuneyard.data.vision (is_vision_model) is merged: a vision-language config has a vision tower's.
-    if getattr(config, "vision_config", None) is None:
+    if has_image_rows and not vision:
         refusals.append(Problem("model", f"model '{spec.model.name}' takes text only (its config has no vision "
                                          "tower), and the training data holds image rows; choose a "
                                          "vision-language model or remove the images", "model_not_vision"))
+    if spec.model.model_type == "vlm" and not vision:
+        refusals.append(Problem("model_type", f"model_type is 'vlm', but model '{spec.model.name}' is a text model "
+                                              "(its config has no vision tower)", "model_not_vision"))
+    if has_image_rows and spec.method != "sft":
+        refusals.append(Problem("method", f"the training data holds image rows, and the '{spec.method}' method "
+                                          "trains on text only; image rows train with 'sft'", "invalid_request"))
+    if vision and (spec.data.lazy_tokenize or spec.data.streaming):
+        what = "lazy_tokenize" if spec.data.lazy_tokenize else "streaming"
+        refusals.append(Problem(what, f"{what} is not available for vision-language models: their rows are "
+                                      "tokenised, with their images stored, before the job is queued",
+                                "invalid_request"))
     if refusals:
         raise PrepareFailure(refusals[0].code or "invalid_request", combined_message(refusals), refusals[0].param)
+    return vision
+
+
+def _store_images(spec: TrainingSpec, jobdir: JobDir,
+                  sources: list[tuple[DataSource | None, DataSource | None, ValidationReport | None]],
+                  log: _Log) -> dict[str, str]:
+    """Fetch and store every image of the job's rows once (data/images/); source REF -> stored REF."""
+    from tuneyard.data.formats import image_refs
+    from tuneyard.data.images import ImageError, ImageRules, ImageStore
+
     vision = getattr(spec, "vision", None)
     stored: dict[str, str] = {}
     for given, local, report in sources:
@@ -224,11 +234,51 @@ def _prepare_images(spec: TrainingSpec, jobdir: JobDir, config: Any,
         log(f"Stored the images of {given.param}: {len(stored):,} distinct, {store.n_fetched:,} downloaded, "
             f"{store.n_resized:,} resized, {store.bytes_stored:,} bytes written", n_stored=len(stored),
             n_fetched=store.n_fetched, n_resized=store.n_resized)
-    # The tokenisation of image rows (the model's processor expanding each image into its tokens) is
-    # tuneyard.data.vision's, which this build does not have yet: refused after the checks, not trained wrong.
-    raise PrepareFailure("invalid_request", f"training on image rows needs the vision-language encoder "
-                         "(tuneyard.data.vision), which this build does not have yet; the images were checked and "
-                         f"stored under data/images ({len(set(stored.values())):,} files)", param)
+    return stored
+
+
+def _load_processor(spec: TrainingSpec) -> Any:
+    """The vision-language model's processor, with the job's pixel limits; PrepareFailure when it does not load."""
+    from tuneyard.data.vision import load_processor
+
+    m, vision = spec.model, getattr(spec, "vision", None)
+    try:
+        return load_processor(m.name, revision=m.revision, trust_remote_code=m.trust_remote_code,
+                              max_pixels=getattr(vision, "max_pixels", None),
+                              min_pixels=getattr(vision, "min_pixels", None))
+    except Exception as e:  # OSError, ValueError, ImportError from remote code...
+        raise PrepareFailure("model_not_found", f"the processor of model '{m.name}' could not be loaded: "
+                             f"{_first_line(e)}", "model") from e
+
+
+def _write_vision_split(rows: Iterator[tuple[int, dict]], out: Path, ctx: _EncodeContext, split: str, *,
+                        code: str, param: str) -> int:
+    """Tokenise image (and text) rows for a vision-language model: ids, labels and the stored images' REFs."""
+    from tuneyard.data.images import rewrite_refs
+    from tuneyard.data.splits import SplitWriter
+    from tuneyard.data.tokenize import EncodeError
+    from tuneyard.data.vision import vision_features, vision_table
+
+    with SplitWriter(out, vision_features()) as writer:
+        batch: list[tuple[int, dict]] = []
+
+        def flush() -> None:
+            try:
+                encoded = ctx.vision.encode([row for _, row in batch], ctx.stats[split])
+            except EncodeError as e:
+                raise PrepareFailure(code, f"Example {batch[e.index or 0][0]}: {e}", param) from None
+            kept = [e for e in encoded if e is not None]
+            if kept:
+                writer.write_table(vision_table(kept))
+
+        for n, row in rows:
+            batch.append((n, rewrite_refs(row, ctx.stored)))
+            if len(batch) >= 256:
+                flush()
+                batch = []
+        if batch:
+            flush()
+        return writer.commit()
 
 
 def _write_split(rows: Iterator[tuple[int, dict]], n_rows: int, out: Path, ctx: _EncodeContext, split: str, *,
@@ -237,6 +287,8 @@ def _write_split(rows: Iterator[tuple[int, dict]], n_rows: int, out: Path, ctx: 
     from tuneyard.data.pipeline import RowError, encode_stream, features_for
     from tuneyard.data.splits import SplitWriter
 
+    if ctx.vision is not None:
+        return _write_vision_split(rows, out, ctx, split, code=code, param=param)
     with SplitWriter(out, features_for(ctx.options)) as writer:
         try:
             for table in encode_stream(rows, ctx.tokenizer, ctx.options, ctx.stats[split], workers=_workers(n_rows)):
@@ -251,6 +303,21 @@ class _EncodeContext:
     tokenizer: Any
     options: dict[str, Any]
     stats: dict[str, EncodeStats]
+    # A vision-language job: each source image's stored REF, and the encoder of its rows.
+    stored: dict[str, str] = dataclasses.field(default_factory=dict)
+    vision: Any = None
+
+
+def _vision_encoder(processor: Any, jobdir: JobDir, options: dict[str, Any], data: Any) -> Any:
+    """The image-row encoder of a vision-language job (None for a text model)."""
+    if processor is None:
+        return None
+    from tuneyard.data.vision import VisionEncoder
+
+    # The template the caller named; else the processor's own, which shows each image as the model's placeholder.
+    return VisionEncoder(processor, str(jobdir.data), template=options["template"] if data.template else None,
+                         system_prompt=data.system_prompt, max_length=data.max_length, truncation=data.truncation,
+                         train_on_input=data.train_on_input, last_turn_only=data.last_turn_only)
 
 
 def _rows(src: DataSource, fmt: str, keep: Callable[[int], bool]) -> Iterator[tuple[int, dict]]:
@@ -305,9 +372,16 @@ def prepare(jobdir: JobDir, events: EventWriter | None = None, *, max_errors: in
         config, tokenizer = load_tokenizer(spec)
     failures.raise_if_any()
     assert train_src is not None and train_report is not None  # else a failure was raised just above
-    if train_report.n_image_examples or val_report is not None and val_report.n_image_examples:
-        _prepare_images(spec, jobdir, config, [(data.train, train_src, train_report),
-                                               (data.validation, val_src, val_report)], log)
+    image_rows = bool(train_report.n_image_examples or val_report is not None and val_report.n_image_examples)
+    vision = _check_vision(spec, config, image_rows)
+    stored: dict[str, str] = {}
+    processor = None
+    if vision:
+        # Images first: a source that cannot be fetched fails the job before the processor is loaded.
+        stored = _store_images(spec, jobdir, [(data.train, train_src, train_report),
+                                              (data.validation, val_src, val_report)], log)
+        processor = _load_processor(spec)
+        tokenizer = processor.tokenizer
     try:
         template = resolve_template(tokenizer, data.template)
     except ValueError as e:
@@ -338,7 +412,8 @@ def prepare(jobdir: JobDir, events: EventWriter | None = None, *, max_errors: in
     if deferred:
         _trial_encode(tokenizer, options, train_src, train_fmt, val_src, val_report)
     cache, key = _cache_for(spec, tokenizer, template, train_src, val_src, train_fmt, val_report)
-    hit = cache.fetch(key, jobdir.data) if cache is not None and not deferred else None
+    # A vision job's split names images stored in its own data/: not one to share through the cache (yet).
+    hit = cache.fetch(key, jobdir.data) if cache is not None and not deferred and not vision else None
     if data.streaming:
         n_train, n_val = _write_stream_manifest(jobdir, spec, train_src, val_src, val_report, train_fmt,
                                                 train_report.n_examples, len(held_out))
@@ -356,8 +431,9 @@ def prepare(jobdir: JobDir, events: EventWriter | None = None, *, max_errors: in
         log(f"Reused the tokenised data of an earlier job (cache key {key})", cache_key=key)
     else:
         n_train, n_val = _tokenise(jobdir, train_src, val_src, val_report, train_fmt, train_report.n_examples,
-                                   held_out, _EncodeContext(tokenizer, options, stats))
-        if cache is not None and n_train:
+                                   held_out, _EncodeContext(tokenizer, options, stats, stored,
+                                                            _vision_encoder(processor, jobdir, options, data)))
+        if cache is not None and n_train and not vision:
             cache.store(key, jobdir.data, ["train"] + (["validation"] if n_val else []),
                         {"n_train": n_train, "n_validation": n_val,
                          "stats": {k: dataclasses.asdict(v) for k, v in stats.items()}})
