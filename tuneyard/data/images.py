@@ -70,11 +70,12 @@ class ImageRules:
     max_image_examples: int
 
     @classmethod
-    def from_settings(cls, base: str | None) -> ImageRules:
-        """The installation's limits (``TUNEYARD_MAX_IMAGE_*``, ``TUNEYARD_LOCAL_ROOTS``)."""
+    def from_settings(cls, base: str | None, settings: Any = None) -> ImageRules:
+        """The installation's limits (``TUNEYARD_MAX_IMAGE_*``, ``TUNEYARD_LOCAL_ROOTS``; ``settings`` or the
+        process's)."""
         from tuneyard.settings import get_settings
 
-        s = get_settings()
+        s = settings or get_settings()
         return cls(base=base, roots=tuple(s.allowed_roots), max_bytes=s.max_image_bytes,
                    max_pixels=s.max_image_pixels, max_per_example=s.max_images_per_example,
                    max_image_examples=s.max_image_examples)
