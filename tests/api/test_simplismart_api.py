@@ -336,3 +336,13 @@ def test_train_config_integrations_extension(api):
     assert "train_config.integrations[0]" in text and "junk" in text, text
     assert "train_config.integrations[1]" in text and "'comet' is not available" in text, text
     assert n_jobs(api) == before
+
+
+def test_vlm_on_a_text_model_is_a_400_saying_so(api):
+    cfg = configs(api)
+    cfg["model_details"]["model_type"] = "vlm"
+    r = post_job(api, cfg)
+    assert r.status_code == 400, r.text
+    body = r.json()
+    assert body["field"] == "model_details.model_type"
+    assert f"model_type is 'vlm', but model '{api.model_dir}' is a text model" in body["detail"]
