@@ -116,6 +116,27 @@ def test_validation_reads_headers_only_and_resolves_paths(tmp_path, monkeypatch)
     assert (report.n_image_examples, report.n_images) == (6, 6)
 
 
+def test_csv_and_parquet_rows_carry_images(tmp_path):
+    import csv
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "red.png").write_bytes(picture())
+    msgs = json.dumps([{"role": "user", "content": "<image>What colour?"}, {"role": "assistant", "content": "Red"}])
+    with (tmp_path / "t.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([["messages", "images"], [msgs, '["red.png"]'], [msgs, "red.png"]])
+    report = validate_file(tmp_path / "t.csv", images=rules(tmp_path))
+    assert report.ok and report.n_images == 2, report.errors
+    # The Hugging Face Image feature: {"bytes", "path"} structs.
+    pq.write_table(pa.Table.from_pylist([{"messages": json.loads(msgs), "images": [{"bytes": picture(), "path": None}]},
+                                         {"messages": json.loads(msgs), "images": [{"bytes": b"junk", "path": None}]}]),
+                   tmp_path / "t.parquet")
+    report = validate_file(tmp_path / "t.parquet", images=rules(tmp_path))
+    assert report.n_images == 2 and [e["line"] for e in report.errors] == [2]
+    assert report.errors[0]["message"].startswith("Example 2, images[0]: image 'data:;base64,...' is not a readable")
+
+
 def test_paths_escaping_the_roots_and_relative_paths_in_uploads_are_refused(tmp_path):
     inside = tmp_path / "data"
     inside.mkdir()

@@ -474,6 +474,9 @@ def _place_images(row: dict, out: dict, c: _Collector) -> None:
     if images is None:
         c.raise_if_any()
         return
+    if isinstance(images, str | dict):
+        # One image given bare (a CSV cell holding a path, say).
+        images = [images]
     if not isinstance(images, list):
         c.add(f"'images' must be a list of image paths, URLs or data URIs, got {json_type(images)}", None, "images")
         c.raise_if_any()

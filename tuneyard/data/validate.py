@@ -52,7 +52,7 @@ METHODS = ("sft", "dpo", None)
 DETECT_ROWS = 100
 # CSV/Parquet string cells of these fields hold JSON (a list or an object), not text.
 _JSON_FIELDS = ("messages", "conversations", "conversation", "history", "tools", "dialog",
-                "chat_completion_input", "preferred_output", "non_preferred_output")
+                "chat_completion_input", "preferred_output", "non_preferred_output", "images")
 # Cells of these fields are text or JSON: JSON only when it decodes to messages (a list of objects) or to
 # an object with "messages" or "role" (an Alpaca input may well be a JSON snippet to work on).
 _MAYBE_JSON_FIELDS = ("input", "prompt", "chosen", "rejected", "rejected_response")
