@@ -152,6 +152,19 @@ def test_paths_escaping_the_roots_and_relative_paths_in_uploads_are_refused(tmp_
     assert "an uploaded file has no directory" in upload.errors[0]["message"]
 
 
+def test_remote_images_are_checked_for_form_only(tmp_path):
+    refs = ["https://example.com/ok.png", "http://example.com/a.png", "https://u:secret@example.com/a.png?sig=k",
+            "hf://org/images", "s3://B/k"]
+    report = validate_file(write_jsonl(tmp_path / "t.jsonl", [vision(r) for r in refs]), images=rules(tmp_path))
+    messages = [e["message"] for e in report.errors]
+    assert [e["line"] for e in report.errors] == [2, 3, 4, 5]
+    assert "plain http:// is accepted only from this machine" in messages[0]
+    assert "credentials in the URL are refused" in messages[1] and "secret" not in messages[1].replace(
+        "as a secret", "") and "sig=k" not in messages[1]
+    assert "'hf://' is not a supported image source" in messages[2]
+    assert "is not an s3://bucket/key URI" in messages[3]
+
+
 def test_the_byte_limit_comes_from_the_setting(tmp_path, monkeypatch):
     from tuneyard.settings import get_settings
 

@@ -104,7 +104,13 @@ def shown(ref: str) -> str:
         return ref[: ref.find(",") + 1] + "..." if "," in ref[:80] else ref[:40] + "..."
     from tuneyard.data.sources import display_uri
 
-    return display_uri(ref)
+    shown_ref = display_uri(ref)
+    if "@" in shown_ref.partition("://")[2].partition("/")[0]:
+        # Credentials in the URL (refused anyway) are not repeated in the message.
+        scheme, _, rest = shown_ref.partition("://")
+        host, _, path = rest.partition("/")
+        shown_ref = f"{scheme}://{host.rpartition('@')[2]}/{path}"
+    return shown_ref
 
 
 def locate(ref: str, rules: ImageRules) -> tuple[str, str]:
@@ -137,7 +143,7 @@ def _check_url(url: str, kind: str) -> None:
     try:
         check_uri(DataSource(path=url, param="image"))
     except TuneyardError as e:
-        raise ImageError(f"image {e.message.removeprefix('image: ')}") from None
+        raise ImageError(f"image '{shown(url)}': {e.message.removeprefix('image: ')}") from None
 
 
 def _confine(target: str, ref: str, rules: ImageRules) -> Path:
