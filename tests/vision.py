@@ -148,7 +148,7 @@ def colour_rows(data_dir: Path, n_per_class: int, seed: int, *, blank: bool = Fa
             rows.append({"messages": [
                 {"role": "user", "content": [{"type": "image", "image": ref}, {"type": "text", "text": QUESTION}]},
                 {"role": "assistant", "content": f"{colour}."},
-            ], "colour": colour})
+            ], "colour": colour, "_images_from": str(data_dir)})
     rng.shuffle(rows)
     return rows
 
@@ -157,5 +157,77 @@ def write_rows_jsonl(path: Path, rows: list[dict]) -> Path:
     """Rows as JSONL (without the test's own ``colour`` key)."""
     with path.open("w") as f:
         for row in rows:
-            f.write(json.dumps({k: v for k, v in row.items() if k != "colour"}) + "\n")
+            f.write(json.dumps({k: v for k, v in row.items() if k != "colour" and not k.startswith("_")}) + "\n")
     return path
+
+
+def build_vision_job(root: Path, model_dir: Path, rows: list[dict], name: str, *, validation: list[dict] | None = None,
+                     **spec: dict):
+    """A VLM job directory: ``resolved_spec.json`` (``spec`` over a small LoRA run) and its tokenised image rows,
+    written as the prepare step writes them (images under ``data/images``, references in the rows)."""
+    import shutil
+
+    from tests.trainer.conftest import _merge, base_spec
+    from tuneyard.data.splits import SplitWriter
+    from tuneyard.data.vision import VisionEncoder, load_processor, vision_features, vision_table
+    from tuneyard.domain.spec import TrainingSpec
+    from tuneyard.jobdir import JobDir
+
+    job = JobDir(root / name).create()
+    full = _merge(base_spec(model_dir), {"model": {"model_type": "vlm"},
+                                         "hyperparameters": {"n_epochs": 3, "batch_size": 8,
+                                                             "per_device_batch_size": 8,
+                                                             "gradient_accumulation_steps": 1}})
+    resolved = TrainingSpec.model_validate(_merge(full, spec))
+    job.resolved_spec.write_text(resolved.model_dump_json(indent=2))
+    job.data.mkdir(parents=True, exist_ok=True)
+    encoder = VisionEncoder(load_processor(str(model_dir)), str(job.data), max_length=resolved.data.max_length)
+    for split, split_rows in (("train", rows), ("validation", validation)):
+        if not split_rows:
+            continue
+        for row in split_rows:
+            for m in row["messages"]:
+                for part in m["content"] if isinstance(m["content"], list) else ():
+                    if part["type"] == "image" and not (job.data / part["image"]).exists():
+                        (job.data / part["image"]).parent.mkdir(parents=True, exist_ok=True)
+                        shutil.copy(Path(row["_images_from"]) / part["image"], job.data / part["image"])
+        clean = [{k: v for k, v in r.items() if not k.startswith("_") and k != "colour"} for r in split_rows]
+        with SplitWriter(job.data / split, vision_features()) as writer:
+            writer.write_table(vision_table([e for e in encoder.encode(clean) if e is not None]))
+            writer.commit()
+    return job
+
+
+def colour_accuracy(base_dir: Path, output_dir: Path, rows: list[dict], data_dir: Path) -> float:
+    """The share of ``rows`` whose colour the fine-tuned model (base + the adapter in ``output_dir``, with the processor
+    saved there) scores highest among all the colours' answers."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from tuneyard.data.vision import VisionEncoder, load_processor
+    from tuneyard.trainer.vision import VisionCollator
+
+    proc = load_processor(str(output_dir))
+    model = AutoModelForImageTextToText.from_pretrained(str(base_dir))
+    if (output_dir / "adapter_config.json").exists():
+        model = PeftModel.from_pretrained(model, str(output_dir))
+    model.eval()
+    encoder = VisionEncoder(proc, str(data_dir))
+    names = list(COLOURS)
+    candidates = []
+    for row in rows:
+        for colour in names:
+            candidates.append({"messages": [row["messages"][0], {"role": "assistant", "content": f"{colour}."}]})
+    encoded = encoder.encode(candidates)
+    batch = VisionCollator(proc, str(data_dir))([{"input_ids": e.input_ids, "labels": e.labels, "images": e.images}
+                                                 for e in encoded])
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    labels = batch["labels"][:, 1:]
+    logp = torch.log_softmax(logits[:, :-1].float(), -1)
+    mask = labels != -100
+    picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    scores = (picked * mask).sum(-1).view(len(rows), len(names))
+    guesses = scores.argmax(-1).tolist()
+    return sum(names[g] == row["colour"] for g, row in zip(guesses, rows, strict=True)) / len(rows)

@@ -262,8 +262,7 @@ def test_https_images_are_downloaded_once_within_the_image_limit(tmp_path, image
 
 
 def test_prepare_refuses_image_rows_for_a_text_model_and_tokenises_them_for_a_vision_one(tmp_path, tiny_model_dir,
-                                                                                         monkeypatch):
-    from tests.vision import build_tiny_qwen2_vl
+                                                                                         tiny_qwen2_vl_dir, monkeypatch):
     from tuneyard.data.prepare import run
     from tuneyard.data.splits import load_split
     from tuneyard.domain.spec import DataSource, DataSpec, ModelSpec, TrainingSpec
@@ -271,12 +270,13 @@ def test_prepare_refuses_image_rows_for_a_text_model_and_tokenises_them_for_a_vi
     from tuneyard.settings import get_settings
 
     monkeypatch.setenv("TUNEYARD_LOCAL_ROOTS", str(tmp_path))
+    monkeypatch.setenv("TUNEYARD_HOME", str(tmp_path / "home"))
     get_settings.cache_clear()
     (tmp_path / "red.png").write_bytes(picture(size=(28, 28)))
     rows = [vision("red.png"), vision(uri(picture(size=(28, 28), colour="blue"))), vision("red.png"),
             {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}]
     data = write_jsonl(tmp_path / "train.jsonl", rows)
-    vlm = build_tiny_qwen2_vl(tmp_path / "tiny-qwen2-vl")
+    vlm = tiny_qwen2_vl_dir
     results = {}
     try:
         for name, model in (("text", tiny_model_dir), ("vision", vlm)):

@@ -175,30 +175,26 @@ def _fetch(src: DataSource | None, jobdir: JobDir, log: _Log) -> DataSource | No
     return local
 
 
-def _check_vision(spec: TrainingSpec, config: Any, has_image_rows: bool) -> bool:
-    """Whether the job trains a vision-language model; PrepareFailure for what cannot train (all at once)."""
+def _check_image_rows(spec: TrainingSpec, config: Any, image_rows: bool) -> None:
+    """PrepareFailure (every reason at once) when the job cannot train on the image rows its data holds."""
+    if not image_rows:
+        return
     from tuneyard.data.vision import is_vision_model
 
-    vision = is_vision_model(config)
     refusals = []
-    if has_image_rows and not vision:
+    if not is_vision_model(config):
         refusals.append(Problem("model", f"model '{spec.model.name}' takes text only (its config has no vision "
                                          "tower), and the training data holds image rows; choose a "
                                          "vision-language model or remove the images", "model_not_vision"))
-    if spec.model.model_type == "vlm" and not vision:
-        refusals.append(Problem("model_type", f"model_type is 'vlm', but model '{spec.model.name}' is a text model "
-                                              "(its config has no vision tower)", "model_not_vision"))
-    if has_image_rows and spec.method != "sft":
+    if spec.method != "sft":
         refusals.append(Problem("method", f"the training data holds image rows, and the '{spec.method}' method "
                                           "trains on text only; image rows train with 'sft'", "invalid_request"))
-    if vision and (spec.data.lazy_tokenize or spec.data.streaming):
+    if spec.data.lazy_tokenize or spec.data.streaming:
         what = "lazy_tokenize" if spec.data.lazy_tokenize else "streaming"
-        refusals.append(Problem(what, f"{what} is not available for vision-language models: their rows are "
-                                      "tokenised, with their images stored, before the job is queued",
-                                "invalid_request"))
+        refusals.append(Problem(what, f"{what} is not available for image rows: they are tokenised, with their "
+                                      "images stored, before the job is queued", "invalid_request"))
     if refusals:
         raise PrepareFailure(refusals[0].code or "invalid_request", combined_message(refusals), refusals[0].param)
-    return vision
 
 
 def _store_images(spec: TrainingSpec, jobdir: JobDir,
@@ -208,14 +204,12 @@ def _store_images(spec: TrainingSpec, jobdir: JobDir,
     from tuneyard.data.formats import image_refs
     from tuneyard.data.images import ImageError, ImageRules, ImageStore
 
-    vision = getattr(spec, "vision", None)
     stored: dict[str, str] = {}
     for given, local, report in sources:
         if given is None or local is None or report is None or not report.n_image_examples:
             continue
         store = ImageStore(jobdir.data, ImageRules.from_settings(_image_base(given)), param=given.param,
-                           max_pixels=getattr(vision, "max_pixels", None),
-                           min_pixels=getattr(vision, "min_pixels", None))
+                           max_pixels=spec.vision.max_pixels, min_pixels=spec.vision.min_pixels)
         fmt = normalize_format_name(report.format or local.format)
         code = "invalid_validation_file" if "validation" in given.param else "invalid_training_file"
         log(f"Fetching and storing the images of {given.param}")
@@ -237,58 +231,12 @@ def _store_images(spec: TrainingSpec, jobdir: JobDir,
     return stored
 
 
-def _load_processor(spec: TrainingSpec) -> Any:
-    """The vision-language model's processor, with the job's pixel limits; PrepareFailure when it does not load."""
-    from tuneyard.data.vision import load_processor
-
-    m, vision = spec.model, getattr(spec, "vision", None)
-    try:
-        return load_processor(m.name, revision=m.revision, trust_remote_code=m.trust_remote_code,
-                              max_pixels=getattr(vision, "max_pixels", None),
-                              min_pixels=getattr(vision, "min_pixels", None))
-    except Exception as e:  # OSError, ValueError, ImportError from remote code...
-        raise PrepareFailure("model_not_found", f"the processor of model '{m.name}' could not be loaded: "
-                             f"{_first_line(e)}", "model") from e
-
-
-def _write_vision_split(rows: Iterator[tuple[int, dict]], out: Path, ctx: _EncodeContext, split: str, *,
-                        code: str, param: str) -> int:
-    """Tokenise image (and text) rows for a vision-language model: ids, labels and the stored images' REFs."""
-    from tuneyard.data.images import rewrite_refs
-    from tuneyard.data.splits import SplitWriter
-    from tuneyard.data.tokenize import EncodeError
-    from tuneyard.data.vision import vision_features, vision_table
-
-    with SplitWriter(out, vision_features()) as writer:
-        batch: list[tuple[int, dict]] = []
-
-        def flush() -> None:
-            try:
-                encoded = ctx.vision.encode([row for _, row in batch], ctx.stats[split])
-            except EncodeError as e:
-                raise PrepareFailure(code, f"Example {batch[e.index or 0][0]}: {e}", param) from None
-            kept = [e for e in encoded if e is not None]
-            if kept:
-                writer.write_table(vision_table(kept))
-
-        for n, row in rows:
-            batch.append((n, rewrite_refs(row, ctx.stored)))
-            if len(batch) >= 256:
-                flush()
-                batch = []
-        if batch:
-            flush()
-        return writer.commit()
-
-
 def _write_split(rows: Iterator[tuple[int, dict]], n_rows: int, out: Path, ctx: _EncodeContext, split: str, *,
                  code: str, param: str) -> int:
     """Tokenise ``rows`` into the split at ``out``; its row count (0: nothing kept, no split written)."""
     from tuneyard.data.pipeline import RowError, encode_stream, features_for
     from tuneyard.data.splits import SplitWriter
 
-    if ctx.vision is not None:
-        return _write_vision_split(rows, out, ctx, split, code=code, param=param)
     with SplitWriter(out, features_for(ctx.options)) as writer:
         try:
             for table in encode_stream(rows, ctx.tokenizer, ctx.options, ctx.stats[split], workers=_workers(n_rows)):
@@ -303,28 +251,19 @@ class _EncodeContext:
     tokenizer: Any
     options: dict[str, Any]
     stats: dict[str, EncodeStats]
-    # A vision-language job: each source image's stored REF, and the encoder of its rows.
+    # Each source image's stored REF (data/images/): rows are tokenised with these.
     stored: dict[str, str] = dataclasses.field(default_factory=dict)
-    vision: Any = None
 
 
-def _vision_encoder(processor: Any, jobdir: JobDir, options: dict[str, Any], data: Any) -> Any:
-    """The image-row encoder of a vision-language job (None for a text model)."""
-    if processor is None:
-        return None
-    from tuneyard.data.vision import VisionEncoder
+def _rows(src: DataSource, fmt: str, keep: Callable[[int], bool],
+          stored: dict[str, str] | None = None) -> Iterator[tuple[int, dict]]:
+    """(example number, row) of ``src`` whose 0-based position passes ``keep``, its images' REFs the ``stored``
+    ones."""
+    from tuneyard.data.images import rewrite_refs
 
-    # The template the caller named; else the processor's own, which shows each image as the model's placeholder.
-    return VisionEncoder(processor, str(jobdir.data), template=options["template"] if data.template else None,
-                         system_prompt=data.system_prompt, max_length=data.max_length, truncation=data.truncation,
-                         train_on_input=data.train_on_input, last_turn_only=data.last_turn_only)
-
-
-def _rows(src: DataSource, fmt: str, keep: Callable[[int], bool]) -> Iterator[tuple[int, dict]]:
-    """(example number, row) of ``src`` whose 0-based position passes ``keep``."""
     for pos, (n, row) in enumerate(iter_examples(src.path, fmt, src.container)):
         if keep(pos):
-            yield n, row
+            yield n, rewrite_refs(row, stored) if stored else row
 
 
 def prepare(jobdir: JobDir, events: EventWriter | None = None, *, max_errors: int | None = None) -> PreparedOk:
@@ -373,17 +312,15 @@ def prepare(jobdir: JobDir, events: EventWriter | None = None, *, max_errors: in
     failures.raise_if_any()
     assert train_src is not None and train_report is not None  # else a failure was raised just above
     image_rows = bool(train_report.n_image_examples or val_report is not None and val_report.n_image_examples)
-    vision = _check_vision(spec, config, image_rows)
-    stored: dict[str, str] = {}
-    processor = None
-    if vision:
-        # Images first: a source that cannot be fetched fails the job before the processor is loaded.
-        stored = _store_images(spec, jobdir, [(data.train, train_src, train_report),
-                                              (data.validation, val_src, val_report)], log)
-        processor = _load_processor(spec)
-        tokenizer = processor.tokenizer
+    _check_image_rows(spec, config, image_rows)
+    spec, processor = _vision_model(spec, config, log)
+    # Stored before tokenising: the encoder reads each image's size from data/images (and a cached split names them).
+    stored = _store_images(spec, jobdir, [(data.train, train_src, train_report),
+                                          (data.validation, val_src, val_report)], log) if image_rows else {}
+    text_tokenizer = tokenizer
     try:
-        template = resolve_template(tokenizer, data.template)
+        template = resolve_template(tokenizer, data.template if processor is None or data.template else
+                                    _processor_template(processor))
     except ValueError as e:
         raise PrepareFailure("invalid_request", str(e), "template") from None
     context = getattr(config, "max_position_embeddings", None)
@@ -394,6 +331,10 @@ def prepare(jobdir: JobDir, events: EventWriter | None = None, *, max_errors: in
     options = {"template": template, "system_prompt": data.system_prompt, "max_length": data.max_length,
                "truncation": data.truncation, "train_on_input": data.train_on_input,
                "last_turn_only": data.last_turn_only, "rows": capabilities.RECIPES[spec.method].rows}
+    if processor is not None:
+        # Image rows: the processor's encoder, which reads the stored images' sizes from data/.
+        options.update(rows="vision", data_dir=str(jobdir.data))
+        tokenizer = processor
 
     train_fmt = normalize_format_name(train_report.format or train_src.format)
     held_out: set[int] = set()
@@ -411,9 +352,8 @@ def prepare(jobdir: JobDir, events: EventWriter | None = None, *, max_errors: in
     deferred = data.lazy_tokenize or data.streaming
     if deferred:
         _trial_encode(tokenizer, options, train_src, train_fmt, val_src, val_report)
-    cache, key = _cache_for(spec, tokenizer, template, train_src, val_src, train_fmt, val_report)
-    # A vision job's split names images stored in its own data/: not one to share through the cache (yet).
-    hit = cache.fetch(key, jobdir.data) if cache is not None and not deferred and not vision else None
+    cache, key = _cache_for(spec, text_tokenizer, template, train_src, val_src, train_fmt, val_report, processor)
+    hit = cache.fetch(key, jobdir.data) if cache is not None and not deferred else None
     if data.streaming:
         n_train, n_val = _write_stream_manifest(jobdir, spec, train_src, val_src, val_report, train_fmt,
                                                 train_report.n_examples, len(held_out))
@@ -431,9 +371,8 @@ def prepare(jobdir: JobDir, events: EventWriter | None = None, *, max_errors: in
         log(f"Reused the tokenised data of an earlier job (cache key {key})", cache_key=key)
     else:
         n_train, n_val = _tokenise(jobdir, train_src, val_src, val_report, train_fmt, train_report.n_examples,
-                                   held_out, _EncodeContext(tokenizer, options, stats, stored,
-                                                            _vision_encoder(processor, jobdir, options, data)))
-        if cache is not None and n_train and not vision:
+                                   held_out, _EncodeContext(tokenizer, options, stats, stored))
+        if cache is not None and n_train:
             cache.store(key, jobdir.data, ["train"] + (["validation"] if n_val else []),
                         {"n_train": n_train, "n_validation": n_val,
                          "stats": {k: dataclasses.asdict(v) for k, v in stats.items()}})
@@ -475,7 +414,7 @@ def prepare(jobdir: JobDir, events: EventWriter | None = None, *, max_errors: in
         dropped=tr.dropped + va.dropped,
         total_steps=steps,
         format=train_report.format,
-        template=template_label(tokenizer, data.template),
+        template=template_label(text_tokenizer, data.template),
         hyperparameters=hp.model_dump(mode="json"),
     )
 
@@ -484,16 +423,16 @@ def _tokenise(jobdir: JobDir, train_src: DataSource, val_src: DataSource | None,
               val_report: ValidationReport | None, train_fmt: str, n_all: int, held_out: set[int],
               ctx: _EncodeContext) -> tuple[int, int]:
     """Tokenise the training rows (and the validation file or held-out rows) into the job's data/."""
-    n_train = _write_split(_rows(train_src, train_fmt, lambda p: p not in held_out), n_all - len(held_out),
+    n_train = _write_split(_rows(train_src, train_fmt, lambda p: p not in held_out, ctx.stored), n_all - len(held_out),
                            jobdir.data / "train", ctx, "train", code="invalid_training_file", param=train_src.param)
     n_val = 0
     if val_src is not None and val_report is not None:
         val_fmt = normalize_format_name(val_report.format or val_src.format)
-        n_val = _write_split(_rows(val_src, val_fmt, lambda p: True), val_report.n_examples,
+        n_val = _write_split(_rows(val_src, val_fmt, lambda p: True, ctx.stored), val_report.n_examples,
                              jobdir.data / "validation", ctx, "validation", code="invalid_validation_file",
                              param=val_src.param)
     elif held_out:
-        n_val = _write_split(_rows(train_src, train_fmt, lambda p: p in held_out), len(held_out),
+        n_val = _write_split(_rows(train_src, train_fmt, lambda p: p in held_out, ctx.stored), len(held_out),
                              jobdir.data / "validation", ctx, "validation", code="invalid_training_file",
                              param=train_src.param)
     else:
@@ -626,8 +565,8 @@ def _stats(d: dict) -> EncodeStats:
 
 
 def _cache_for(spec: TrainingSpec, tokenizer: Any, template: str, train_src: DataSource,
-               val_src: DataSource | None, train_fmt: str, val_report: ValidationReport | None
-               ) -> tuple[TokenisedCache | None, str]:
+               val_src: DataSource | None, train_fmt: str, val_report: ValidationReport | None,
+               processor: Any = None) -> tuple[TokenisedCache | None, str]:
     """The tokenised-data cache (None when switched off) and this job's key in it."""
     from tuneyard.settings import get_settings
 
@@ -644,8 +583,44 @@ def _cache_for(spec: TrainingSpec, tokenizer: Any, template: str, train_src: Dat
         "last_turn_only": data.last_turn_only, "rows": capabilities.RECIPES[spec.method].rows,
         # These decide which rows are held out for validation.
         "split": [data.split.type, data.split.validation_ratio, spec.seed] if val_src is None else None,
+        # How many tokens each image expands to.
+        "image_processor": processor.image_processor.to_json_string() if processor is not None else None,
     })
     return TokenisedCache(settings.home / "cache" / "tokenised", settings.tokenised_cache_bytes), key
+
+
+def _vision_model(spec: TrainingSpec, config: Any, log: _Log) -> tuple[TrainingSpec, Any]:
+    """The spec (model_type 'vlm' when the config shows a vision-language model) and the model's processor, or None
+    for a text model; PrepareFailure for model_type 'vlm' on a text model."""
+    from tuneyard.data.vision import is_vision_model, load_processor
+
+    m = spec.model
+    if not is_vision_model(config):
+        if m.model_type == "vlm":
+            raise PrepareFailure("invalid_request", f"model_type is 'vlm', but {m.name} is a text-only model "
+                                 f"({getattr(config, 'model_type', 'unknown')}) that takes no images", "model_type")
+        return spec, None
+    if m.model_type != "vlm":
+        spec = spec.model_copy(update={"model": m.model_copy(update={"model_type": "vlm"})})
+        unsupported = capabilities.check(spec)
+        if unsupported:
+            raise PrepareFailure(unsupported[0].code or "unsupported",
+                                 f"{m.name} is a vision-language model: " + combined_message(unsupported),
+                                 unsupported[0].param)
+        log(f"{m.name} is a vision-language model ({config.model_type}): trained as model_type 'vlm'")
+    try:
+        processor = load_processor(m.name, revision=m.revision, trust_remote_code=m.trust_remote_code,
+                                   max_pixels=spec.vision.max_pixels, min_pixels=spec.vision.min_pixels)
+    except Exception as e:
+        raise PrepareFailure("model_not_found", f"the processor of '{m.name}' could not be loaded: {_first_line(e)}",
+                             "model") from e
+    return spec, processor
+
+
+def _processor_template(processor: Any) -> str | None:
+    from tuneyard.data.vision import processor_template
+
+    return processor_template(processor)
 
 
 def _report_counts(log: _Log, n_train: int, n_val: int, tr: EncodeStats, va: EncodeStats, max_length: int,

@@ -71,13 +71,10 @@ def load_processor(name: str, *, revision: str | None = None, trust_remote_code:
 
 
 def _image_only_processor(name: str, kwargs: dict[str, Any], error: Exception) -> Any:
-    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
-    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
-
+    from transformers import AutoImageProcessor, AutoTokenizer
     from transformers import utils as hf_utils
 
-    config = AutoConfig.from_pretrained(name, **kwargs)
-    cls_name = PROCESSOR_MAPPING_NAMES.get(config.model_type)
+    cls_name = _processor_class_name(name, kwargs)
     if hf_utils.is_torchvision_available() or cls_name is None:
         raise error
     import transformers
@@ -89,6 +86,27 @@ def _image_only_processor(name: str, kwargs: dict[str, Any], error: Exception) -
     tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
     image_processor = AutoImageProcessor.from_pretrained(name, **kwargs)
     return cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template)
+
+
+def _processor_class_name(name: str, kwargs: dict[str, Any]) -> str | None:
+    """The processor class a directory (a base model, or a fine-tuned adapter with its processor) names."""
+    import json
+
+    from transformers.utils import cached_file
+
+    try:
+        path = cached_file(name, "processor_config.json", _raise_exceptions_for_missing_entries=False, **kwargs)
+        if path:
+            with open(path) as f:
+                found = json.load(f).get("processor_class")
+            if found:
+                return found
+        from transformers import AutoConfig
+        from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+        return PROCESSOR_MAPPING_NAMES.get(AutoConfig.from_pretrained(name, **kwargs).model_type)
+    except (OSError, ValueError):
+        return None
 
 
 def _apply_pixel_limits(image_processor: Any, max_pixels: int | None, min_pixels: int | None) -> None:
@@ -177,7 +195,7 @@ class VisionEncoder:
         self.text = ConversationEncoder(self.tokenizer, template=self.template or processor_template(self.processor),
                                         system_prompt=self.system_prompt, max_length=MAX_LENGTH,
                                         truncation="truncate", train_on_input=self.train_on_input,
-                                        last_turn_only=self.last_turn_only)
+                                        last_turn_only=self.last_turn_only, text_only=False)
         self._per_size: dict[tuple[int, int], int] = {}
 
     def encode(self, rows: list[dict], stats: EncodeStats | None = None) -> list[VisionEncoded | None]:
