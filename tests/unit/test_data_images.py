@@ -261,8 +261,8 @@ def test_https_images_are_downloaded_once_within_the_image_limit(tmp_path, image
     assert not list((tmp_path / "data" / "images").glob(".fetch-*"))
 
 
-def test_prepare_refuses_image_rows_for_a_text_model_and_tokenises_them_for_a_vision_one(tmp_path, tiny_model_dir,
-                                                                                         tiny_qwen2_vl_dir, monkeypatch):
+def test_prepare_refuses_image_rows_for_a_text_model_and_tokenises_them_for_a_vision_one(
+        tmp_path, tiny_model_dir, tiny_qwen2_vl_dir, monkeypatch):
     from tuneyard.data.prepare import run
     from tuneyard.data.splits import load_split
     from tuneyard.domain.spec import DataSource, DataSpec, ModelSpec, TrainingSpec
