@@ -352,7 +352,8 @@ def prepare(jobdir: JobDir, events: EventWriter | None = None, *, max_errors: in
     deferred = data.lazy_tokenize or data.streaming
     if deferred:
         _trial_encode(tokenizer, options, train_src, train_fmt, val_src, val_report)
-    cache, key = _cache_for(spec, text_tokenizer, template, train_src, val_src, train_fmt, val_report, processor)
+    cache, key = _cache_for(spec, text_tokenizer, template, train_src, val_src, train_fmt, val_report, processor,
+                            stored)
     hit = cache.fetch(key, jobdir.data) if cache is not None and not deferred else None
     if data.streaming:
         n_train, n_val = _write_stream_manifest(jobdir, spec, train_src, val_src, val_report, train_fmt,
@@ -566,7 +567,7 @@ def _stats(d: dict) -> EncodeStats:
 
 def _cache_for(spec: TrainingSpec, tokenizer: Any, template: str, train_src: DataSource,
                val_src: DataSource | None, train_fmt: str, val_report: ValidationReport | None,
-               processor: Any = None) -> tuple[TokenisedCache | None, str]:
+               processor: Any = None, stored: dict[str, str] | None = None) -> tuple[TokenisedCache | None, str]:
     """The tokenised-data cache (None when switched off) and this job's key in it."""
     from tuneyard.settings import get_settings
 
@@ -585,6 +586,8 @@ def _cache_for(spec: TrainingSpec, tokenizer: Any, template: str, train_src: Dat
         "split": [data.split.type, data.split.validation_ratio, spec.seed] if val_src is None else None,
         # How many tokens each image expands to.
         "image_processor": processor.image_processor.to_json_string() if processor is not None else None,
+        # The stored images the rows name (content-addressed): a source image that changed is another split.
+        **({"images": sorted(stored.items())} if stored else {}),
     })
     return TokenisedCache(settings.home / "cache" / "tokenised", settings.tokenised_cache_bytes), key
 
