@@ -336,3 +336,36 @@ def test_train_config_integrations_extension(api):
     assert "train_config.integrations[0]" in text and "junk" in text, text
     assert "train_config.integrations[1]" in text and "'comet' is not available" in text, text
     assert n_jobs(api) == before
+
+
+def test_vlm_on_a_text_model_is_a_400_saying_so(api):
+    cfg = configs(api)
+    cfg["model_details"]["model_type"] = "vlm"
+    r = post_job(api, cfg)
+    assert r.status_code == 400, r.text
+    body = r.json()
+    assert body["field"] == "model_details.model_type"
+    assert f"model_type is 'vlm', but model '{api.model_dir}' is a text model" in body["detail"]
+
+
+def test_vlm_with_sharegpt_image_rows_is_accepted(api, tiny_qwen2_vl_dir):
+    import shutil
+
+    from PIL import Image
+
+    model = api.local / "tiny-qwen2-vl"
+    if not model.exists():
+        shutil.copytree(tiny_qwen2_vl_dir, model)
+    data = api.local / "vision"
+    data.mkdir(exist_ok=True)
+    Image.new("RGB", (28, 28), "red").save(data / "red.png")
+    row = {"conversations": [{"from": "human", "value": "<image>What colour is this?"},
+                             {"from": "gpt", "value": "Red."}], "images": ["red.png"]}
+    (data / "train.jsonl").write_text((json.dumps(row) + "\n") * 4)
+    cfg = configs(api)
+    cfg["model_details"].update(base_model=str(model), model_type="vlm")
+    cfg["dataset_details"].update(dataset_path=str(data / "train.jsonl"), dataset_format="sharegpt")
+    r = post_job(api, cfg)
+    assert r.status_code == 200 and r.json()["status"] == "QUEUED", r.text
+    rec = get(api, "/job/get/", org_id="acme", request_id=r.json()["request_id"]).json()
+    assert rec["model_details"]["model_type"] == "vlm"
