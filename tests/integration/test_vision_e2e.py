@@ -55,6 +55,6 @@ def test_simplismart_vlm_job_learns_the_colours(server, tiny_qwen2_vl_dir, tmp_p
         time.sleep(1)
     assert rec["status"] == "COMPLETED", rec["error_message"]
     assert rec["model_details"]["model_type"] == "vlm" and rec["train_config"]["freeze_aligner"] is False
-    held = colour_rows(tmp_path, 4, seed=2, prefix="held")
+    held = colour_rows(tmp_path, 4, seed=2)
     accuracy = colour_accuracy(model, Path(rec["output_model_path"]), held, tmp_path)
     assert accuracy >= 0.75, accuracy

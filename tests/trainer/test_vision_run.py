@@ -26,8 +26,8 @@ COLOUR_SPEC = {"vision": {"freeze_aligner": False},
 def colours(tmp_path_factory):
     root = tmp_path_factory.mktemp("colours")
     return {"train": colour_rows(root / "train", 4, seed=1),
-            "blank": colour_rows(root / "blank", 4, seed=1, blank=True, prefix="blank"),
-            "held": colour_rows(root / "held", 4, seed=2, prefix="held"), "held_dir": root / "held"}
+            "blank": colour_rows(root / "blank", 4, seed=1, blank=True),
+            "held": colour_rows(root / "held", 4, seed=2), "held_dir": root / "held"}
 
 
 @pytest.mark.slow
