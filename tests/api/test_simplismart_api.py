@@ -310,7 +310,7 @@ def test_independent_config_problems_are_all_reported(api):
     r = post_job(api, cfg)
     assert r.status_code == 400 and {e["field"] for e in r.json()["errors"]} == {
         "train_config.distributed.type", "model_details.model_type", "train_config.torch_dtype",
-        "infra_config.node_count"}, r.text
+        "infra_config.node_count", "dataset_config.preprocessing.lazy_tokenize"}, r.text
     # One problem keeps its own status and body (with a one-item list).
     r = post_job(api, configs(api), org="globex")
     assert r.status_code == 404 and r.json()["errors"] == [{"field": "org", "message": r.json()["detail"],
@@ -365,7 +365,15 @@ def test_vlm_with_sharegpt_image_rows_is_accepted(api, tiny_qwen2_vl_dir):
     cfg = configs(api)
     cfg["model_details"].update(base_model=str(model), model_type="vlm")
     cfg["dataset_details"].update(dataset_path=str(data / "train.jsonl"), dataset_format="sharegpt")
+    cfg["dataset_config"]["preprocessing"]["lazy_tokenize"] = False  # a VLM's rows are tokenised up front
+    cfg["train_config"].update(freeze_aligner=False, max_pixels=3136)
     r = post_job(api, cfg)
     assert r.status_code == 200 and r.json()["status"] == "QUEUED", r.text
     rec = get(api, "/job/get/", org_id="acme", request_id=r.json()["request_id"]).json()
     assert rec["model_details"]["model_type"] == "vlm"
+    assert (rec["train_config"]["freeze_aligner"], rec["train_config"]["max_pixels"]) == (False, 3136)
+    # The same fields on a text model are refused by name.
+    cfg = configs(api)
+    cfg["train_config"]["freeze_vit"] = False
+    r = post_job(api, cfg)
+    assert r.status_code == 400 and r.json()["field"] == "train_config.freeze_vit", r.text

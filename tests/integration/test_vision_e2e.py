@@ -30,9 +30,10 @@ def test_simplismart_vlm_job_learns_the_colours(server, tiny_qwen2_vl_dir, tmp_p
                                              {"role": "assistant", "content": f"{colour}."}],
                                 "images": [row["messages"][0]["content"][0]["image"]]}) + "\n")
     token = server.key("acme")
+    server.data = str(data / "train.jsonl")
     cfg = configs(server)
     cfg["model_details"].update(base_model=str(model), model_type="vlm")
-    cfg["dataset_details"].update(dataset_path=str(data / "train.jsonl"), dataset_format=None)
+    cfg["dataset_details"]["dataset_format"] = None
     cfg["dataset_config"]["preprocessing"]["lazy_tokenize"] = False
     cfg["dataset_config"]["split"]["ratios"] = [1.0, 0.0]
     hp = cfg["train_config"]["hyperparameters"]
