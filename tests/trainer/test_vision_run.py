@@ -9,7 +9,7 @@ import pytest
 from safetensors.torch import load_file
 
 from tests.trainer.conftest import _merge, base_spec
-from tests.trainer.trainer_helpers import result, run_trainer
+from tests.trainer.trainer_helpers import result, run_trainer, train_losses
 from tests.vision import build_vision_job, colour_accuracy, colour_rows
 from tuneyard.data.prepare import run as prepare
 from tuneyard.data.splits import load_split
@@ -30,13 +30,26 @@ def colours(tmp_path_factory):
             "held": colour_rows(root / "held", 4, seed=2), "held_dir": root / "held"}
 
 
+def colour_job(root, model_dir, rows, name):
+    """A colour job run to its end; its JobDir."""
+    job = build_vision_job(root, model_dir, rows, name, **COLOUR_SPEC)
+    proc = run_trainer(job, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return job
+
+
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory, tiny_qwen2_vl_dir, colours):
+    """The colour job on the real images, uninterrupted (shared by the tests that read it)."""
+    return colour_job(tmp_path_factory.mktemp("vlm-images"), tiny_qwen2_vl_dir, colours["train"], "ftjob-train")
+
+
 @pytest.mark.slow
-def test_qwen2_vl_names_the_colour_from_the_image_and_not_without_it(tmp_path, tiny_qwen2_vl_dir, colours):
+def test_qwen2_vl_names_the_colour_from_the_image_and_not_without_it(tmp_path, tiny_qwen2_vl_dir, colours,
+                                                                      image_run):
     accuracy = {}
     for kind in ("train", "blank"):
-        job = build_vision_job(tmp_path, tiny_qwen2_vl_dir, colours[kind], f"ftjob-{kind}", **COLOUR_SPEC)
-        proc = run_trainer(job, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-4000:]
+        job = image_run if kind == "train" else colour_job(tmp_path, tiny_qwen2_vl_dir, colours[kind], "ftjob-blank")
         res = result(job)
         assert res["status"] == "succeeded" and res["trained_steps"] == 16
         # Every token of every row, the image tokens among them, each epoch.
@@ -49,6 +62,26 @@ def test_qwen2_vl_names_the_colour_from_the_image_and_not_without_it(tmp_path, t
         accuracy[kind] = colour_accuracy(tiny_qwen2_vl_dir, job.output, colours["held"], colours["held_dir"])
     # Four colours: chance is 0.25. Blank images leave only the prior, the same answer for every image.
     assert accuracy["train"] >= 0.75 and accuracy["blank"] <= 0.5, accuracy
+
+
+@pytest.mark.slow
+def test_a_paused_vlm_job_resumes_to_the_uninterrupted_run(tmp_path, tiny_qwen2_vl_dir, colours, image_run):
+    from tests.trainer.test_stop_resume import start_and_stop_at
+
+    job = build_vision_job(tmp_path, tiny_qwen2_vl_dir, colours["train"], "ftjob-pause", **COLOUR_SPEC)
+    code, _ = start_and_stop_at(job, "pause", after_step=3, timeout=600)
+    assert code == 0 and result(job)["status"] == "stopped", (job.logs / "trainer.log").read_text()[-3000:]
+    paused = result(job)["step"]
+    assert paused < 16
+    (job.control / "stop").unlink()
+    proc = run_trainer(job, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert result(job)["status"] == "succeeded" and result(job)["trained_steps"] == 16
+    reference = dict(train_losses(image_run))
+    resumed = [(s, loss) for s, loss in train_losses(job) if s > paused]
+    assert resumed and resumed[0][0] == paused + 1
+    assert max(abs(loss - reference[s]) for s, loss in resumed) < 1e-4
+    assert result(job)["trained_tokens"] == result(image_run)["trained_tokens"]
 
 
 @pytest.mark.slow
