@@ -31,6 +31,22 @@ def tiny_tokenizer(tiny_model_dir):
     return AutoTokenizer.from_pretrained(str(tiny_model_dir))
 
 
+@pytest.fixture(scope="session")
+def tiny_qwen2_vl_dir(tmp_path_factory) -> Path:
+    """A random Qwen2-VL-shaped model with its processor parts (tests/vision.py)."""
+    from tests.vision import build_tiny_qwen2_vl
+
+    return build_tiny_qwen2_vl(tmp_path_factory.mktemp("models") / "tiny-qwen2-vl")
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory) -> Path:
+    """A random LLaVA model (tiny CLIP tower) with its processor (tests/vision.py)."""
+    from tests.vision import build_tiny_llava
+
+    return build_tiny_llava(tmp_path_factory.mktemp("models") / "tiny-llava")
+
+
 @pytest.fixture()
 def sample_jsonl(tmp_path) -> Path:
     from tuneyard.demo.tiny import write_sample_jsonl

@@ -103,6 +103,13 @@ class Settings(BaseSettings):
     # Remote datasets: an S3-compatible endpoint (MinIO, moto...) instead of AWS, and the largest download.
     s3_endpoint_url: str | None = None
     max_download_bytes: int = 50 * 1024**3
+    # Images of image rows (tuneyard/data/images.py): the largest one (bytes, as stored or downloaded), the most
+    # pixels one may declare, the most a row may hold and the most rows with images a file may hold (OpenAI's
+    # vision fine-tuning limits: 10 MB, 10 per example, 50,000 examples).
+    max_image_bytes: int = Field(10 * 1024**2, ge=1)
+    max_image_pixels: int = Field(64 * 1024**2, ge=1)
+    max_images_per_example: int = Field(10, ge=1)
+    max_image_examples: int = Field(50_000, ge=1)
     # The longest one remote dataset's download may take, start to end (not per read: a server trickling a byte
     # at a time is cut off too); the job then fails naming the source. 0: no limit.
     download_timeout_seconds: float = Field(3600.0, ge=0)

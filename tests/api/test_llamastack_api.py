@@ -282,3 +282,29 @@ def test_several_bad_values_are_one_400_with_all_in_detail(api, client, dataset)
     assert r.status_code == 400 and r.json()["detail"].startswith("2 problems:"), r.text
     assert "n_epochs" in r.json()["detail"] and "batch_size" in r.json()["detail"]
     assert len(client.post_training.job.list()) == before
+
+
+def test_datasets_with_image_parts_are_accepted_and_a_bad_image_refused(client):
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(buf, format="PNG")
+    png = buf.getvalue()
+
+    def row(data: bytes) -> dict:
+        return {"dialog": [{"role": "user", "content": [
+            {"type": "image", "image": {"data": base64.b64encode(data).decode()}},
+            {"type": "text", "text": "What colour is this?"}]}, {"role": "assistant", "content": "Red."}]}
+
+    url_row = {"dialog": [{"role": "user", "content": {"type": "image", "image": {"url": {
+        "uri": "https://example.com/red.png"}}}}, {"role": "assistant", "content": "Red."}]}
+    ds = client.datasets.register(purpose="post-training/messages",
+                                  source={"type": "rows", "rows": [row(png), url_row]})
+    client.datasets.unregister(ds.identifier)
+    with pytest.raises(llama_stack_client.BadRequestError) as e:
+        client.datasets.register(purpose="post-training/messages", source={"type": "rows",
+                                                                           "rows": [row(png), row(png[:-30])]})
+    assert "Row 2, message 1, content part 1: image 'data:;base64,...' is truncated" in e.value.body["detail"]

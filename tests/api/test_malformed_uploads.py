@@ -84,3 +84,31 @@ def test_good_files_in_every_container_are_accepted(api, client, tmp_path):
         assert client.files.content(f.id).read() == (tmp_path / name).read_bytes()
     # Kept under their container's suffix, so that prepare reads a CSV as CSV later.
     assert {p.suffix for p in stored_files(api)} >= {".jsonl", ".json", ".csv", ".parquet"}
+
+
+def test_image_rows_are_accepted_at_upload_and_a_bad_image_refused(client, tmp_path):
+    """OpenAI vision rows (a data URI, an https URL the server does not fetch) and ms-swift rows with <image> tags."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4), "red").save(buf, format="PNG")
+    red = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    rows = [{"messages": [{"role": "user", "content": [{"type": "text", "text": "What colour is this?"},
+                                                       {"type": "image_url", "image_url": {"url": url}}]},
+                          {"role": "assistant", "content": "Red."}]} for url in (red, "https://example.com/red.png")]
+    rows.append({"messages": [{"role": "user", "content": "<image>What colour is this?"},
+                              {"role": "assistant", "content": "Red."}], "images": [red]})
+    good = tmp_path / "vision.jsonl"
+    good.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    f = client.files.create(file=good.open("rb"), purpose="fine-tune")
+    assert f.status == "processed"
+    client.files.delete(f.id)
+    rows[1]["messages"][0]["content"][1]["image_url"]["url"] = "cat.png"
+    bad = tmp_path / "relative.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(openai.BadRequestError) as e:
+        client.files.create(file=bad.open("rb"), purpose="fine-tune")
+    assert "Example 2, message 1, content part 2: image 'cat.png' is a relative path" in e.value.body["message"]

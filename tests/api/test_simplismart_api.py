@@ -310,7 +310,7 @@ def test_independent_config_problems_are_all_reported(api):
     r = post_job(api, cfg)
     assert r.status_code == 400 and {e["field"] for e in r.json()["errors"]} == {
         "train_config.distributed.type", "model_details.model_type", "train_config.torch_dtype",
-        "infra_config.node_count"}, r.text
+        "infra_config.node_count", "dataset_config.preprocessing.lazy_tokenize"}, r.text
     # One problem keeps its own status and body (with a one-item list).
     r = post_job(api, configs(api), org="globex")
     assert r.status_code == 404 and r.json()["errors"] == [{"field": "org", "message": r.json()["detail"],
@@ -336,3 +336,44 @@ def test_train_config_integrations_extension(api):
     assert "train_config.integrations[0]" in text and "junk" in text, text
     assert "train_config.integrations[1]" in text and "'comet' is not available" in text, text
     assert n_jobs(api) == before
+
+
+def test_vlm_on_a_text_model_is_a_400_saying_so(api):
+    cfg = configs(api)
+    cfg["model_details"]["model_type"] = "vlm"
+    r = post_job(api, cfg)
+    assert r.status_code == 400, r.text
+    body = r.json()
+    assert body["field"] == "model_details.model_type"
+    assert f"model_type is 'vlm', but model '{api.model_dir}' is a text model" in body["detail"]
+
+
+def test_vlm_with_sharegpt_image_rows_is_accepted(api, tiny_qwen2_vl_dir):
+    import shutil
+
+    from PIL import Image
+
+    model = api.local / "tiny-qwen2-vl"
+    if not model.exists():
+        shutil.copytree(tiny_qwen2_vl_dir, model)
+    data = api.local / "vision"
+    data.mkdir(exist_ok=True)
+    Image.new("RGB", (28, 28), "red").save(data / "red.png")
+    row = {"conversations": [{"from": "human", "value": "<image>What colour is this?"},
+                             {"from": "gpt", "value": "Red."}], "images": ["red.png"]}
+    (data / "train.jsonl").write_text((json.dumps(row) + "\n") * 4)
+    cfg = configs(api)
+    cfg["model_details"].update(base_model=str(model), model_type="vlm")
+    cfg["dataset_details"].update(dataset_path=str(data / "train.jsonl"), dataset_format="sharegpt")
+    cfg["dataset_config"]["preprocessing"]["lazy_tokenize"] = False  # a VLM's rows are tokenised up front
+    cfg["train_config"].update(freeze_aligner=False, max_pixels=3136)
+    r = post_job(api, cfg)
+    assert r.status_code == 200 and r.json()["status"] == "QUEUED", r.text
+    rec = get(api, "/job/get/", org_id="acme", request_id=r.json()["request_id"]).json()
+    assert rec["model_details"]["model_type"] == "vlm"
+    assert (rec["train_config"]["freeze_aligner"], rec["train_config"]["max_pixels"]) == (False, 3136)
+    # The same fields on a text model are refused by name.
+    cfg = configs(api)
+    cfg["train_config"]["freeze_vit"] = False
+    r = post_job(api, cfg)
+    assert r.status_code == 400 and r.json()["field"] == "train_config.freeze_vit", r.text

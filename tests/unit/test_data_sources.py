@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit.test_data_images import picture
 from tuneyard.data.sources import (
     CREDENTIALS_ENV,
     SourceError,
@@ -33,9 +34,11 @@ from tuneyard.domain.spec import DataSource, TrainingSpec
 from tuneyard.service import Services
 from tuneyard.service.auth import Principal, ensure_org
 from tuneyard.service.jobs import Submission
-from tuneyard.settings import Settings
+from tuneyard.settings import Settings, get_settings
 
 BODY = "".join(json.dumps(r) + "\n" for r in sample_rows()).encode()
+# An image of an image row (tests/unit/test_data_images.py has the rest), made with Pillow.
+RED_PNG = picture()
 BUCKET = "training-data"
 ACME = Principal(org_id="acme", key_id="k1", role="admin")
 GLOBEX = Principal(org_id="globex", key_id="k2", role="admin")
@@ -90,7 +93,8 @@ def moto_s3(objects: dict[str, bytes], bucket: str = BUCKET) -> Iterator[dict]:
 def s3():
     # ds/big.jsonl: more than moto serves within a 0.05 s deadline.
     big = BODY * (12 * 1024 * 1024 // len(BODY) + 1)
-    with moto_s3({"ds/train.jsonl": BODY, "ds/export": BODY, "ds/empty.jsonl": b"", "ds/big.jsonl": big}) as m:
+    with moto_s3({"ds/train.jsonl": BODY, "ds/export": BODY, "ds/empty.jsonl": b"", "ds/big.jsonl": big,
+                  "img/red.png": RED_PNG}) as m:
         yield m
 
 
@@ -104,6 +108,22 @@ def no_partials(root: Path) -> bool:
 
 
 # ----- s3:// --------------------------------------------------------------------------------------------------
+
+
+def test_s3_images_are_read_with_the_jobs_secret(s3, monkeypatch, tmp_path):
+    from tuneyard.data.images import ImageError, ImageRules, ImageStore, open_image
+
+    monkeypatch.setenv("TUNEYARD_S3_ENDPOINT_URL", s3["url"])
+    get_settings.cache_clear()
+    try:
+        store = ImageStore(tmp_path / "data", ImageRules.from_settings(None), param="training_file")
+        with pytest.raises(ImageError, match="access denied"):
+            store.put(f"s3://{BUCKET}/img/red.png")
+        handing_over(monkeypatch, s3["reader"])
+        stored = store.put(f"s3://{BUCKET}/img/red.png")
+    finally:
+        get_settings.cache_clear()
+    assert open_image(tmp_path / "data", stored).getpixel((0, 0)) == (255, 0, 0)
 
 
 def test_s3_object_is_downloaded_into_the_job(s3, monkeypatch, tmp_path):

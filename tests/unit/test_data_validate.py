@@ -44,9 +44,9 @@ CASES = [
     (msgs(("system", "S"), ("user", "Q")),
      "Example 2: no assistant message to train on (at least one assistant message without 'weight': 0 "
      "is needed)"),
-    ('{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}, '
+    ('{"messages": [{"role": "user", "content": [{"type": "audio", "audio": {"url": "x"}}]}, '
      '{"role": "assistant", "content": "A"}]}',
-     "Example 2, message 1, content part 1: unsupported type 'image_url' (only text parts are supported)"),
+     "Example 2, message 1, content part 1: unsupported type 'audio' (only text parts are supported)"),
     ('{"messages": [{"role": "user", "content": "Q", "tool_calls": []}, '
      '{"role": "assistant", "content": "A"}]}',
      "Example 2, message 1: 'tool_calls' is only allowed on assistant messages"),

@@ -4,8 +4,14 @@ The internal form of a supervised row is one of:
 
 * a conversation: ``{"messages": [message, ...], "tools"?: [...]}``. A message is
   ``{"role", "content", "weight"?, "name"?, "tool_calls"?, "tool_call_id"?}`` with role ``system``,
-  ``user``, ``assistant`` or ``tool``; ``content`` is always a string (``""`` for an assistant message that
-  only calls tools); ``weight`` (0 or 1, assistant messages only) is kept only when the row gave it;
+  ``user``, ``assistant`` or ``tool``; ``content`` is a string (``""`` for an assistant message that
+  only calls tools) or, in a message that holds an image, a list of parts ``{"type": "text", "text": str}`` and
+  ``{"type": "image", "image": REF}`` (an *image row*; text-only rows never use the list form). REF is the
+  source as the row gives it (a ``data:image/...;base64,`` URI, ``https://``, ``s3://`` or a path); the prepare
+  step replaces it with ``images/<sha256>.<ext>`` under the job's ``data/`` (``tuneyard.data.images``). Images
+  come as OpenAI ``image_url`` parts, Llama Stack ``image`` parts, or an ``images`` list whose entries go where
+  the ``<image>`` tags of the messages are (ms-swift, LLaMA-Factory, ShareGPT); they are refused in assistant
+  messages. ``weight`` (0 or 1, assistant messages only) is kept only when the row gave it;
   ``tool_calls`` follow OpenAI: ``{"id"?, "type": "function", "function": {"name", "arguments": str}}``.
 * a plain text sample: ``{"text": "..."}`` (continued pre-training: every token of it is trained).
 
@@ -131,9 +137,19 @@ class RowError(ValueError):
         self.problems = problems
 
 
+@dataclass(frozen=True)
+class ImageSite:
+    """One image of a row: its REF as the row gives it, where (``message 2, content part 3``) and the field path."""
+
+    ref: str
+    where: str
+    param: str
+
+
 class _Collector:
     def __init__(self) -> None:
         self.problems: list[Problem] = []
+        self.sites: list[ImageSite] = []
 
     def add(self, message: str, where: str | None = None, param: str | None = None) -> None:
         self.problems.append(Problem(message, where, param))
@@ -263,8 +279,12 @@ def _foreign_row_message(row: dict, found: str, named: str) -> str:
             "data was declared with")
 
 
-def convert_row(row: Any, format: str = "auto", *, trust_format: bool = False) -> dict:
+def convert_row(row: Any, format: str = "auto", *, trust_format: bool = False,
+                sites: list[ImageSite] | None = None) -> dict:
     """Convert one row to the internal form; raise RowError naming every problem found.
+
+    Each image the row holds is appended to ``sites`` (when given) with where the row has it, so that the
+    image checks (``tuneyard.data.images``) can name the example, message and part.
 
     A named format is checked against the row's keys (a row plainly in another format says so) unless
     ``trust_format``: a CSV or Parquet file's columns fixed the format, and a row lacks a key only because
@@ -288,7 +308,12 @@ def convert_row(row: Any, format: str = "auto", *, trust_format: bool = False) -
             fmt != DPO and _has_keys(row, (*SIGNATURES[fmt], *_ALSO_ACCEPTS.get(fmt, ())))):
         # The row is plainly another format: saying so beats listing the named format's missing keys.
         raise RowError([Problem(_foreign_row_message(row, found[0], fmt))])
-    return _CONVERTERS[fmt](row)
+    c = _Collector()
+    out = _CONVERTERS[fmt](row, c)
+    _place_images(row, out, c)
+    if sites is not None:
+        sites.extend(c.sites)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -325,6 +350,173 @@ def _text_content(value: Any, c: _Collector, where: str | None, param: str,
         return "".join(texts)
     c.add(f"'{key}' must be a string or a list of text parts, got {json_type(value)}", where, param)
     return None
+
+
+IMAGE_TAG = "<image>"
+# Content part types that carry an image: OpenAI's image_url, Llama Stack's (and the internal form's) image.
+IMAGE_PART_TYPES = ("image_url", "image")
+# Row keys of media other than images (ms-swift, LLaMA-Factory): refused rather than trained on as if absent.
+_OTHER_MEDIA = ("videos", "audios", "video", "audio")
+
+
+def _image_ref(part: dict, ptype: str) -> tuple[str | None, str | None]:
+    """(REF, None) of an OpenAI ``image_url`` part or a Llama Stack / internal ``image`` part; (None, why) else."""
+    if ptype == "image_url":
+        value = part.get("image_url")
+        url = value.get("url") if isinstance(value, dict) else value
+        if isinstance(url, str) and url.strip():
+            return url.strip(), None
+        return None, "'image_url.url' must be a non-empty string (an https:// URL or a data:image/...;base64, URI)"
+    value = part.get("image")
+    if isinstance(value, str) and value.strip():
+        return value.strip(), None
+    if isinstance(value, dict):
+        url = value.get("url")
+        url = url.get("uri") if isinstance(url, dict) else url
+        if isinstance(url, str) and url.strip():
+            return url.strip(), None
+        data = value.get("data")
+        if isinstance(data, str) and data.strip():
+            # Llama Stack gives the bare base64: the image's bytes, not a declared type, say what it is.
+            return "data:;base64," + data.strip(), None
+    return None, "'image' must be a path or URL, {'url': {'uri': ...}} or {'data': base64}"
+
+
+def _content(value: Any, c: _Collector, where: str, param: str, key: str, role: str) -> str | list[dict] | None:
+    """A message's content: a string (text-only, as today) or, when it holds an image, a list of parts."""
+    if isinstance(value, dict) and value.get("type") is not None:
+        # Llama Stack's content may be a single part object.
+        value = [value]
+    if not (isinstance(value, list) and any(isinstance(p, dict) and p.get("type") in IMAGE_PART_TYPES
+                                            for p in value)):
+        return _text_content(value, c, where, param, key)
+    parts: list[dict] = []
+    ok = True
+    for j, part in enumerate(value):
+        pwhere, pparam = f"{where}, content part {j + 1}", f"{param}[{j}]"
+        if isinstance(part, str):
+            parts.append({"type": "text", "text": part})
+            continue
+        if not isinstance(part, dict):
+            c.add(f"must be an object, got {json_type(part)}", pwhere, pparam)
+            ok = False
+            continue
+        ptype = part.get("type") or "text"
+        if ptype == "text":
+            if not isinstance(part.get("text"), str):
+                c.add(f"'text' must be a string, got {json_type(part.get('text'))}", pwhere, f"{pparam}.text")
+                ok = False
+            elif part["text"]:
+                parts.append({"type": "text", "text": part["text"]})
+            continue
+        if ptype not in IMAGE_PART_TYPES:
+            c.add(f"unsupported type '{ptype}' (text, image_url and image parts are supported)", pwhere,
+                  f"{pparam}.type")
+            ok = False
+            continue
+        if role == "assistant":
+            c.add("an image in an assistant message: images go in user or system messages (the models trained "
+                  "here read images, they do not write them)", pwhere, pparam)
+            ok = False
+            continue
+        detail = part.get("image_url", {}).get("detail") if isinstance(part.get("image_url"), dict) else None
+        if detail not in (None, "auto"):
+            # Honouring it would need a pixel budget per image; the job-wide one is vision.max_pixels.
+            c.add(f"'detail' '{detail}' is not supported (only 'auto'); set the job's vision max_pixels to bound "
+                  "image sizes", pwhere, f"{pparam}.image_url.detail")
+            ok = False
+            continue
+        ref, why = _image_ref(part, ptype)
+        if ref is None:
+            c.add(why or "not an image", pwhere, pparam)
+            ok = False
+            continue
+        parts.append({"type": "image", "image": ref})
+        c.sites.append(ImageSite(ref, pwhere, pparam))
+    return parts if ok else None
+
+
+def has_images(row: dict) -> bool:
+    """Whether an internal-form row holds an image part (an *image row*)."""
+    return any(isinstance(m.get("content"), list) for key in ("messages", "prompt", "chosen", "rejected")
+               for m in row.get(key) or ())
+
+
+def image_refs(row: dict) -> list[str]:
+    """The REFs of an internal-form row's image parts, in order."""
+    return [p["image"] for key in ("messages", "prompt", "chosen", "rejected") for m in row.get(key) or ()
+            if isinstance(m.get("content"), list) for p in m["content"] if p.get("type") == "image"]
+
+
+def _listed_image(item: Any) -> str | None:
+    """One entry of an ``images`` list: a path/URL string, ``{"path"|"url": ...}`` or ``{"bytes": ...}`` (the
+    Hugging Face Image feature, as Parquet holds it)."""
+    if isinstance(item, str) and item.strip():
+        return item.strip()
+    if isinstance(item, dict):
+        raw = item.get("bytes")
+        if isinstance(raw, bytes | bytearray) and raw:
+            import base64
+
+            return "data:;base64," + base64.b64encode(raw).decode("ascii")
+        for k in ("path", "url", "image"):
+            if isinstance(item.get(k), str) and item[k].strip():
+                return item[k].strip()
+    return None
+
+
+def _place_images(row: dict, out: dict, c: _Collector) -> None:
+    """Put an ``images`` list (ms-swift, LLaMA-Factory, ShareGPT) where the ``<image>`` tags of the messages are."""
+    for key in _OTHER_MEDIA:
+        if row.get(key):
+            c.add(f"'{key}' are not supported: tuneyard trains on text and images only", None, key)
+    images = row.get("images")
+    if images is None:
+        c.raise_if_any()
+        return
+    if isinstance(images, str | dict):
+        # One image given bare (a CSV cell holding a path, say).
+        images = [images]
+    if not isinstance(images, list):
+        c.add(f"'images' must be a list of image paths, URLs or data URIs, got {json_type(images)}", None, "images")
+        c.raise_if_any()
+    refs = []
+    for k, item in enumerate(images):
+        ref = _listed_image(item)
+        if ref is None:
+            c.add("must be a path, a URL, a data URI, or an object with 'path' or 'bytes'", f"images[{k}]",
+                  f"images[{k}]")
+        refs.append(ref)
+    groups = [out.get(key) or [] for key in ("messages", "prompt", "chosen", "rejected")]
+    if not any(groups) and refs:
+        c.add("'images' needs a conversation to place them in; this row has none", None, "images")
+    tags = 0
+    for group in groups:
+        for i, m in enumerate(group):
+            n = m["content"].count(IMAGE_TAG) if isinstance(m.get("content"), str) else 0
+            if n and m["role"] == "assistant":
+                c.add(f"an '{IMAGE_TAG}' tag in an assistant message: images go in user or system messages",
+                      f"message {i + 1}", None)
+            tags += n
+    if tags != len(refs):
+        c.add(f"the row has {tags} '{IMAGE_TAG}' tag(s) but {len(refs)} image(s) in 'images'; each image needs "
+              "one tag where it goes in the conversation", None, "images")
+    c.raise_if_any()
+    k = 0
+    for group in groups:
+        for m in group:
+            if not (isinstance(m.get("content"), str) and IMAGE_TAG in m["content"]):
+                continue
+            pieces = m["content"].split(IMAGE_TAG)
+            parts: list[dict] = []
+            for idx, piece in enumerate(pieces):
+                if piece:
+                    parts.append({"type": "text", "text": piece})
+                if idx < len(pieces) - 1:
+                    parts.append({"type": "image", "image": refs[k]})
+                    c.sites.append(ImageSite(refs[k], f"images[{k}]", f"images[{k}]"))
+                    k += 1
+            m["content"] = parts
 
 
 def _string_field(row: dict, key: str, c: _Collector, *, required: bool, allow_empty: bool = False,
@@ -483,8 +675,8 @@ def _message(raw: Any, idx: int, c: _Collector, *, param: str, role_map: dict[st
             c.add(f"'{content_key}' is missing", where, f"{param}.{content_key}")
             content = None
     else:
-        content = _text_content(content_raw, c, where, f"{param}.{content_key}", content_key)
-        if content is not None and not content.strip() and not tool_calls:
+        content = _content(content_raw, c, where, f"{param}.{content_key}", content_key, mapped)
+        if isinstance(content, str) and not content.strip() and not tool_calls:
             c.add(f"'{content_key}' is empty", where, f"{param}.{content_key}")
     msg["content"] = content
 
@@ -596,15 +788,13 @@ def _maybe_json_list(value: Any, key: str, c: _Collector) -> Any:
 # Converters, one per format
 
 
-def _from_openai(row: dict) -> dict:
-    c = _Collector()
+def _from_openai(row: dict, c: _Collector) -> dict:
     messages = _messages(row.get("messages"), c, key="messages")
     tools = _tools(row.get("tools"), c)
     return _finish(messages, c, tools)
 
 
-def _from_sharegpt(row: dict) -> dict:
-    c = _Collector()
+def _from_sharegpt(row: dict, c: _Collector) -> dict:
     system = _string_field(row, "system", c, required=False)
     tools = _tools(row.get("tools"), c)
     if "conversations" in row:
@@ -649,8 +839,7 @@ def _pairs(value: Any, c: _Collector) -> list[dict]:
     return out
 
 
-def _from_alpaca(row: dict) -> dict:
-    c = _Collector()
+def _from_alpaca(row: dict, c: _Collector) -> dict:
     instruction = _string_field(row, "instruction", c, required=True, allow_empty=True)
     extra = _string_field(row, "input", c, required=False)
     if instruction is not None and not instruction.strip() and not extra:
@@ -664,15 +853,13 @@ def _from_alpaca(row: dict) -> dict:
     return _finish(_with_system(system, messages), c)
 
 
-def _from_prompt_completion(row: dict) -> dict:
-    c = _Collector()
+def _from_prompt_completion(row: dict, c: _Collector) -> dict:
     prompt = _string_field(row, "prompt", c, required=True)
     completion = _string_field(row, "completion", c, required=True)
     return _finish([{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}], c)
 
 
-def _from_query_response(row: dict) -> dict:
-    c = _Collector()
+def _from_query_response(row: dict, c: _Collector) -> dict:
     q_key, r_key = next(((q, r) for q, r in QUERY_RESPONSE_KEYS if q in row and r in row),
                         ("query", "response"))
     query = _string_field(row, q_key, c, required=True)
@@ -683,15 +870,13 @@ def _from_query_response(row: dict) -> dict:
     return _finish(_with_system(system, messages), c)
 
 
-def _from_text(row: dict) -> dict:
-    c = _Collector()
+def _from_text(row: dict, c: _Collector) -> dict:
     text = _string_field(row, "text", c, required=True)
     c.raise_if_any()
     return {"text": text}
 
 
-def _from_instruct(row: dict) -> dict:
-    c = _Collector()
+def _from_instruct(row: dict, c: _Collector) -> dict:
     value = _maybe_json_list(row.get("chat_completion_input"), "chat_completion_input", c)
     if value is None and not c.problems:
         c.add("'chat_completion_input' is missing", None, "chat_completion_input")
@@ -707,8 +892,7 @@ def _from_instruct(row: dict) -> dict:
     return _finish([*messages, {"role": "assistant", "content": answer}], c)
 
 
-def _from_dialog(row: dict) -> dict:
-    c = _Collector()
+def _from_dialog(row: dict, c: _Collector) -> dict:
     value = _maybe_json_list(row.get("dialog"), "dialog", c)
     messages = _messages(value, c, key="dialog") if not c.problems else []
     return _finish(messages, c)
@@ -782,8 +966,7 @@ def _finish_preference(prompt: list[dict], chosen: list[dict], rejected: list[di
     return out
 
 
-def _from_dpo(row: dict) -> dict:
-    c = _Collector()
+def _from_dpo(row: dict, c: _Collector) -> dict:
     if "rejected_response" in row:
         return _from_messages_rejected(row, c)
     if "preferred_output" in row or "non_preferred_output" in row:

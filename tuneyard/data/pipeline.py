@@ -55,12 +55,18 @@ def default_workers() -> int:
 
 
 def make_encoder(tokenizer: Any, options: dict[str, Any]) -> Any:
-    """The encoder for ``options["rows"]``: supervised rows (the default) or preference pairs."""
+    """The encoder for ``options["rows"]``: supervised rows (the default), preference pairs or image rows."""
     opts = dict(options)
-    if opts.pop("rows", "supervised") == "preference":
+    rows = opts.pop("rows", "supervised")
+    if rows == "preference":
         from tuneyard.data.preference import PreferenceEncoder
 
         return PreferenceEncoder(tokenizer, **opts)
+    if rows == "vision":  # ``tokenizer`` is the model's processor
+        from tuneyard.data.vision import VisionEncoder
+
+        return VisionEncoder(tokenizer, **opts)
+    opts.pop("data_dir", None)
     return ConversationEncoder(tokenizer, **opts)
 
 
@@ -70,6 +76,10 @@ def features_for(options: dict[str, Any]) -> Any:
         from tuneyard.data.preference import preference_features
 
         return preference_features()
+    if options.get("rows") == "vision":
+        from tuneyard.data.vision import vision_features
+
+        return vision_features()
     from tuneyard.data.splits import token_features
 
     return token_features()
@@ -78,7 +88,10 @@ def features_for(options: dict[str, Any]) -> Any:
 def _table(encoder: Any, examples: list) -> pa.Table:
     from tuneyard.data.preference import PreferenceEncoder, preference_table
     from tuneyard.data.splits import encoded_table
+    from tuneyard.data.vision import VisionEncoder, vision_table
 
+    if isinstance(encoder, VisionEncoder):
+        return vision_table(examples)
     return preference_table(examples) if isinstance(encoder, PreferenceEncoder) else encoded_table(examples)
 
 

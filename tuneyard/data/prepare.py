@@ -116,18 +116,36 @@ def load_tokenizer(spec: TrainingSpec) -> tuple[Any, Any]:
     return config, tokenizer
 
 
+def _image_base(given: DataSource) -> str | None:
+    """Where the relative image paths of a source start: beside the file (or URL) the caller named; an upload
+    has no such place."""
+    from tuneyard.data.images import base_of
+    from tuneyard.data.sources import hub_local_dir, kind_of
+
+    if given.file_id is not None or kind_of(given.path) == "hf" and hub_local_dir(given.path) is None:
+        return None
+    local = hub_local_dir(given.path) or given.path
+    return local if kind_of(local) is None and Path(local).is_dir() else base_of(local)
+
+
 def _validate(source: DataSource, *, validation: bool, min_examples: int, max_errors: int,
-              log: _Log, method: str = "sft") -> ValidationReport:
+              log: _Log, method: str = "sft", given: DataSource | None = None) -> ValidationReport:
+    from tuneyard.data.images import ImageRules
+
     label = "Validation file" if validation else "Training file"
     log(f"Validating {label.lower()}")
     report = validate_file(source.path, source.format, source.container, max_errors=max_errors,
-                           min_examples=min_examples, label=label, method=method)
+                           min_examples=min_examples, label=label, method=method,
+                           images=ImageRules.from_settings(_image_base(given or source)))
     if not report.ok:
         code = report.code if report.code == CODE_N_EXAMPLES else (
             "invalid_validation_file" if validation else "invalid_training_file")
         raise PrepareFailure(code, report.summary(), source.param)
     log(f"{label}: {report.n_examples:,} examples ({report.format} format)", n_examples=report.n_examples,
         format=report.format)
+    if report.n_image_examples:
+        log(f"{label}: {report.n_image_examples:,} examples hold {report.n_images:,} images",
+            n_image_examples=report.n_image_examples, n_images=report.n_images)
     return report
 
 
@@ -155,6 +173,62 @@ def _fetch(src: DataSource | None, jobdir: JobDir, log: _Log, settings: RuntimeS
     return local
 
 
+def _check_image_rows(spec: TrainingSpec, config: Any, image_rows: bool) -> None:
+    """PrepareFailure (every reason at once) when the job cannot train on the image rows its data holds."""
+    if not image_rows:
+        return
+    from tuneyard.data.vision import is_vision_model
+
+    refusals = []
+    if not is_vision_model(config):
+        refusals.append(Problem("model", f"model '{spec.model.name}' takes text only (its config has no vision "
+                                         "tower), and the training data holds image rows; choose a "
+                                         "vision-language model or remove the images", "model_not_vision"))
+    if spec.method != "sft":
+        refusals.append(Problem("method", f"the training data holds image rows, and the '{spec.method}' method "
+                                          "trains on text only; image rows train with 'sft'", "invalid_request"))
+    if spec.data.lazy_tokenize or spec.data.streaming:
+        what = "lazy_tokenize" if spec.data.lazy_tokenize else "streaming"
+        refusals.append(Problem(what, f"{what} is not available for image rows: they are tokenised, with their "
+                                      "images stored, before the job is queued", "invalid_request"))
+    if refusals:
+        raise PrepareFailure(refusals[0].code or "invalid_request", combined_message(refusals), refusals[0].param)
+
+
+def _store_images(spec: TrainingSpec, jobdir: JobDir,
+                  sources: list[tuple[DataSource | None, DataSource | None, ValidationReport | None]],
+                  log: _Log) -> dict[str, str]:
+    """Fetch and store every image of the job's rows once (data/images/); source REF -> stored REF."""
+    from tuneyard.data.formats import image_refs
+    from tuneyard.data.images import ImageError, ImageRules, ImageStore
+
+    stored: dict[str, str] = {}
+    for given, local, report in sources:
+        if given is None or local is None or report is None or not report.n_image_examples:
+            continue
+        store = ImageStore(jobdir.data, ImageRules.from_settings(_image_base(given)), param=given.param,
+                           max_pixels=spec.vision.max_pixels, min_pixels=spec.vision.min_pixels)
+        fmt = normalize_format_name(report.format or local.format)
+        code = "invalid_validation_file" if "validation" in given.param else "invalid_training_file"
+        log(f"Fetching and storing the images of {given.param}")
+        try:
+            for n, row in iter_examples(local.path, fmt, local.container):
+                for ref in image_refs(row):
+                    try:
+                        stored[ref] = store.put(ref)
+                    except ImageError as e:
+                        raise PrepareFailure(code, f"Example {n}: {e.message}", given.param) from None
+                    except OSError as e:
+                        raise PrepareFailure(code, f"Example {n}: image could not be read ({e.strerror or e})",
+                                             given.param) from None
+        finally:
+            store.save_index()
+        log(f"Stored the images of {given.param}: {len(stored):,} distinct, {store.n_fetched:,} downloaded, "
+            f"{store.n_resized:,} resized, {store.bytes_stored:,} bytes written", n_stored=len(stored),
+            n_fetched=store.n_fetched, n_resized=store.n_resized)
+    return stored
+
+
 def _write_split(rows: Iterator[tuple[int, dict]], n_rows: int, out: Path, ctx: _EncodeContext, split: str, *,
                  code: str, param: str) -> int:
     """Tokenise ``rows`` into the split at ``out``; its row count (0: nothing kept, no split written)."""
@@ -177,13 +251,19 @@ class _EncodeContext:
     options: dict[str, Any]
     stats: dict[str, EncodeStats]
     runtime: RuntimeSpec
+    # Each source image's stored REF (data/images/): rows are tokenised with these.
+    stored: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
-def _rows(src: DataSource, fmt: str, keep: Callable[[int], bool]) -> Iterator[tuple[int, dict]]:
-    """(example number, row) of ``src`` whose 0-based position passes ``keep``."""
+def _rows(src: DataSource, fmt: str, keep: Callable[[int], bool],
+          stored: dict[str, str] | None = None) -> Iterator[tuple[int, dict]]:
+    """(example number, row) of ``src`` whose 0-based position passes ``keep``, its images' REFs the ``stored``
+    ones."""
+    from tuneyard.data.images import rewrite_refs
+
     for pos, (n, row) in enumerate(iter_examples(src.path, fmt, src.container)):
         if keep(pos):
-            yield n, row
+            yield n, rewrite_refs(row, stored) if stored else row
 
 
 def prepare(jobdir: JobDir, events: EventWriter | None = None, *, max_errors: int | None = None) -> PreparedOk:
@@ -214,12 +294,12 @@ def prepare(jobdir: JobDir, events: EventWriter | None = None, *, max_errors: in
     if train_src is not None:
         with failures.step():
             train_report = _validate(train_src, validation=False, min_examples=min_examples,
-                                     max_errors=max_errors, log=log, method=spec.method)
+                                     max_errors=max_errors, log=log, method=spec.method, given=data.train)
             _check_rows_limit(spec, train_report.n_examples)
     if val_src is not None:
         with failures.step():
             val_report = _validate(val_src, validation=True, min_examples=1, max_errors=max_errors, log=log,
-                                   method=spec.method)
+                                   method=spec.method, given=data.validation)
 
     log(f"Loading the tokenizer of {spec.model.name}")
     config = tokenizer = None
@@ -227,8 +307,16 @@ def prepare(jobdir: JobDir, events: EventWriter | None = None, *, max_errors: in
         config, tokenizer = load_tokenizer(spec)
     failures.raise_if_any()
     assert train_src is not None and train_report is not None  # else a failure was raised just above
+    image_rows = bool(train_report.n_image_examples or val_report is not None and val_report.n_image_examples)
+    _check_image_rows(spec, config, image_rows)
+    spec, processor = _vision_model(spec, config, log)
+    # Stored before tokenising: the encoder reads each image's size from data/images (and a cached split names them).
+    stored = _store_images(spec, jobdir, [(data.train, train_src, train_report),
+                                          (data.validation, val_src, val_report)], log) if image_rows else {}
+    text_tokenizer = tokenizer
     try:
-        template = resolve_template(tokenizer, data.template)
+        template = resolve_template(tokenizer, data.template if processor is None or data.template else
+                                    _processor_template(processor))
     except ValueError as e:
         raise PrepareFailure("invalid_request", str(e), "template") from None
     context = getattr(config, "max_position_embeddings", None)
@@ -239,6 +327,10 @@ def prepare(jobdir: JobDir, events: EventWriter | None = None, *, max_errors: in
     options = {"template": template, "system_prompt": data.system_prompt, "max_length": data.max_length,
                "truncation": data.truncation, "train_on_input": data.train_on_input,
                "last_turn_only": data.last_turn_only, "rows": capabilities.RECIPES[spec.method].rows}
+    if processor is not None:
+        # Image rows: the processor's encoder, which reads the stored images' sizes from data/.
+        options.update(rows="vision", data_dir=str(jobdir.data))
+        tokenizer = processor
 
     train_fmt = normalize_format_name(train_report.format or train_src.format)
     held_out: set[int] = set()
@@ -256,7 +348,8 @@ def prepare(jobdir: JobDir, events: EventWriter | None = None, *, max_errors: in
     deferred = data.lazy_tokenize or data.streaming
     if deferred:
         _trial_encode(tokenizer, options, train_src, train_fmt, val_src, val_report)
-    cache, key = _cache_for(spec, tokenizer, template, train_src, val_src, train_fmt, val_report)
+    cache, key = _cache_for(spec, text_tokenizer, template, train_src, val_src, train_fmt, val_report, processor,
+                            stored)
     hit = cache.fetch(key, jobdir.data) if cache is not None and not deferred else None
     if data.streaming:
         n_train, n_val = _write_stream_manifest(jobdir, spec, train_src, val_src, val_report, train_fmt,
@@ -275,7 +368,7 @@ def prepare(jobdir: JobDir, events: EventWriter | None = None, *, max_errors: in
         log(f"Reused the tokenised data of an earlier job (cache key {key})", cache_key=key)
     else:
         n_train, n_val = _tokenise(jobdir, train_src, val_src, val_report, train_fmt, train_report.n_examples,
-                                   held_out, _EncodeContext(tokenizer, options, stats, spec.runtime))
+                                   held_out, _EncodeContext(tokenizer, options, stats, spec.runtime, stored))
         if cache is not None and n_train:
             cache.store(key, jobdir.data, ["train"] + (["validation"] if n_val else []),
                         {"n_train": n_train, "n_validation": n_val,
@@ -318,7 +411,7 @@ def prepare(jobdir: JobDir, events: EventWriter | None = None, *, max_errors: in
         dropped=tr.dropped + va.dropped,
         total_steps=steps,
         format=train_report.format,
-        template=template_label(tokenizer, data.template),
+        template=template_label(text_tokenizer, data.template),
         hyperparameters=hp.model_dump(mode="json"),
     )
 
@@ -327,16 +420,16 @@ def _tokenise(jobdir: JobDir, train_src: DataSource, val_src: DataSource | None,
               val_report: ValidationReport | None, train_fmt: str, n_all: int, held_out: set[int],
               ctx: _EncodeContext) -> tuple[int, int]:
     """Tokenise the training rows (and the validation file or held-out rows) into the job's data/."""
-    n_train = _write_split(_rows(train_src, train_fmt, lambda p: p not in held_out), n_all - len(held_out),
+    n_train = _write_split(_rows(train_src, train_fmt, lambda p: p not in held_out, ctx.stored), n_all - len(held_out),
                            jobdir.data / "train", ctx, "train", code="invalid_training_file", param=train_src.param)
     n_val = 0
     if val_src is not None and val_report is not None:
         val_fmt = normalize_format_name(val_report.format or val_src.format)
-        n_val = _write_split(_rows(val_src, val_fmt, lambda p: True), val_report.n_examples,
+        n_val = _write_split(_rows(val_src, val_fmt, lambda p: True, ctx.stored), val_report.n_examples,
                              jobdir.data / "validation", ctx, "validation", code="invalid_validation_file",
                              param=val_src.param)
     elif held_out:
-        n_val = _write_split(_rows(train_src, train_fmt, lambda p: p in held_out), len(held_out),
+        n_val = _write_split(_rows(train_src, train_fmt, lambda p: p in held_out, ctx.stored), len(held_out),
                              jobdir.data / "validation", ctx, "validation", code="invalid_training_file",
                              param=train_src.param)
     else:
@@ -463,8 +556,8 @@ def _stats(d: dict) -> EncodeStats:
 
 
 def _cache_for(spec: TrainingSpec, tokenizer: Any, template: str, train_src: DataSource,
-               val_src: DataSource | None, train_fmt: str, val_report: ValidationReport | None
-               ) -> tuple[TokenisedCache | None, str]:
+               val_src: DataSource | None, train_fmt: str, val_report: ValidationReport | None,
+               processor: Any = None, stored: dict[str, str] | None = None) -> tuple[TokenisedCache | None, str]:
     """The tokenised-data cache (None when switched off) and this job's key in it."""
     settings = spec.runtime
     if settings.tokenised_cache_bytes <= 0 or not settings.tokenised_cache_dir:
@@ -479,8 +572,46 @@ def _cache_for(spec: TrainingSpec, tokenizer: Any, template: str, train_src: Dat
         "last_turn_only": data.last_turn_only, "rows": capabilities.RECIPES[spec.method].rows,
         # These decide which rows are held out for validation.
         "split": [data.split.type, data.split.validation_ratio, spec.seed] if val_src is None else None,
+        # How many tokens each image expands to.
+        "image_processor": processor.image_processor.to_json_string() if processor is not None else None,
+        # The stored images the rows name (content-addressed): a source image that changed is another split.
+        **({"images": sorted(stored.items())} if stored else {}),
     })
     return TokenisedCache(Path(settings.tokenised_cache_dir), settings.tokenised_cache_bytes), key
+
+
+def _vision_model(spec: TrainingSpec, config: Any, log: _Log) -> tuple[TrainingSpec, Any]:
+    """The spec (model_type 'vlm' when the config shows a vision-language model) and the model's processor, or None
+    for a text model; PrepareFailure for model_type 'vlm' on a text model."""
+    from tuneyard.data.vision import is_vision_model, load_processor
+
+    m = spec.model
+    if not is_vision_model(config):
+        if m.model_type == "vlm":
+            raise PrepareFailure("invalid_request", f"model_type is 'vlm', but {m.name} is a text-only model "
+                                 f"({getattr(config, 'model_type', 'unknown')}) that takes no images", "model_type")
+        return spec, None
+    if m.model_type != "vlm":
+        spec = spec.model_copy(update={"model": m.model_copy(update={"model_type": "vlm"})})
+        unsupported = capabilities.check(spec)
+        if unsupported:
+            raise PrepareFailure(unsupported[0].code or "unsupported",
+                                 f"{m.name} is a vision-language model: " + combined_message(unsupported),
+                                 unsupported[0].param)
+        log(f"{m.name} is a vision-language model ({config.model_type}): trained as model_type 'vlm'")
+    try:
+        processor = load_processor(m.name, revision=m.revision, trust_remote_code=m.trust_remote_code,
+                                   max_pixels=spec.vision.max_pixels, min_pixels=spec.vision.min_pixels)
+    except Exception as e:
+        raise PrepareFailure("model_not_found", f"the processor of '{m.name}' could not be loaded: {_first_line(e)}",
+                             "model") from e
+    return spec, processor
+
+
+def _processor_template(processor: Any) -> str | None:
+    from tuneyard.data.vision import processor_template
+
+    return processor_template(processor)
 
 
 def _report_counts(log: _Log, n_train: int, n_val: int, tr: EncodeStats, va: EncodeStats, max_length: int,

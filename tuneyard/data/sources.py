@@ -217,10 +217,12 @@ def credentials_for(param: str) -> dict[str, Any]:
 
 def materialise(src: DataSource, dest_dir: Path, *, s3_endpoint_url: str | None = None,
                 s3_ambient_credentials: bool = False, max_bytes: int = DEFAULT_MAX_BYTES,
-                allow_private_hosts: bool = False, deadline_seconds: float = DEFAULT_DEADLINE_SECONDS) -> DataSource:
+                allow_private_hosts: bool = False, deadline_seconds: float = DEFAULT_DEADLINE_SECONDS,
+                limit_name: str = "TUNEYARD_MAX_DOWNLOAD_BYTES") -> DataSource:
     """``src`` with ``path`` pointing at one local file holding its rows (a local file is returned as is).
 
-    A remote download not done within ``deadline_seconds`` (0: no limit) fails with a SourceError saying so.
+    A remote download not done within ``deadline_seconds`` (0: no limit) fails with a SourceError saying so; one
+    over ``max_bytes`` fails naming ``limit_name``, the setting that set it (images have their own).
     """
     local_dir = hub_local_dir(src.path)
     if local_dir is not None:
@@ -238,9 +240,10 @@ def materialise(src: DataSource, dest_dir: Path, *, s3_endpoint_url: str | None 
                           f"{display_uri(src.path)} takes no secret", src.param)
     deadline = Deadline(deadline_seconds, display_uri(src.path), src.param)
     if kind == "s3":
-        return _from_s3(src, dest_dir, creds, s3_endpoint_url, s3_ambient_credentials, max_bytes, deadline)
+        return _from_s3(src, dest_dir, creds, s3_endpoint_url, s3_ambient_credentials, max_bytes, deadline,
+                        limit_name)
     if kind == "https":
-        return _from_https(src, dest_dir, max_bytes, allow_private_hosts, deadline)
+        return _from_https(src, dest_dir, max_bytes, allow_private_hosts, deadline, limit_name)
     return _from_hub(src, dest_dir, creds, max_bytes, deadline)
 
 
@@ -283,7 +286,7 @@ S3_ERRORS = {
 
 
 def _from_s3(src: DataSource, dest_dir: Path, creds: dict, endpoint: str | None, ambient: bool,
-             max_bytes: int, deadline: Deadline) -> DataSource:
+             max_bytes: int, deadline: Deadline, limit_name: str = "TUNEYARD_MAX_DOWNLOAD_BYTES") -> DataSource:
     import boto3
     from boto3.exceptions import Boto3Error
     from boto3.s3.transfer import TransferConfig
@@ -318,7 +321,7 @@ def _from_s3(src: DataSource, dest_dir: Path, creds: dict, endpoint: str | None,
         size = int(str(probe.get("ContentRange", "")).rpartition("/")[2] or probe.get("ContentLength", 0))
         if size > max_bytes:
             raise SourceError(f"{src.path} is {size:,} bytes, over the {max_bytes:,} byte download limit "
-                              "(TUNEYARD_MAX_DOWNLOAD_BYTES)", src.param)
+                              f"({limit_name})", src.param)
         with _atomic(final) as partial:
             client.download_file(bucket, key, str(partial), Callback=lambda _: deadline.check(),
                                  Config=TransferConfig(multipart_chunksize=8 * CHUNK, max_concurrency=4))
@@ -366,7 +369,7 @@ def check_host(url: str, allow_private: bool, shown: str, param: str) -> None:
 
 
 def _from_https(src: DataSource, dest_dir: Path, max_bytes: int, allow_private: bool,
-                deadline: Deadline) -> DataSource:
+                deadline: Deadline, limit_name: str = "TUNEYARD_MAX_DOWNLOAD_BYTES") -> DataSource:
     import httpx
 
     shown = display_uri(src.path)
@@ -398,9 +401,9 @@ def _from_https(src: DataSource, dest_dir: Path, max_bytes: int, allow_private: 
                     length = int(declared) if declared.isdigit() else 0
                     if length > max_bytes:
                         raise SourceError(f"{shown} is {length:,} bytes, over the {max_bytes:,} byte download "
-                                          "limit (TUNEYARD_MAX_DOWNLOAD_BYTES)", src.param)
+                                          f"limit ({limit_name})", src.param)
                     # Chunks as they arrive (not gathered to CHUNK): a trickle is seen, and cut off, at each read.
-                    _stream_to(final, r.iter_bytes(), max_bytes, shown, src.param, deadline)
+                    _stream_to(final, r.iter_bytes(), max_bytes, shown, src.param, deadline, limit_name)
                     return src.model_copy(update={"path": str(final)})
     except httpx.HTTPError as e:
         if deadline.expired:
@@ -410,15 +413,14 @@ def _from_https(src: DataSource, dest_dir: Path, max_bytes: int, allow_private: 
 
 
 def _stream_to(final: Path, chunks: Iterator[bytes], max_bytes: int, shown: str, param: str,
-               deadline: Deadline) -> None:
+               deadline: Deadline, limit_name: str = "TUNEYARD_MAX_DOWNLOAD_BYTES") -> None:
     size = 0
     with _atomic(final) as partial, partial.open("wb") as out:
         for chunk in chunks:
             deadline.check()
             size += len(chunk)
             if size > max_bytes:
-                raise SourceError(f"{shown} is over the {max_bytes:,} byte download limit "
-                                  "(TUNEYARD_MAX_DOWNLOAD_BYTES)", param)
+                raise SourceError(f"{shown} is over the {max_bytes:,} byte download limit ({limit_name})", param)
             out.write(chunk)
 
 

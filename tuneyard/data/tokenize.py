@@ -331,8 +331,10 @@ class ConversationEncoder:
 
     def __init__(self, tokenizer: Any, *, template: str | None = None, system_prompt: str | None = None,
                  max_length: int = 2048, truncation: str = "truncate", train_on_input: bool = False,
-                 last_turn_only: bool = False) -> None:
+                 last_turn_only: bool = False, text_only: bool = True) -> None:
         self.tokenizer = tokenizer
+        # False: content parts (images) are the caller's to handle (tuneyard.data.vision).
+        self.text_only = text_only
         self.template_name = template
         self.system_prompt = system_prompt
         self.max_length = max_length
@@ -389,6 +391,9 @@ class ConversationEncoder:
 
     def _plan_messages(self, row: dict, stats: EncodeStats) -> Encoded | _Plan | None:
         messages = list(row["messages"])
+        if self.text_only and any(isinstance(m.get("content"), list) for m in messages):
+            raise EncodeError("this row has image content, but the model is a text-only model that takes no images "
+                              "(use a vision-language model)")
         if self.system_prompt and not any(m["role"] == "system" for m in messages):
             messages.insert(0, {"role": "system", "content": self.system_prompt})
         assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]

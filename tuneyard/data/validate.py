@@ -28,6 +28,7 @@ from tuneyard.data.formats import (
     DPO,
     FAMILIES,
     REQUIRED_KEYS,
+    ImageSite,
     Problem,
     RowError,
     ambiguous_row_message,
@@ -38,6 +39,7 @@ from tuneyard.data.formats import (
     normalize_format_name,
     unrecognised_row_message,
 )
+from tuneyard.data.images import ImageChecker, ImageRules, base_of
 from tuneyard.domain.capabilities import RECIPES
 from tuneyard.filekind import special_kind
 
@@ -50,7 +52,7 @@ METHODS = ("sft", "dpo", None)
 DETECT_ROWS = 100
 # CSV/Parquet string cells of these fields hold JSON (a list or an object), not text.
 _JSON_FIELDS = ("messages", "conversations", "conversation", "history", "tools", "dialog",
-                "chat_completion_input", "preferred_output", "non_preferred_output")
+                "chat_completion_input", "preferred_output", "non_preferred_output", "images")
 # Cells of these fields are text or JSON: JSON only when it decodes to messages (a list of objects) or to
 # an object with "messages" or "role" (an Alpaca input may well be a JSON snippet to work on).
 _MAYBE_JSON_FIELDS = ("input", "prompt", "chosen", "rejected", "rejected_response")
@@ -86,6 +88,10 @@ class ValidationReport:
     # Every problem found, also those past max_errors that ``errors`` leaves out.
     n_errors: int = 0
     max_errors: int = 20
+    # Examples that hold images, and the images they hold (tuneyard.data.images).
+    n_image_examples: int = 0
+    n_images: int = 0
+    checker: ImageChecker | None = field(default=None, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -122,7 +128,8 @@ class ValidationReport:
     def to_dict(self) -> dict:
         """JSON-ready form."""
         return {"path": self.path, "format": self.format, "container": self.container,
-                "n_examples": self.n_examples, "ok": self.ok, "code": self.code, "n_errors": self.n_errors,
+                "n_examples": self.n_examples, "n_image_examples": self.n_image_examples, "ok": self.ok,
+                "code": self.code, "n_errors": self.n_errors,
                 "errors": self.errors}
 
 
@@ -408,14 +415,18 @@ def iter_raw(path: str | Path, container: str = "auto", *, columns: list[str] | 
 
 
 def validate_file(path: str | Path, format: str = "auto", container: str = "auto", *, max_errors: int = 20,
-                  min_examples: int = 1, label: str = "Training file", method: str | None = "sft") -> ValidationReport:
+                  min_examples: int = 1, label: str = "Training file", method: str | None = "sft",
+                  images: ImageRules | None = None) -> ValidationReport:
     """Check every row of a data file (any container), count its examples, and report every problem.
 
     ``format`` is "auto", a format or a family (``tuneyard.data.formats``); ``method`` says what rows the
-    file must hold: "sft" supervised rows, "dpo" preference rows, None either (an upload).
+    file must hold: "sft" supervised rows, "dpo" preference rows, None either (an upload). The images of image
+    rows are checked by ``images`` (default: the installation's limits, relative paths from the file's
+    directory) without being downloaded or decoded.
     """
     p = Path(path)
-    report = ValidationReport(path=str(p), label=label, max_errors=max_errors)
+    checker = ImageChecker(images or ImageRules.from_settings(base_of(str(p))))
+    report = ValidationReport(path=str(p), label=label, max_errors=max_errors, checker=checker)
     try:
         fmt = normalize_format_name(format)
     except ValueError as e:
@@ -465,6 +476,7 @@ def validate_file(path: str | Path, format: str = "auto", container: str = "auto
     except OSError as e:
         report.add(None, Problem(f"{label} could not be read ({e.strerror or e})"))
         return report
+    report.n_image_examples, report.n_images = checker.n_rows, checker.n_images
     if report.n_examples == 0:
         if report.ok:
             report.add(None, Problem(f"{label} is empty: it has no examples"))
@@ -545,10 +557,15 @@ def _check_row(report: ValidationReport, n: int, obj: Any, fmt: str, detected: s
 
 
 def _convert(report: ValidationReport, n: int, obj: Any, fmt: str, *, trust_format: bool = False) -> None:
+    sites: list[ImageSite] = []
     try:
-        convert_row(obj, fmt, trust_format=trust_format)
+        convert_row(obj, fmt, trust_format=trust_format, sites=sites)
     except RowError as e:
         for problem in e.problems:
+            report.add(n, problem)
+        return
+    if report.checker is not None:
+        for problem in report.checker.check(sites):
             report.add(n, problem)
 
 

@@ -24,6 +24,9 @@ DATA_OPTIONS = {
     "train_on_input": "loss on the prompt tokens",
     "last_turn_only": "loss on the last answer only",
 }
+# Data options a vision-language job cannot take: each row's images must stay with its own tokens, and the images
+# are tokenised (expanded per image) in the prepare step.
+VLM_BLOCKED_OPTIONS = ("packing", "lazy_tokenize", "streaming")
 # Hyperparameters that belong to one recipe: the Hyperparameters field -> what it is.
 RECIPE_HYPERPARAMETERS = {"beta": "the DPO temperature", "dpo_loss": "the preference loss",
                           "label_smoothing": "conservative DPO's label noise"}
@@ -53,7 +56,7 @@ class Recipe:
 STRATEGIES = frozenset({"ddp", "fsdp", "deepspeed"})
 
 RECIPES: dict[str, Recipe] = {
-    "sft": Recipe("sft", "supervised fine-tuning", "supervised", model_types=frozenset({"llm"}),
+    "sft": Recipe("sft", "supervised fine-tuning", "supervised", model_types=frozenset({"llm", "vlm"}),
                   adapters=frozenset({"lora", "full"}), quant_bits=frozenset({None, 16, 4, 8}),
                   strategies=STRATEGIES, data_options=frozenset(DATA_OPTIONS), hyperparameters=frozenset()),
     "dpo": Recipe("dpo", "preference optimisation (DPO)", "preference", model_types=frozenset({"llm"}),
@@ -106,6 +109,17 @@ def check(spec: TrainingSpec) -> list[Problem]:
     for option, what in DATA_OPTIONS.items():
         if getattr(data, option) and option not in recipe.data_options:
             no(option, f"{what} ({option}) is not available for {recipe.title}")
+    if spec.model.model_type == "vlm":
+        for option in VLM_BLOCKED_OPTIONS:
+            if getattr(data, option):
+                no(option, f"{DATA_OPTIONS[option]} ({option}) is not available for vision-language models: a row's "
+                           "images must stay with its own tokens")
+    else:
+        v = spec.vision
+        for name, default in (("freeze_vit", True), ("freeze_aligner", True), ("max_pixels", None),
+                              ("min_pixels", None)):
+            if getattr(v, name) != default:
+                no(name, f"vision.{name} applies to vision-language models (model_type 'vlm') only")
     hp = spec.hyperparameters
     for name, what in RECIPE_HYPERPARAMETERS.items():
         if getattr(hp, name) is not None and name not in recipe.hyperparameters:

@@ -112,6 +112,17 @@ class AdapterSpec(_Strict):
     modules_to_save: list[str] = Field(default_factory=list)
 
 
+class VisionSpec(_Strict):
+    """What a vision-language job trains besides the language model, and its image size limits (ms-swift's names)."""
+
+    # Frozen: the vision tower (ViT) and the aligner (projector) get no adapter and no gradient.
+    freeze_vit: bool = True
+    freeze_aligner: bool = True
+    # Pixel limits per image (height x width): stored images are resized to fit; None: the processor's own.
+    max_pixels: int | None = Field(None, ge=1, le=MAX_COUNT)
+    min_pixels: int | None = Field(None, ge=1, le=MAX_COUNT)
+
+
 class Hyperparameters(_Strict):
     """Optimisation. ``batch_size`` is global: examples per optimizer step across all ranks."""
 
@@ -222,6 +233,7 @@ class TrainingSpec(_Strict):
     model: ModelSpec
     data: DataSpec
     adapter: AdapterSpec = Field(default_factory=AdapterSpec)
+    vision: VisionSpec = Field(default_factory=VisionSpec)
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     resources: ResourceSpec = Field(default_factory=ResourceSpec)
@@ -237,6 +249,9 @@ class TrainingSpec(_Strict):
     def _consistent(self) -> TrainingSpec:
         if self.model.quant_bits in (4, 8) and self.adapter.type == "full":
             raise ValueError("a quantised base model can only be trained with an adapter (QLoRA), not full")
+        v = self.vision
+        if v.max_pixels is not None and v.min_pixels is not None and v.min_pixels > v.max_pixels:
+            raise ValueError("vision.min_pixels is larger than vision.max_pixels")
         if self.model.init_adapter and self.adapter.type == "full":
             raise ValueError("a job that continues an adapter trains that adapter; it cannot be full fine-tuning")
         return self

@@ -93,10 +93,13 @@ class FileService:
     def check_training_file(self, path: Path, name: str) -> tuple[int, str]:
         """(examples, format) of a file that passes the ``fine-tune`` upload validation, else a 400 naming
         every problem it found (up to the configured number)."""
+        from tuneyard.data.images import ImageRules
         from tuneyard.data.validate import validate_file
 
         # JSONL, a JSON array, CSV or Parquet; supervised or preference rows (the job's method is not known yet).
-        report = validate_file(path, max_errors=self.settings.max_error_report, min_examples=1, method=None)
+        # Images are checked by header only, and an upload's relative image paths have no directory to start from.
+        report = validate_file(path, max_errors=self.settings.max_error_report, min_examples=1, method=None,
+                               images=ImageRules.from_settings(None, self.settings))
         if not report.ok:
             raise InvalidRequest(f"Invalid file format for fine-tuning ('{name}'): {report.summary()}",
                                  param="file", code="invalid_file_format")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from tuneyard.data.sources import SECRET_TYPES, check_uri, hub_local_dir, is_uri
 from tuneyard.domain import capabilities, tracking
 from tuneyard.domain.errors import Conflict, InvalidRequest, InvalidState, NotFound, Problems, RateLimited
 from tuneyard.domain.jobs import JobStatus, is_fine_tuned_name
-from tuneyard.domain.spec import DataSource, IntegrationSpec, RuntimeSpec, TrainingSpec
+from tuneyard.domain.spec import DataSource, IntegrationSpec, ModelSpec, RuntimeSpec, TrainingSpec
 from tuneyard.ids import new_id
 from tuneyard.jobdir import JobDir, StopReason, write_json_atomic
 from tuneyard.scheduler.launcher import Launcher, launcher_class
@@ -164,6 +165,8 @@ class JobService:
             nproc = self.settings.gpus_per_job if default_devices else spec.resources.nproc_per_node
         spec = spec.model_copy(update={"resources": spec.resources.model_copy(update={"nproc_per_node": nproc})})
         spec = spec.model_copy(update={"model": model, "adapter": adapter})
+        with problems.check():
+            _check_vision_config(spec.model)
         train = valid = None
         with problems.check():
             train = self._resolve_source(who, spec.data.train)
@@ -453,6 +456,21 @@ class JobService:
             JobDir(Path(job.output_dir)).request_stop(reason)
 
     # ----- models -----------------------------------------------------------------------------
+
+
+def _check_vision_config(model: ModelSpec) -> None:
+    """A 400 for ``model_type: vlm`` on a local text model, from its config.json alone (the API process loads no
+    model code; a hub model is checked in the prepare step, with data/vision.py's is_vision_model)."""
+    if model.model_type != "vlm" or model.source != "local":
+        return
+    try:
+        config = json.loads((Path(model.name) / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # the prepare step reports a config that does not load
+    if isinstance(config, dict) and "vision_config" not in config:
+        raise InvalidRequest(f"model_type is 'vlm', but model '{model.name}' is a text model (its config.json has no "
+                             "vision_config); name a vision-language model or use model_type 'llm'",
+                             param="model_type", code="model_not_vision")
 
 
 def _invalid_state(job: Job, action: str) -> InvalidState:

@@ -36,7 +36,7 @@ from tuneyard.domain.errors import InvalidRequest
 from tuneyard.domain.hparams import micro_batching
 from tuneyard.domain.spec import TrainingSpec
 from tuneyard.jobdir import JobDir, Stopped, Succeeded, read_checkpoint_marker
-from tuneyard.trainer import fastpath, tracking
+from tuneyard.trainer import fastpath, tracking, vision
 from tuneyard.trainer.progress import (
     CHECKPOINT_MARKER,
     SAVING_STOPS,
@@ -194,8 +194,10 @@ def batch_split(spec: TrainingSpec, world_size: int) -> tuple[int, int]:
 
 
 def load_tokenizer(spec: TrainingSpec):
-    """The base model's tokenizer (from the same directory / repo and revision)."""
+    """The base model's tokenizer (from the same directory / repo and revision); a VLM's processor."""
     m = spec.model
+    if m.model_type == "vlm":
+        return vision.processor(spec)  # its tokenizer and image processor
     try:
         return AutoTokenizer.from_pretrained(m.name, revision=m.revision,
                                              trust_remote_code=m.trust_remote_code)
@@ -208,8 +210,9 @@ def load_model(spec: TrainingSpec, device: str, precision: dict[str, Any], ranks
     m = spec.model
     kwargs: dict[str, Any] = {"dtype": precision["load"], "revision": m.revision,
                               "trust_remote_code": m.trust_remote_code}
-    if fastpath.flash_attention(device, spec.data.padding_free or spec.data.packing, precision["load"],
-                                spec.runtime.flash_attention):
+    vlm = m.model_type == "vlm"
+    if not vlm and fastpath.flash_attention(device, spec.data.padding_free or spec.data.packing, precision["load"],
+                                           spec.runtime.flash_attention):
         # Varlen kernels attend within each packed example without the dense block mask sdpa needs.
         kwargs["attn_implementation"] = "flash_attention_2"
     if m.quant_bits in (4, 8):
@@ -222,8 +225,8 @@ def load_model(spec: TrainingSpec, device: str, precision: dict[str, Any], ranks
             if m.quant_bits == 4 else BitsAndBytesConfig(load_in_8bit=True))
         kwargs["device_map"] = {"": ranks.local_rank}  # quantised weights are placed at load time
     try:
-        model = AutoModelForCausalLM.from_pretrained(m.name, **kwargs)
-    except torch.OutOfMemoryError:
+        model = (vision.model_class(m.name, kwargs) if vlm else AutoModelForCausalLM).from_pretrained(m.name, **kwargs)
+    except (torch.OutOfMemoryError, TrainerError):
         raise
     except Exception as e:
         raise TrainerError("model_load_error", f"cannot load model {m.name}: {_short(e)}") from e

@@ -70,10 +70,6 @@ TEXT_FILES: dict[str, str] = {
                                                 {"role": "assistant", "content": "Paris."}]}),
     "name_wrong_type.jsonl": jsonl({"messages": [{"role": "user", "content": "Capital of France?", "name": 7},
                                                  {"role": "assistant", "content": "Paris."}]}),
-    "image_content_part.jsonl": jsonl({"messages": [
-        {"role": "user", "content": [{"type": "text", "text": "What city is this?"},
-                                     {"type": "image_url", "image_url": {"url": "https://example.com/p.png"}}]},
-        {"role": "assistant", "content": "Paris."}]}),
     "tool_calls_not_a_list.jsonl": jsonl(tool_row({"type": "function",
                                                    "function": {"name": "capital", "arguments": "{}"}})),
     "tool_call_arguments_not_json.jsonl": jsonl(GOOD, tool_row([{"type": "function", "function": {
@@ -206,9 +202,73 @@ def binary_files() -> dict[str, bytes]:
     }
 
 
+def picture(fmt: str = "PNG", size: tuple[int, int] = (4, 4), colour: str = "red") -> bytes:
+    """A tiny solid-colour image in ``fmt``, made with Pillow."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares ``width`` x ``height`` pixels and holds one tiny IDAT: only its header is ever read."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
+
+
+def data_uri(data: bytes, mime: str = "image/png") -> str:
+    import base64
+
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+def vision(*images: str, question: str = "What colour is this?", answer: str = "Red.") -> dict:
+    """An OpenAI vision row: the question and ``images`` as image_url parts, a text answer."""
+    parts = [{"type": "text", "text": question}] + [{"type": "image_url", "image_url": {"url": u}} for u in images]
+    return {"messages": [{"role": "user", "content": parts}, {"role": "assistant", "content": answer}]}
+
+
+def image_files() -> dict[str, str]:
+    """The malformed image rows (issue 15): every image inline or absolute, so an upload reports the same."""
+    good = vision(data_uri(picture()))
+    tagged = {"messages": [{"role": "user", "content": "<image><image>Which colours?"},
+                           {"role": "assistant", "content": "Red and blue."}], "images": [data_uri(picture())]}
+    untagged = {"conversations": [{"from": "human", "value": "Which colour?"}, {"from": "gpt", "value": "Red."}],
+                "images": [data_uri(picture())]}
+    in_answer = {"messages": [{"role": "user", "content": "Draw a red square."},
+                              {"role": "assistant", "content": [{"type": "image_url",
+                                                                 "image_url": {"url": data_uri(picture())}}]}]}
+    return {
+        "image_undecodable.jsonl": jsonl(good, vision(data_uri(b"\x89PNG\r\n\x1a\n" + b"not an image" * 8))),
+        "image_truncated_png.jsonl": jsonl(good, good, vision(data_uri(picture("PNG", (64, 64))[:-30]))),
+        "image_truncated_jpeg.jsonl": jsonl(vision(data_uri(picture("JPEG", (64, 64))[:-40], "image/jpeg"))),
+        "image_truncated_gif_and_webp.jsonl": jsonl(vision(data_uri(picture("GIF")[:-1], "image/gif")), good,
+                                                    vision(data_uri(picture("WEBP", (64, 64))[:-20], "image/webp"))),
+        "image_unsupported_type.jsonl": jsonl(good, vision(data_uri(picture("BMP"), "image/bmp"))),
+        "image_not_an_image_uri.jsonl": jsonl(vision("data:text/plain;base64,aGVsbG8=")),
+        "image_bad_base64.jsonl": jsonl(vision("data:image/png;base64,iVBORw0K!!!")),
+        "image_over_pixel_limit.jsonl": jsonl(vision(data_uri(png_header(9000, 9000)))),
+        "image_decompression_bomb.jsonl": jsonl(good, vision(data_uri(png_header(20000, 20000)))),
+        "image_path_outside_roots.jsonl": jsonl(vision("/etc/tuneyard-corpus/red.png")),
+        "image_unsupported_scheme.jsonl": jsonl(vision("ftp://example.com/red.png")),
+        "image_more_tags_than_images.jsonl": jsonl(good, tagged),
+        "image_more_images_than_tags.jsonl": jsonl(untagged),
+        "image_in_assistant_message.jsonl": jsonl(in_answer),
+        "image_too_many_in_one_example.jsonl": jsonl(vision(*[data_uri(picture())] * 11)),
+        "image_video_key.jsonl": jsonl({**tagged, "images": [data_uri(picture())] * 2, "videos": ["clip.mp4"]}),
+    }
+
+
 def main() -> None:
     """(Re)write every corpus file."""
-    for name, text in TEXT_FILES.items():
+    for name, text in {**TEXT_FILES, **image_files()}.items():
         (HERE / name).write_text(text, encoding="utf-8")
     for name, data in binary_files().items():
         (HERE / name).write_bytes(data)

@@ -48,6 +48,10 @@ def build_trainer(ctx: RecipeContext, model: Any, train: AnyDataset, valid: AnyD
                   callbacks: list) -> SFTTrainer:
     """TRL's SFTTrainer over ``model`` and the sets, with tuneyard's batching choices."""
     spec = ctx.spec
+    if spec.model.model_type == "vlm":
+        from tuneyard.trainer import vision
+
+        return vision.build_trainer(ctx, model, train, valid, callbacks)
     # A KV cache would switch off transformers' packed-sequence mask (padding-free needs it).
     model.config.use_cache = False
     batching = fastpath.choose_batching(spec, model)

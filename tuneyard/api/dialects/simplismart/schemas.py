@@ -108,6 +108,12 @@ class TrainConfig(_Closed):
     # tuneyard extension: experiment trackers in OpenAI's shape, [{"type": "mlflow", "mlflow": {...}}, ...]
     # (domain/tracking.py checks each one's settings).
     integrations: list[dict[str, Any]] | None = Field(None, max_length=8)
+    # tuneyard extension, ms-swift's names (model_type 'vlm' only): train the vision tower / the aligner too, and the
+    # images' pixel limits.
+    freeze_vit: bool = True
+    freeze_aligner: bool = True
+    max_pixels: int | None = Field(None, ge=1, le=MAX_COUNT)
+    min_pixels: int | None = Field(None, ge=1, le=MAX_COUNT)
 
 
 class DatasetDetails(_Closed):

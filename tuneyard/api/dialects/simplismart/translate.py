@@ -42,6 +42,7 @@ from tuneyard.domain.spec import (
     ScheduleSpec,
     SplitSpec,
     TrainingSpec,
+    VisionSpec,
 )
 from tuneyard.scheduler.capacity import Capacity
 from tuneyard.service.jobs import Submission
@@ -91,6 +92,10 @@ SERVICE_PARAMS = {
     "lora_alpha": "train_config.adapter_config.alpha",
     "lora_dropout": "train_config.adapter_config.dropout",
     "target_modules": "train_config.adapter_config.targets",
+    "freeze_vit": "train_config.freeze_vit",
+    "freeze_aligner": "train_config.freeze_aligner",
+    "max_pixels": "train_config.max_pixels",
+    "min_pixels": "train_config.min_pixels",
 }
 
 
@@ -211,7 +216,9 @@ def _spec(dc: DatasetConfig, tc: TrainConfig, ic: InfraConfig, model: ModelSpec,
                     streaming=pre.streaming)
     return TrainingSpec(method=METHODS.get(tc.type, "sft"), model=model, data=data, adapter=adapter,
                         hyperparameters=hyper, schedule=schedule, resources=resources,
-                        integrations=_integrations(tc.integrations or []))
+                        integrations=_integrations(tc.integrations or []),
+                        vision=VisionSpec(freeze_vit=tc.freeze_vit, freeze_aligner=tc.freeze_aligner,
+                                          max_pixels=tc.max_pixels, min_pixels=tc.min_pixels))
 
 
 def _integrations(items: list[dict[str, Any]]) -> list[IntegrationSpec]:
@@ -410,6 +417,8 @@ def configs_of(job: Job, cap: Capacity | None = None) -> dict[str, dict[str, Any
     }
     if req.get("train_config", {}).get("integrations"):
         out["train_config"]["integrations"] = req["train_config"]["integrations"]
+    if spec.model.model_type == "vlm":
+        out["train_config"].update(spec.vision.model_dump())
     return echo_as_sent(out, {k: v for k, v in req.items() if k in out})
 
 
