@@ -133,18 +133,29 @@ def colour_image(colour: str, rng: random.Random, side: int = IMAGE_SIDE, blank:
     return Image.new("RGB", (side, side), rgb)
 
 
-def colour_rows(data_dir: Path, n_per_class: int, seed: int, *, blank: bool = False,
-                prefix: str = "img") -> list[dict]:
+def store_png(data_dir: Path, image) -> str:
+    """Store ``image`` as the prepare step does (content-addressed PNG under ``data_dir/images``); its REF."""
+    import hashlib
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    ref = f"images/{hashlib.sha256(buf.getvalue()).hexdigest()}.png"
+    (data_dir / "images").mkdir(parents=True, exist_ok=True)
+    (data_dir / ref).write_bytes(buf.getvalue())
+    return ref
+
+
+def colour_rows(data_dir: Path, n_per_class: int, seed: int, *, blank: bool = False) -> list[dict]:
     """Image rows ("what colour is this?" -> "<colour>.") whose images are stored under ``data_dir/images``,
-    referenced as the prepare step stores them (``images/<name>.png``)."""
+    referenced as the prepare step stores them (``images/<sha256>.png``)."""
     rng = random.Random(seed)
     images = data_dir / "images"
     images.mkdir(parents=True, exist_ok=True)
     rows = []
-    for k in range(n_per_class):
+    for _ in range(n_per_class):
         for colour in COLOURS:
-            ref = f"images/{prefix}-{colour}-{k}.png"
-            colour_image(colour, rng, blank=blank).save(data_dir / ref)
+            ref = store_png(data_dir, colour_image(colour, rng, blank=blank))
             rows.append({"messages": [
                 {"role": "user", "content": [{"type": "image", "image": ref}, {"type": "text", "text": QUESTION}]},
                 {"role": "assistant", "content": f"{colour}."},

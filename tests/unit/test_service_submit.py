@@ -49,7 +49,9 @@ def submit(svc, file_id, **over):
 @pytest.mark.parametrize("over,param,fragment", [
     ({"model": {"name": "/etc"}}, "model", "outside the allowed local roots"),
     ({"model": {"name": "not a model id"}}, "model", "neither a Hugging Face hub id"),
-    ({"model": {"name": "org/base", "model_type": "vlm"}}, "model_type", "vision-language"),
+    ({"model": {"name": "org/base", "model_type": "vlm"}, "data": {"packing": True}}, "packing",
+     "not available for vision-language models"),
+    ({"vision": {"freeze_vit": False}}, "freeze_vit", "applies to vision-language models"),
     ({"resources": {"distributed": "fsdp"}}, "distributed", "'fsdp' is not available"),
     ({"resources": {"distributed": "deepspeed"}}, "distributed", "'deepspeed' is not available"),
     ({"resources": {"node_count": 2}}, "node_count", "one node"),

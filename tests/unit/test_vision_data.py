@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from tests.vision import colour_rows
+from tests.vision import colour_rows, store_png
+from tuneyard.data.images import open_image
 from tuneyard.data.tokenize import IGNORE_INDEX, ConversationEncoder, EncodeError, EncodeStats
-from tuneyard.data.vision import VisionEncoder, is_vision_model, load_processor, open_image
+from tuneyard.data.vision import VisionEncoder, is_vision_model, load_processor
 from tuneyard.domain import capabilities
 from tuneyard.domain.spec import TrainingSpec
 
@@ -30,9 +31,9 @@ def test_image_rows_tokenise_as_the_processor_does(vlm, tmp_path):
     # A second image, of another size, in a two-turn row: every image expands by its own size.
     from PIL import Image
 
-    Image.new("RGB", (56, 42), (9, 9, 9)).save(tmp_path / "images" / "wide.png")
+    wide = store_png(tmp_path, Image.new("RGB", (56, 42), (9, 9, 9)))
     two = {"messages": [*rows[0]["messages"], {"role": "user", "content": [
-        {"type": "text", "text": "And this?"}, {"type": "image", "image": "images/wide.png"}]},
+        {"type": "text", "text": "And this?"}, {"type": "image", "image": wide}]},
         {"role": "assistant", "content": "black."}]}
     stats = EncodeStats()
     encoded = VisionEncoder(proc, str(tmp_path)).encode([*rows, two], stats)

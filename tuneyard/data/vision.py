@@ -140,14 +140,6 @@ def image_token(processor: Any) -> tuple[str, int]:
     return token, int(token_id)
 
 
-def open_image(data_dir: str | Path, ref: str):
-    """The stored image ``ref`` (``images/<sha256>.<ext>``, relative to the job's ``data/``) as an RGB PIL image."""
-    from PIL import Image
-
-    with Image.open(_image_path(data_dir, ref)) as img:
-        return img.convert("RGB")
-
-
 def _image_path(data_dir: str | Path, ref: str) -> Path:
     root = Path(data_dir).resolve()
     path = (root / ref).resolve()
@@ -256,6 +248,8 @@ class VisionEncoder:
         except (AttributeError, NotImplementedError, TypeError, KeyError):
             pass
         # A processor that cannot say: expand the placeholder alone for this image and count.
+        from tuneyard.data.images import open_image
+
         out = self.processor(text=[self.image_text], images=[open_image(self.data_dir, ref)])
         return int(np.count_nonzero(np.asarray(out["input_ids"][0]) == self.image_id))
 

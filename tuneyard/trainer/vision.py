@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 
+from tuneyard.data.images import open_image
 from tuneyard.data.tokenize import IGNORE_INDEX
-from tuneyard.data.vision import image_token, load_processor, open_image
+from tuneyard.data.vision import image_token, load_processor
 from tuneyard.domain.spec import TrainingSpec
 from tuneyard.trainer.runtime import TrainerError
 
