@@ -308,6 +308,7 @@ def test_independent_config_problems_are_all_reported(api):
     cfg = _set(_set(configs(api), "train_config.distributed.type", "fsdp"), "model_details.model_type", "vlm")
     cfg = _set(_set(cfg, "train_config.torch_dtype", "float16"), "infra_config.node_count", 3)
     r = post_job(api, cfg)
+    # model_type vlm: the model is a text model, and lazy_tokenize (on in these configs) is not for VLMs.
     assert r.status_code == 400 and {e["field"] for e in r.json()["errors"]} == {
         "train_config.distributed.type", "model_details.model_type", "train_config.torch_dtype",
         "infra_config.node_count", "dataset_config.preprocessing.lazy_tokenize"}, r.text
@@ -364,6 +365,7 @@ def test_vlm_with_sharegpt_image_rows_is_accepted(api, tiny_qwen2_vl_dir):
     (data / "train.jsonl").write_text((json.dumps(row) + "\n") * 4)
     cfg = configs(api)
     cfg["model_details"].update(base_model=str(model), model_type="vlm")
+    cfg["dataset_config"]["preprocessing"]["lazy_tokenize"] = False  # image rows are tokenised before the queue
     cfg["dataset_details"].update(dataset_path=str(data / "train.jsonl"), dataset_format="sharegpt")
     cfg["dataset_config"]["preprocessing"]["lazy_tokenize"] = False  # a VLM's rows are tokenised up front
     cfg["train_config"].update(freeze_aligner=False, max_pixels=3136)

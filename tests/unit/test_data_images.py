@@ -266,7 +266,7 @@ def test_prepare_refuses_image_rows_for_a_text_model_and_tokenises_them_for_a_vi
     from tuneyard.data.prepare import run
     from tuneyard.data.splits import load_split
     from tuneyard.domain.spec import DataSource, DataSpec, ModelSpec, TrainingSpec
-    from tuneyard.jobdir import JobDir, read_json
+    from tuneyard.jobdir import JobDir, iter_events, read_json
     from tuneyard.settings import get_settings
 
     monkeypatch.setenv("TUNEYARD_LOCAL_ROOTS", str(tmp_path))
@@ -278,16 +278,30 @@ def test_prepare_refuses_image_rows_for_a_text_model_and_tokenises_them_for_a_vi
     data = write_jsonl(tmp_path / "train.jsonl", rows)
     vlm = tiny_qwen2_vl_dir
     results = {}
+
+    def prepare(name: str, model: Path) -> None:
+        spec = TrainingSpec(model=ModelSpec(name=str(model), source="local"),
+                            data=DataSpec(train=DataSource(path=str(data))))
+        job = JobDir(tmp_path / f"job-{name}").create()
+        job.spec.write_text(spec.model_dump_json())
+        assert run(job.root) == 0
+        results[name] = (read_json(job.prepared), job)
+
     try:
-        for name, model in (("text", tiny_model_dir), ("vision", vlm)):
-            spec = TrainingSpec(model=ModelSpec(name=str(model), source="local"),
-                                data=DataSpec(train=DataSource(path=str(data))))
-            job = JobDir(tmp_path / f"job-{name}").create()
-            job.spec.write_text(spec.model_dump_json())
-            assert run(job.root) == 0
-            results[name] = (read_json(job.prepared), job)
+        prepare("text", tiny_model_dir)
+        prepare("vision", vlm)
+        # The same data again: the tokenised split is reused; a source image that changed is not.
+        prepare("again", vlm)
+        (tmp_path / "red.png").write_bytes(picture(size=(28, 28), colour="green"))
+        prepare("changed", vlm)
     finally:
         get_settings.cache_clear()
+    reused = {name: any(e.message.startswith("Reused the tokenised data") for e in iter_events(job.events))
+              for name, (_, job) in results.items() if name != "text"}
+    assert reused == {"vision": False, "again": True, "changed": False}
+    for name in ("again", "changed"):
+        job = results[name][1]
+        assert all((job.data / r).is_file() for rs in load_split(job.data / "train")["images"] for r in rs)
     text, _ = results["text"]
     assert text["ok"] is False and text["error"]["code"] == "model_not_vision"
     assert "takes text only" in text["error"]["message"] and text["error"]["param"] == "model"
