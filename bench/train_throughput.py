@@ -36,6 +36,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -58,7 +59,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "tie": False, "max_len": 512, "batch": 8, "rows": 2000, "rounds": 3, "device": "cpu"},
     # Seconds, for the test suite's smoke run: the figures mean nothing.
     "smoke": {"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 4, "intermediate": 128, "vocab": None,
-              "tie": False, "max_len": 128, "batch": 4, "rows": 24, "rounds": 1, "device": "cpu"},
+              "tie": False, "max_len": 128, "batch": 4, "rows": 8, "rounds": 1, "device": "cpu"},
     # Llama-3.2-1B's shape (random weights): 16 layers, 2048 wide, GQA 32/8, 128k vocabulary, tied head.
     "gpu": {"hidden": 2048, "layers": 16, "heads": 32, "kv_heads": 8, "intermediate": 8192, "vocab": 128256,
             "tie": True, "max_len": 2048, "batch": 8, "rows": 2000, "rounds": 3, "device": "cuda"},
@@ -374,6 +375,8 @@ def bench(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--timeout", type=float, default=3600, help="seconds one system's run may take")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     args = ap.parse_args(argv or [])
+    # Stopped with SIGTERM, the finally below still stops the server (and with it the job's trainer).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     import torch
 
     preset = args.preset or ("gpu" if torch.cuda.is_available() else "cpu")
@@ -437,6 +440,12 @@ def bench(argv: list[str] | None = None) -> dict[str, Any]:
                     results.pop(name, None)
                     break
                 results[name].append({**r, **_rates(r, useful)})
+                got = results[name][-1]
+                # One line a run, so a long run's figures so far are on record if it is stopped.
+                print(f"  {name} round {rnd + 1}: loop {got['loop_s']:.1f} s, {got['loop_cpu_s']:.1f} CPU-s, "
+                      f"{got['per_s']:.0f} useful tok/s, {got['per_cpu_s']:.0f} per CPU-s, whole "
+                      f"{got['script_wall_s']:.1f} s, final loss {_final_loss(got)}, phases {_phases(got)}",
+                      flush=True)
                 shutil.rmtree(work / f"{name}-{rnd}" / "out", ignore_errors=True)
     finally:
         if tuneyard is not None:

@@ -1,13 +1,13 @@
 """The trainers a user would run instead of tuneyard, each as a subprocess on the bench's rows.
 
-Each peer is a script in this folder (``trl_sft.py``, ``llamafactory_sft.py``, ``axolotl_sft.py``) run as
+Each peer is a script in this folder (``trl_sft.py``, ``llamafactory_sft.py``) run as
 ``PYTHON SCRIPT CONFIG.json OUT.json``: it reads the same JSONL chat rows and the same model directory, trains
 one LoRA run as that tool's documentation shows, and writes its marks (``_marks.py``). TRL runs in this
 checkout's environment (tuneyard depends on it); the others each get a virtual environment of their own under
-``$TUNEYARD_BENCH_CACHE/venvs/<name>`` (default ``~/.cache/tuneyard-bench``), built on first use: torch pinned
-to this environment's version first (so pip keeps the CPU build where that is what is installed), then the
-tool. A tool that does not install or import is skipped with the reason, remembered in ``<venv>.failed``
-until ``--rebuild-venvs``.
+``$TUNEYARD_BENCH_CACHE/venvs/<name>`` (default ``~/.cache/tuneyard-bench``), built on first use: torch at this
+environment's version first (so pip takes the CPU build where that is what is installed), then the tool with
+torch held there by a constraint. A tool that does not install or import is skipped with the reason,
+remembered in ``<venv>.failed`` until ``--rebuild-venvs``.
 """
 
 from __future__ import annotations
@@ -75,9 +75,12 @@ def peer_python(peer: Peer, rebuild: bool = False) -> tuple[str | None, str]:
     shutil.rmtree(root, ignore_errors=True)
     root.parent.mkdir(parents=True, exist_ok=True)
     py = str(root / "bin" / "python")
+    # The tool's own requirements may not move torch (to another version, or to a CUDA build on a CPU machine).
+    pin = root.with_name(peer.venv + ".constraints.txt")
+    pin.write_text(_torch_pin() + "\n")
     steps = [[sys.executable, "-m", "venv", str(root)],
              [py, "-m", "pip", "install", "-q", _torch_pin()],
-             [py, "-m", "pip", "install", "-q", *peer.install],
+             [py, "-m", "pip", "install", "-q", "-c", str(pin), *peer.install],
              [py, "-c", f"import {peer.check}"]]
     for cmd in steps:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=_clean_env())

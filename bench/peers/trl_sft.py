@@ -3,7 +3,8 @@
 What a user would write instead of submitting a job: load the JSONL chat rows with ``datasets``, give the
 model's path, an ``SFTConfig`` and a PEFT ``LoraConfig``, train, save the adapter. TRL's defaults stay,
 except what the bench's job fixes for every system alike: learning rate, batch, epochs, seed, maximum
-length, loss on the assistant's tokens (``assistant_only_loss``), the precision tuneyard uses on the device
+length (None with padding_free: TRL's requirement; every row fits), loss on the assistant's tokens
+(``assistant_only_loss``), the precision tuneyard uses on the device
 (fp32 on CPU: TRL's bf16 default would be a different computation), no activation checkpointing (TRL's
 default is on; tuneyard's job has it off), a loss logged every step (to compare the losses) and no
 checkpoint during the loop. ``padding_free`` in the config: TRL's ``padding_free=True``, with
@@ -40,7 +41,10 @@ def main() -> None:
     marks.mark("data_loaded")
     args = SFTConfig(output_dir=cfg["output"], per_device_train_batch_size=cfg["batch"],
                      num_train_epochs=cfg["epochs"], learning_rate=cfg["lr"], seed=cfg["seed"],
-                     max_length=cfg["max_len"], assistant_only_loss=True, padding_free=bool(cfg.get("padding_free")),
+                     # TRL refuses a max_length with padding_free and no packing (it would not enforce it);
+                     # the bench's rows all fit in max_len, so None is the same truncation.
+                     max_length=None if cfg.get("padding_free") else cfg["max_len"], assistant_only_loss=True,
+                     padding_free=bool(cfg.get("padding_free")),
                      bf16=cuda, use_cpu=not cuda, gradient_checkpointing=False, logging_steps=1,
                      save_strategy="no", report_to="none", disable_tqdm=True, model_init_kwargs=init)
     trainer = SFTTrainer(model=cfg["model"], args=args, train_dataset=dataset,
