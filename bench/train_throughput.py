@@ -297,7 +297,9 @@ class Tuneyard:
         steps = [e for e in events if e.type == "metrics" and e.data.get("train_loss") is not None]
         finished = next(e.ts for e in events if e.type == "message" and e.message.startswith("Training finished"))
         log = root / "logs" / "train-1.log"
-        marks = {"upload": t_upload, "submit": t_submit, "queued": seen["queued"],
+        # The prepare step's last event ends it (the worker may launch the trainer before a poll sees "queued").
+        prepared_at = max((e.ts for e in events if e.source == "prepare" and e.ts), default=seen["queued"])
+        marks = {"upload": t_upload, "submit": t_submit, "queued": prepared_at,
                  "spawn": sampler.started.get("train"), "rows_read": _log_time(log, "training rows"),
                  "train_begin": begin, "train_end": steps[-1].ts, "saved": finished, "exit": seen["succeeded"]}
         c0, c1 = sampler.cpu_at("train", begin), sampler.cpu_at("train", steps[-1].ts)

@@ -40,9 +40,9 @@ class Peer:
 PEERS: dict[str, Peer] = {
     "trl": Peer("trl_sft.py"),
     "trl_padding_free": Peer("trl_sft.py", extra={"padding_free": True}),
-    "llamafactory": Peer("llamafactory_sft.py", "llamafactory", ("llamafactory",), "llamafactory"),
-    "llamafactory_neat_packing": Peer("llamafactory_sft.py", "llamafactory", ("llamafactory",), "llamafactory",
-                                      {"neat_packing": True}),
+    "llamafactory": Peer("llamafactory_sft.py", "llamafactory", ("llamafactory",), "llamafactory.train.tuner"),
+    "llamafactory_neat_packing": Peer("llamafactory_sft.py", "llamafactory", ("llamafactory",),
+                                      "llamafactory.train.tuner", {"neat_packing": True}),
     "axolotl": Peer("axolotl_sft.py", "axolotl", ("axolotl",), "axolotl"),
 }
 
@@ -97,7 +97,9 @@ def _clean_env() -> dict[str, str]:
     """The environment without this checkout on the path: a peer's venv sees only its own packages."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     return {**env, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-            "WANDB_DISABLED": "true", "DISABLE_VERSION_CHECK": "1"}
+            "WANDB_DISABLED": "true", "DISABLE_VERSION_CHECK": "1",
+            # Axolotl's usage telemetry would try to reach its collector from every run.
+            "AXOLOTL_DO_NOT_TRACK": "1", "DO_NOT_TRACK": "1"}
 
 
 def run_peer(name: str, python: str, config: dict[str, Any], work: Path, timeout: float) -> dict[str, Any]:
