@@ -10,8 +10,11 @@ BENCHMARKS = ["train_throughput", "data_prep", "api_load", "time_to_first_step",
 # Run only when named: they take as long as they are told to (strategies: on a GPU machine only).
 ON_DEMAND = ["soak", "fuzz", "spec_fuzz", "strategies"]
 # The run of everything keeps to about 15 minutes on a 2-core machine: data_prep on 256 MB there (its
-# 1 GB figure is `python -m bench data_prep`; the memory ratio is measured at 10x either way).
-ALL_RUN_ARGS = {"data_prep": ["--mb", "256", "--sample-mb", "100"]}
+# 1 GB figure is `python -m bench data_prep`; the memory ratio is measured at 10x either way), and
+# train_throughput one round of 400 rows against TRL only (the 3 rounds of 2,000 rows with every peer,
+# their venvs built on first use, take about an hour: `python -m bench train_throughput`).
+ALL_RUN_ARGS = {"data_prep": ["--mb", "256", "--sample-mb", "100"],
+                "train_throughput": ["--rows", "400", "--rounds", "1", "--systems", "tuneyard,trl,trl_padding_free"]}
 
 
 def main(argv: list[str]) -> int:

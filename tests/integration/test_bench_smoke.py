@@ -43,3 +43,12 @@ def test_benchmark_runs_and_writes_its_figures(tmp_path, name):
     assert set(targets) <= set(figures), (targets, figures)
     assert all(figures[k] is not None for k in targets)
     assert name in proc.stdout  # the printed table's title
+    if name == "train_throughput":
+        # The same rows, LoRA and loss through tuneyard's whole job and TRL's SFTTrainer (with and without
+        # padding-free batches): the same computation, so the same final loss; every figure from real runs.
+        assert result["skipped"] == {}, result["skipped"]
+        assert figures["final_loss_max_rel_diff"] < 1e-3, result["losses"]
+        assert figures["supervised_tokens"] == figures["tuneyard_own_supervised_tokens"]
+        for side in ("tuneyard", "trl", "trl_padding_free"):
+            assert figures[f"{side}_tokens_per_cpu_s"] > 0 and figures[f"{side}_script_s"] > 0
+            assert result["phases"][side][0]["training loop"] > 0
