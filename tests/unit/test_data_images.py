@@ -267,6 +267,7 @@ def test_prepare_refuses_image_rows_for_a_text_model_and_tokenises_them_for_a_vi
     from tuneyard.data.splits import load_split
     from tuneyard.domain.spec import DataSource, DataSpec, ModelSpec, TrainingSpec
     from tuneyard.jobdir import JobDir, iter_events, read_json
+    from tuneyard.service.jobs import runtime_spec
     from tuneyard.settings import get_settings
 
     monkeypatch.setenv("TUNEYARD_LOCAL_ROOTS", str(tmp_path))
@@ -280,8 +281,9 @@ def test_prepare_refuses_image_rows_for_a_text_model_and_tokenises_them_for_a_vi
     results = {}
 
     def prepare(name: str, model: Path) -> None:
+        # The settings a job's process follows come in its spec (the tokenised cache under TUNEYARD_HOME).
         spec = TrainingSpec(model=ModelSpec(name=str(model), source="local"),
-                            data=DataSpec(train=DataSource(path=str(data))))
+                            data=DataSpec(train=DataSource(path=str(data))), runtime=runtime_spec(get_settings()))
         job = JobDir(tmp_path / f"job-{name}").create()
         job.spec.write_text(spec.model_dump_json())
         assert run(job.root) == 0

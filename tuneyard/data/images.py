@@ -71,12 +71,14 @@ class ImageRules:
 
     @classmethod
     def from_settings(cls, base: str | None, settings: Any = None) -> ImageRules:
-        """The installation's limits (``TUNEYARD_MAX_IMAGE_*``, ``TUNEYARD_LOCAL_ROOTS``; ``settings`` or the
-        process's)."""
+        """The installation's limits (``TUNEYARD_MAX_IMAGE_*``, ``TUNEYARD_LOCAL_ROOTS``): from ``settings`` (the
+        server's ``Settings``, or in a job's process the spec's ``RuntimeSpec``), else the process's own."""
         from tuneyard.settings import get_settings
 
         s = settings or get_settings()
-        return cls(base=base, roots=tuple(s.allowed_roots), max_bytes=s.max_image_bytes,
+        # A spec written without the roots (an older one, or one a test builds) falls back to the process's.
+        roots = s.allowed_roots or get_settings().allowed_roots
+        return cls(base=base, roots=tuple(Path(r) for r in roots), max_bytes=s.max_image_bytes,
                    max_pixels=s.max_image_pixels, max_per_example=s.max_images_per_example,
                    max_image_examples=s.max_image_examples)
 
@@ -321,8 +323,10 @@ class ImageStore:
     """The prepare step's images: fetched, checked, decoded, resized and stored once under ``data/images/``."""
 
     def __init__(self, data_dir: Path, rules: ImageRules, *, param: str, max_pixels: int | None = None,
-                 min_pixels: int | None = None) -> None:
+                 min_pixels: int | None = None, runtime: Any = None) -> None:
         self.data_dir = data_dir
+        # The job's RuntimeSpec (download rules, S3 endpoint): a job's process reads no TUNEYARD_* variable.
+        self.runtime = runtime
         self.dir = data_dir / IMAGES_DIR
         self.dir.mkdir(parents=True, exist_ok=True)
         self.rules = rules
@@ -370,7 +374,7 @@ class ImageStore:
         from tuneyard.domain.spec import DataSource
         from tuneyard.settings import get_settings
 
-        s = get_settings()
+        s = self.runtime or get_settings()
         with tempfile.TemporaryDirectory(dir=self.dir, prefix=".fetch-") as tmp:
             try:
                 local = materialise(DataSource(path=url, param=self.param), Path(tmp),

@@ -129,14 +129,15 @@ def _image_base(given: DataSource) -> str | None:
 
 
 def _validate(source: DataSource, *, validation: bool, min_examples: int, max_errors: int,
-              log: _Log, method: str = "sft", given: DataSource | None = None) -> ValidationReport:
+              log: _Log, runtime: RuntimeSpec, method: str = "sft", given: DataSource | None = None
+              ) -> ValidationReport:
     from tuneyard.data.images import ImageRules
 
     label = "Validation file" if validation else "Training file"
     log(f"Validating {label.lower()}")
     report = validate_file(source.path, source.format, source.container, max_errors=max_errors,
                            min_examples=min_examples, label=label, method=method,
-                           images=ImageRules.from_settings(_image_base(given or source)))
+                           images=ImageRules.from_settings(_image_base(given or source), runtime))
     if not report.ok:
         code = report.code if report.code == CODE_N_EXAMPLES else (
             "invalid_validation_file" if validation else "invalid_training_file")
@@ -206,8 +207,9 @@ def _store_images(spec: TrainingSpec, jobdir: JobDir,
     for given, local, report in sources:
         if given is None or local is None or report is None or not report.n_image_examples:
             continue
-        store = ImageStore(jobdir.data, ImageRules.from_settings(_image_base(given)), param=given.param,
-                           max_pixels=spec.vision.max_pixels, min_pixels=spec.vision.min_pixels)
+        store = ImageStore(jobdir.data, ImageRules.from_settings(_image_base(given), spec.runtime), param=given.param,
+                           max_pixels=spec.vision.max_pixels, min_pixels=spec.vision.min_pixels,
+                           runtime=spec.runtime)
         fmt = normalize_format_name(report.format or local.format)
         code = "invalid_validation_file" if "validation" in given.param else "invalid_training_file"
         log(f"Fetching and storing the images of {given.param}")
@@ -294,12 +296,13 @@ def prepare(jobdir: JobDir, events: EventWriter | None = None, *, max_errors: in
     if train_src is not None:
         with failures.step():
             train_report = _validate(train_src, validation=False, min_examples=min_examples,
-                                     max_errors=max_errors, log=log, method=spec.method, given=data.train)
+                                     max_errors=max_errors, log=log, runtime=spec.runtime, method=spec.method,
+                                     given=data.train)
             _check_rows_limit(spec, train_report.n_examples)
     if val_src is not None:
         with failures.step():
             val_report = _validate(val_src, validation=True, min_examples=1, max_errors=max_errors, log=log,
-                                   method=spec.method, given=data.validation)
+                                   runtime=spec.runtime, method=spec.method, given=data.validation)
 
     log(f"Loading the tokenizer of {spec.model.name}")
     config = tokenizer = None

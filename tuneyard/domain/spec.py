@@ -214,6 +214,15 @@ class RuntimeSpec(_Strict):
     # The tokenised-data cache: its directory (None: off) and bound (TUNEYARD_TOKENISED_CACHE_BYTES).
     tokenised_cache_dir: str | None = None
     tokenised_cache_bytes: int = Field(0, ge=0)
+    # The trainer's dense CPU LM head (TUNEYARD_DENSE_LM_HEAD).
+    dense_lm_head: bool = True
+    # Images in rows (TUNEYARD_MAX_IMAGE_BYTES, ..._MAX_IMAGE_PIXELS, ..._MAX_IMAGES_PER_EXAMPLE,
+    # ..._MAX_IMAGE_EXAMPLES) and the local roots their paths must lie under (TUNEYARD_LOCAL_ROOTS, resolved).
+    max_image_bytes: int = Field(10 * 1024**2, ge=1)
+    max_image_pixels: int = Field(64 * 1024**2, ge=1)
+    max_images_per_example: int = Field(10, ge=1)
+    max_image_examples: int = Field(50_000, ge=1)
+    allowed_roots: list[str] = Field(default_factory=list)
 
 
 class IntegrationSpec(_Strict):

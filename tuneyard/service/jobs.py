@@ -496,4 +496,7 @@ def runtime_spec(settings: Settings) -> RuntimeSpec:
         max_tokens_per_job=settings.max_tokens_per_job, prepare_workers=settings.prepare_workers,
         prepare_parallel_min_examples=settings.prepare_parallel_min_examples,
         tokenised_cache_dir=str(settings.home / "cache" / "tokenised") if settings.tokenised_cache_bytes > 0 else None,
-        tokenised_cache_bytes=settings.tokenised_cache_bytes)
+        tokenised_cache_bytes=settings.tokenised_cache_bytes, dense_lm_head=settings.dense_lm_head,
+        max_image_bytes=settings.max_image_bytes, max_image_pixels=settings.max_image_pixels,
+        max_images_per_example=settings.max_images_per_example, max_image_examples=settings.max_image_examples,
+        allowed_roots=[str(r) for r in settings.allowed_roots])

@@ -17,7 +17,6 @@ from trl import SFTConfig, SFTTrainer
 from tuneyard.data.splits import LAZY_COLUMN, load_split
 from tuneyard.domain.spec import TrainingSpec
 from tuneyard.jobdir import JobDir, PreparedOk, ProtocolError, read_json
-from tuneyard.settings import get_settings
 from tuneyard.trainer import fastpath
 from tuneyard.trainer.fastpath import Batching
 from tuneyard.trainer.plumbing import (
@@ -65,7 +64,8 @@ def build_trainer(ctx: RecipeContext, model: Any, train: AnyDataset, valid: AnyD
     peft_config = None if hasattr(model, "peft_config") else lora_config(spec)
     trainer = Trainer(model=model, args=config, train_dataset=train, eval_dataset=valid,
                       processing_class=ctx.tokenizer, peft_config=peft_config, callbacks=callbacks,
-                      optimizer_cls_and_kwargs=optimizer_override(spec, ctx.device))
+                      optimizer_cls_and_kwargs=optimizer_override(spec, ctx.device),
+                      dense_head=spec.runtime.dense_lm_head)
     ctx.log.info("sft: batches %s, attention %s, LM head %s%s%s", batching.why, model.config._attn_implementation,
                  "dense" if getattr(_inner(trainer.model), "tuneyard_dense_head", False) else "chunked (TRL)",
                  ", Liger kernels" if config.use_liger_kernel else "",
@@ -247,10 +247,10 @@ class Trainer(SFTTrainer):
     """TRL's SFTTrainer, with length-grouped sampling that reads row lengths from Arrow, and on CPU the dense LM head
     (``fastpath.use_dense_head``) in front of TRL's chunked one."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, dense_head: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         inner = _inner(self.model)
-        if get_settings().dense_lm_head and fastpath.dense_head_blocker(inner, self.args.device.type) is None:
+        if dense_head and fastpath.dense_head_blocker(inner, self.args.device.type) is None:
             fastpath.use_dense_head(inner)
 
     def _get_train_sampler(self, train_dataset=None):
