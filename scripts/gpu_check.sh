@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One GPU loan's worth of checks (issue 14): the GPU equivalence tests of the trainer's fast paths, then the
-# throughput benchmark on the Llama-3.2-1B shape. Run from the repository root on a CUDA machine with the
+# One GPU loan's worth of checks (issues 14, 16): the GPU equivalence tests of the trainer's fast paths, the
+# throughput benchmark on the Llama-3.2-1B shape, then the FSDP/DeepSpeed strategies against DDP. Run from the repository root on a CUDA machine with the
 # project installed (pip install -e '.[test]'; flash-attn and liger-kernel when their paths are to be checked):
 #     scripts/gpu_check.sh [OUTDIR]
 # Figures land in OUTDIR (default ./gpu-check): pytest's report and the benchmark's output.
@@ -19,5 +19,8 @@ python -m pytest -q -rs -p no:cacheprovider tests/trainer/test_fastpath.py tests
 tests=${PIPESTATUS[0]}
 python -m bench.train_throughput --preset gpu 2>&1 | tee "$out/train_throughput.txt"
 bench=${PIPESTATUS[0]}
-echo "tests exit $tests, bench exit $bench" | tee "$out/summary.txt"
-exit $(( tests || bench ))
+# FSDP (LoRA, full, CPU offload) and DeepSpeed ZeRO 2/3 against DDP's losses (issue 16).
+python -m bench strategies 2>&1 | tee "$out/strategies.txt"
+strategies=${PIPESTATUS[0]}
+echo "tests exit $tests, bench exit $bench, strategies exit $strategies" | tee "$out/summary.txt"
+exit $(( tests || bench || strategies ))
