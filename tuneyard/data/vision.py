@@ -43,12 +43,6 @@ def is_vision_model(config_or_path: Any, *, revision: str | None = None, trust_r
     return getattr(config, "model_type", None) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 
-def has_images(row: dict) -> bool:
-    """True for a row with an image part in any message."""
-    return any(isinstance(m.get("content"), list) and any(p.get("type") == "image" for p in m["content"])
-               for m in row.get("messages", ()))
-
-
 def load_processor(name: str, *, revision: str | None = None, trust_remote_code: bool = False,
                    max_pixels: int | None = None, min_pixels: int | None = None) -> Any:
     """The model's processor (``AutoProcessor``), with the job's pixel limits on a processor that resizes by pixels.
