@@ -30,7 +30,9 @@ def test_sigterm_checkpoints_running_jobs_and_the_next_server_resumes_them(setup
     checkpoints = sorted(p.name for p in (jd / "checkpoints").iterdir() if (p / "tuneyard_checkpoint.json").exists())
     assert checkpoints, "no checkpoint was written on the way out"
     drained_at = int(checkpoints[-1].split("-")[1])
-    assert drained_at >= 4 and drained_at % 12 != 0, checkpoints  # a checkpoint of its own, not an epoch's
+    # Steps are fast on a quiet machine: the drain may land on an epoch's end, so the checkpoint's own event
+    # (below) is what shows the drain wrote it, not its step number.
+    assert 4 <= drained_at < 72, checkpoints
 
     srv2 = Server(home, {})
     try:
