@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     # Keep one prepare process started ahead of the next job, its imports done: a job's prepare step then
     # starts in milliseconds instead of seconds, for the memory of one idle Python process with transformers.
     prepare_standby: bool = True
+    # The same for the trainer of a one-process CPU job (~8 s of importing transformers, TRL and PEFT): started
+    # while no trainer runs, it takes the next such job; GPU jobs, torchrun groups and W&B runs start afresh.
+    trainer_standby: bool = True
     cancel_grace_seconds: float = 3.0
     # How long a pausing trainer may take to finish its step and write its checkpoint before it is killed (the
     # job is then paused at its newest complete checkpoint, and the steps after it are lost).

@@ -1,4 +1,4 @@
-"""The worker keeps a prepare process ready, imports done; a job's prepare step is handed to it."""
+"""The worker keeps a prepare process and a trainer process ready, imports done; a job's steps are handed to them."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ from pathlib import Path
 from tuneyard.demo.tiny import write_sample_jsonl
 from tuneyard.scheduler.local import job_processes, pid_alive
 
+TRAINER = b"tuneyard.trainer"
 
-def standby_pids(parent: int) -> list[int]:
-    """The standby prepare processes the server ``parent`` started."""
+
+def standby_pids(parent: int, module: bytes = b"tuneyard.data.prepare") -> list[int]:
+    """The standby processes of ``module`` (the prepare step's by default) the server ``parent`` started."""
     out = []
     for p in Path("/proc").iterdir():
         if not p.name.isdigit():
@@ -20,7 +22,7 @@ def standby_pids(parent: int) -> list[int]:
             ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, IndexError, ValueError):
             continue
-        if ppid == parent and b"tuneyard.data.prepare" in args and b"--standby" in args:
+        if ppid == parent and module in args and b"--standby" in args:
             out.append(int(p.name))
     return out
 
@@ -60,3 +62,35 @@ def test_a_jobs_prepare_step_runs_in_the_standby_process(server, tmp_path):
     # Another one is made ready for the next job.
     wait_for(lambda: [p for p in standby_pids(pid) if p != standby], 60, "no new standby")
     client.fine_tuning.jobs.cancel(job.id)
+
+
+def test_a_cpu_jobs_trainer_runs_in_the_standby_trainer(server, tmp_path):
+    pid = server.proc.pid
+    client = server.openai(server.key("trainer-standby"))
+    f = client.files.create(file=write_sample_jsonl(tmp_path / "t.jsonl").open("rb"), purpose="fine-tune")
+    # Started while no trainer runs; imports transformers, TRL and PEFT before it is needed.
+    ready = wait_for(lambda: standby_pids(pid, TRAINER), 60, "no standby trainer process")
+    assert len(ready) == 1
+    standby = ready[0]
+    job = client.fine_tuning.jobs.create(model=server.model_dir, training_file=f.id,
+                                         hyperparameters={"n_epochs": 2, "batch_size": 2})
+    jd = server.home / "jobs" / "trainer-standby" / job.id
+    wait_for(lambda: (jd / "train.pid").exists(), 90, "no trainer started")
+    assert int((jd / "train.pid").read_text()) == standby
+    # In the job's directory, the worker knows it as the job's (memory limit, cancel, adoption after a restart).
+    if pid_alive(standby, job.id):
+        assert standby in job_processes(jd)
+        # No second one imports beside a running trainer.
+        assert standby_pids(pid, TRAINER) == []
+    deadline = time.time() + 180
+    while (j := client.fine_tuning.jobs.retrieve(job.id)).status not in ("succeeded", "failed", "cancelled"):
+        assert time.time() < deadline, j.status
+        time.sleep(0.2)
+    assert j.status == "succeeded", j.error
+    log = (jd / "logs" / "train-1.log").read_text()
+    assert "result: succeeded" in log, log[-2000:]
+    losses = [e.data["train_loss"] for e in client.fine_tuning.jobs.list_events(job.id, limit=1000)
+              if e.type == "metrics" and e.data and "train_loss" in e.data][::-1]
+    assert len(losses) >= 2 and losses[-1] < losses[0], losses
+    # The next one is made ready once the trainer is gone.
+    wait_for(lambda: [p for p in standby_pids(pid, TRAINER) if p != standby], 60, "no new standby trainer")

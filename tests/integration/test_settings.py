@@ -254,7 +254,8 @@ def test_worker_settings_on_one_server(tmp_path_factory, tmp_path, tiny_model_di
 
     srv = start(tmp_path_factory, tiny_model_dir, "worker", {
         "TUNEYARD_GPU_COUNT": "0", "TUNEYARD_CPU_SLOTS": "1", "TUNEYARD_CPU_PROCS_PER_JOB": "2",
-        "TUNEYARD_PREPARE_SLOTS": "1", "TUNEYARD_PREPARE_STANDBY": "false", "TUNEYARD_JOB_LOG_BYTES": "512",
+        "TUNEYARD_PREPARE_SLOTS": "1", "TUNEYARD_PREPARE_STANDBY": "false", "TUNEYARD_TRAINER_STANDBY": "false",
+        "TUNEYARD_JOB_LOG_BYTES": "512",
         "TUNEYARD_CANCEL_GRACE_SECONDS": "0.5"})
     try:
         client = srv.openai(srv.key())
@@ -270,8 +271,8 @@ def test_worker_settings_on_one_server(tmp_path_factory, tmp_path, tiny_model_di
         wait_for(lambda: job_row(srv, long_job)[1], 2.0, "the first job was not claimed")
         # TUNEYARD_PREPARE_SLOTS=1: the second job waits while the first one's prepare step runs.
         assert job_row(srv, long_job)[0] == "validating_files" and job_row(srv, other)[1] is None
-        # TUNEYARD_PREPARE_STANDBY=false: no prepare process kept ready beside the job's own.
-        assert standby_pids(srv.proc.pid) == []
+        # TUNEYARD_PREPARE_STANDBY=false, TUNEYARD_TRAINER_STANDBY=false: no process kept ready beside the job's.
+        assert standby_pids(srv.proc.pid) == standby_pids(srv.proc.pid, b"tuneyard.trainer") == []
         wait_for(lambda: job_row(srv, long_job)[0] == "running", 90, "the first job did not start")
         wait_for(lambda: job_row(srv, other)[0] == "queued", 90, "the second job was not prepared")
         assert standby_pids(srv.proc.pid) == []

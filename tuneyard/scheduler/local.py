@@ -31,6 +31,9 @@ log = logging.getLogger("tuneyard.launcher")
 # The server's own W&B key must not report a job to the operator's account: a job's key is its organisation's.
 PRIVATE_ENV = frozenset({"TUNEYARD_SECRET_KEY", "TUNEYARD_SOURCE_CREDENTIALS", "WANDB_API_KEY"})
 PREPARE_MODULE = b"tuneyard.data.prepare"
+TRAINER_MODULE = b"tuneyard.trainer"
+# A standby process (see LocalLauncher.warm) names no job on its command line, only this flag.
+STANDBY_FLAG = b"--standby"
 
 
 @dataclass
@@ -94,14 +97,14 @@ def job_processes(root: Path) -> list[int]:
                 state = f.read().rsplit(")", 1)[1].split()[0]
         except (OSError, IndexError):
             continue
-        if state != "Z" and (needle in args or PREPARE_MODULE in args and _cwd(int(name)) == needle):
+        if state != "Z" and (needle in args or STANDBY_FLAG in args and _cwd(int(name)) == needle):
             found.append(int(name))
     return found
 
 
 def _cwd(pid: int) -> bytes | None:
-    # A standby prepare process (see LocalLauncher.warm) names no job on its command line: once given one, it
-    # works in the job's directory.
+    # A standby process (see LocalLauncher.warm) names no job on its command line: once given one, it works in
+    # the job's directory.
     try:
         return os.readlink(f"/proc/{pid}/cwd").encode()
     except OSError:
@@ -139,7 +142,20 @@ def pid_alive(pid: int, job_id: str) -> bool:
     if job_id.encode() in cmd:
         return True
     cwd = _cwd(pid)
-    return PREPARE_MODULE in cmd.split(b"\0") and cwd is not None and cwd.rsplit(b"/", 1)[-1] == job_id.encode()
+    return STANDBY_FLAG in cmd.split(b"\0") and cwd is not None and cwd.rsplit(b"/", 1)[-1] == job_id.encode()
+
+
+def _waiting(proc: subprocess.Popen | None) -> bool:
+    return proc is not None and proc.poll() is None
+
+
+def _logs_to_wandb(jd: JobDir) -> bool:
+    # The trainer's standby imported transformers with W&B hidden (trainer/__main__.py standby).
+    try:
+        integrations = json.loads(jd.resolved_spec.read_text()).get("integrations") or []
+    except (OSError, ValueError, AttributeError):
+        return True  # unreadable: a fresh trainer says so in the job's result
+    return any(isinstance(i, dict) and i.get("type") == "wandb" for i in integrations)
 
 
 class LocalLauncher:
@@ -147,13 +163,16 @@ class LocalLauncher:
 
     name = "local"
 
-    def __init__(self, python: str | None = None, *, standby: bool = False, settings: Settings | None = None
-                 ) -> None:
+    def __init__(self, python: str | None = None, *, standby: bool = False, trainer_standby: bool = False,
+                 settings: Settings | None = None) -> None:
         self.python = python or sys.executable
         # With ``standby``, one prepare process is kept started ahead of need, its imports done (~3 s of
         # transformers): the next job's prepare step is handed to it instead of starting from nothing.
+        # ``trainer_standby`` does the same for the trainer of a one-process CPU job (~8 s of imports).
         self.standby = standby
+        self.trainer_standby = trainer_standby
         self._standby: subprocess.Popen | None = None
+        self._trainer_standby: subprocess.Popen | None = None
         self._settings = settings
         self._total: Capacity | None = None
         # Trainers started or adopted here, until they end: what holds this machine's devices.
@@ -162,7 +181,7 @@ class LocalLauncher:
     @classmethod
     def from_settings(cls, settings: Settings) -> LocalLauncher:
         """The launcher as the settings describe it (standby prepare process, GPU count)."""
-        return cls(standby=settings.prepare_standby, settings=settings)
+        return cls(standby=settings.prepare_standby, trainer_standby=settings.trainer_standby, settings=settings)
 
     # ----- capacity ---------------------------------------------------------------------------
     def total(self) -> Capacity:
@@ -209,28 +228,52 @@ class LocalLauncher:
         return {k: v for k, v in os.environ.items() if k not in PRIVATE_ENV and not k.startswith("TUNEYARD_")}
 
     def warm(self) -> None:
-        """Start a standby prepare process if standby is on and none is waiting."""
-        if not self.standby or self._standby is not None and self._standby.poll() is None:
-            return
-        # No GPU, like every prepare step; its own session, so that a server restart leaves a running step alone.
+        """Start the standby prepare (and trainer) process where standby is on and none is waiting."""
+        # One that died before it was given a job cannot import what it needs: starting it again every tick
+        # would only burn a core, and jobs start as well without it.
+        for name in ("standby", "trainer_standby"):
+            proc = getattr(self, f"_{name}")
+            if proc is not None and proc.poll() is not None:
+                log.warning("the %s process exited (%s) before it was given a job: no longer kept",
+                            name.replace("_", " "), proc.returncode)
+                setattr(self, name, False)
+                setattr(self, f"_{name}", None)
+        if self.standby and not _waiting(self._standby):
+            self._standby = self._start_standby(PREPARE_MODULE)
+        # The trainer's only while no trainer started here runs: its imports would take cores from one.
+        if self.trainer_standby and not _waiting(self._trainer_standby) and not self._running_trainers():
+            self._trainer_standby = self._start_standby(TRAINER_MODULE)
+
+    def _start_standby(self, module: bytes) -> subprocess.Popen:
+        # No GPU: prepare steps never use one, and the trainer's standby takes CPU jobs only (a CUDA library
+        # imported early may size itself to every GPU before the job's CUDA_VISIBLE_DEVICES is known). Its own
+        # session, so that a server restart leaves a running step alone.
         env = {**self._inherited(), "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
-        self._standby = subprocess.Popen([self.python, "-m", PREPARE_MODULE.decode(), "--standby"],
-                                         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.DEVNULL, start_new_session=True, env=env)
+        return subprocess.Popen([self.python, "-m", module.decode(), STANDBY_FLAG.decode()],
+                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True, env=env)
+
+    def _running_trainers(self) -> bool:
+        return any(p.poll() is None for p in self._live.values())
 
     def close(self) -> None:
-        """End the standby prepare process, if any (it holds no job)."""
-        if self._standby is not None and self._standby.poll() is None:
-            self._standby.kill()
-            self._standby.wait()
-        self._standby = None
+        """End the standby processes, if any (they hold no job)."""
+        for proc in (self._standby, self._trainer_standby):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        self._standby = self._trainer_standby = None
 
-    def _hand_to_standby(self, job_id: str, jd: JobDir, attempt: int, env: dict[str, str]) -> Proc | None:
-        proc, self._standby = self._standby, None
+    def _hand_to_standby(self, job_id: str, phase: str, jd: JobDir, attempt: int, env: dict[str, str]
+                         ) -> Proc | None:
+        if phase == "prepare":
+            proc, self._standby = self._standby, None
+        else:
+            proc, self._trainer_standby = self._trainer_standby, None
         if proc is None or proc.poll() is not None or proc.stdin is None:
             return None
         jd.logs.mkdir(parents=True, exist_ok=True)
-        order = {"root": str(jd.root), "log": str(jd.logs / f"prepare-{attempt}.log"),
+        order = {"root": str(jd.root), "log": str(jd.logs / f"{phase}-{attempt}.log"),
                  "env": {"TUNEYARD_JOB_ID": job_id, **env}}
         try:
             proc.stdin.write((json.dumps(order) + "\n").encode())
@@ -239,8 +282,8 @@ class LocalLauncher:
             proc.kill()
             proc.wait()
             return None
-        (jd.root / "prepare.pid").write_text(str(proc.pid))
-        return Proc(job_id=job_id, phase="prepare", pid=proc.pid, popen=proc, root=jd.root, attempt=attempt)
+        (jd.root / f"{phase}.pid").write_text(str(proc.pid))
+        return Proc(job_id=job_id, phase=phase, pid=proc.pid, popen=proc, root=jd.root, attempt=attempt)
 
     def _spawn(self, job_id: str, phase: str, cmd: list[str], jd: JobDir, attempt: int, env: dict[str, str]
                ) -> Proc:
@@ -257,7 +300,7 @@ class LocalLauncher:
 
     def prepare(self, job_id: str, jd: JobDir, attempt: int, env: dict[str, str] | None = None) -> Proc:
         """Start the validation + tokenisation step of a job (``env``: e.g. the credentials of its sources)."""
-        proc = self._hand_to_standby(job_id, jd, attempt, env or {})
+        proc = self._hand_to_standby(job_id, "prepare", jd, attempt, env or {})
         if proc is not None:
             return proc
         # The prepare step never needs a GPU.
@@ -294,7 +337,11 @@ class LocalLauncher:
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
         # The devices go beside the pid file: a worker that adopts the trainer after a restart counts them as taken.
         (jd.root / "train.gpus").write_text(",".join(str(g) for g in gpus))
-        proc = self._spawn(job_id, "train", cmd, jd, attempt, env)
+        proc = None
+        if not group and not gpus and not _logs_to_wandb(jd):
+            proc = self._hand_to_standby(job_id, "train", jd, attempt, env)
+        if proc is None:
+            proc = self._spawn(job_id, "train", cmd, jd, attempt, env)
         proc.gpus = list(gpus)
         proc.cpu_slot = not gpus
         self._live[job_id] = proc
