@@ -12,4 +12,5 @@ python -m pip install -q --upgrade pip
 python -m pip install -q torch==2.13.0
 python -m pip install -q -e ".[test]"
 ruff check tuneyard tests
-python -m pytest -q -p no:cacheprovider "$@"
+# The slowest tests are printed: the suite is to stay under 20 minutes on 2 cores.
+python -m pytest -q -p no:cacheprovider --durations=30 "$@"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ TRAINER = b"tuneyard.trainer"
 
 
 def standby_pids(parent: int, module: bytes = b"tuneyard.data.prepare") -> list[int]:
-    """The standby processes of ``module`` (the prepare step's by default) the server ``parent`` started."""
+    """The waiting standby processes of ``module`` (the prepare step's by default) the server ``parent`` started."""
     out = []
     for p in Path("/proc").iterdir():
         if not p.name.isdigit():
@@ -22,9 +23,17 @@ def standby_pids(parent: int, module: bytes = b"tuneyard.data.prepare") -> list[
             ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, IndexError, ValueError):
             continue
-        if ppid == parent and module in args and b"--standby" in args:
+        if ppid == parent and module in args and b"--standby" in args and not _handed(p):
             out.append(int(p.name))
     return out
+
+
+def _handed(proc: Path) -> bool:
+    # A standby given a job works in the job's directory (and may still be winding down after it).
+    try:
+        return "/jobs/" in os.readlink(proc / "cwd")
+    except OSError:
+        return True
 
 
 def wait_for(cond, timeout: float, what: str):
