@@ -38,8 +38,9 @@ A row that has the keys of two formats (``messages`` and ``conversations``, say)
 unless the format is named. A ``text`` column beside another format's keys is a rendered copy and is
 ignored, and preference keys win over the rest (preference datasets often carry ``messages`` too).
 ``instruction`` (Simplismart's name) is a family: Alpaca, query/response or prompt/completion rows,
-detected within the family. This module imports neither torch nor transformers: the API process uses it
-to validate uploads.
+detected within the family. Images in rows are read by ``tuneyard.data.image_rows``; what every converter
+shares (a row's problems, text fields) is ``tuneyard.data.rowbase``. None of these import torch or
+transformers: the API process uses them to validate uploads.
 """
 
 from __future__ import annotations
@@ -47,10 +48,24 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 from tuneyard import jsontext
+from tuneyard.data.image_rows import (  # noqa: F401  (has_images, image_refs, IMAGE_TAG: re-exported)
+    IMAGE_TAG,
+    has_images,
+    image_refs,
+    message_content,
+    place_images,
+)
+from tuneyard.data.rowbase import (  # noqa: F401  (Problem, RowError, ImageSite: re-exported)
+    Collector,
+    ImageSite,
+    Problem,
+    RowError,
+    json_type,
+    text_content,
+)
 
 DPO = "dpo"
 SFT_FORMATS = ("openai", "sharegpt", "alpaca", "prompt_completion", "query_response", "text", "instruct",
@@ -111,69 +126,6 @@ REQUIRED_KEYS: dict[str, tuple[tuple[str, ...], ...]] = {
     DPO: (("chosen", "rejected"), ("input", "preferred_output", "non_preferred_output"),
           ("messages", "rejected_response")),
 }
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One problem in a row: where (e.g. "message 2"), what, and the field path (e.g. "messages[1].role")."""
-
-    message: str
-    where: str | None = None
-    param: str | None = None
-
-    def render(self, example: int | None) -> str:
-        """The OpenAI-style text: ``Example 12, message 2: unknown role 'bot'``."""
-        head = f"Example {example}" if example is not None else ""
-        if self.where:
-            head = f"{head}, {self.where}" if head else self.where
-        return f"{head}: {self.message}" if head else self.message
-
-
-class RowError(ValueError):
-    """A row that cannot be converted; carries every problem found in it."""
-
-    def __init__(self, problems: list[Problem]) -> None:
-        super().__init__("; ".join(p.render(None) for p in problems))
-        self.problems = problems
-
-
-@dataclass(frozen=True)
-class ImageSite:
-    """One image of a row: its REF as the row gives it, where (``message 2, content part 3``) and the field path."""
-
-    ref: str
-    where: str
-    param: str
-
-
-class _Collector:
-    def __init__(self) -> None:
-        self.problems: list[Problem] = []
-        self.sites: list[ImageSite] = []
-
-    def add(self, message: str, where: str | None = None, param: str | None = None) -> None:
-        self.problems.append(Problem(message, where, param))
-
-    def raise_if_any(self) -> None:
-        if self.problems:
-            raise RowError(self.problems)
-
-
-def json_type(value: Any) -> str:
-    """The JSON name of a Python value's type, for error messages."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int | float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list | tuple):
-        return "array"
-    if isinstance(value, dict):
-        return "object"
-    return type(value).__name__
 
 
 def normalize_format_name(name: str | None) -> str:
@@ -308,9 +260,9 @@ def convert_row(row: Any, format: str = "auto", *, trust_format: bool = False,
             fmt != DPO and _has_keys(row, (*SIGNATURES[fmt], *_ALSO_ACCEPTS.get(fmt, ())))):
         # The row is plainly another format: saying so beats listing the named format's missing keys.
         raise RowError([Problem(_foreign_row_message(row, found[0], fmt))])
-    c = _Collector()
+    c = Collector()
     out = _CONVERTERS[fmt](row, c)
-    _place_images(row, out, c)
+    place_images(row, out, c)
     if sites is not None:
         sites.extend(c.sites)
     return out
@@ -320,213 +272,14 @@ def convert_row(row: Any, format: str = "auto", *, trust_format: bool = False,
 # Field helpers
 
 
-def _text_content(value: Any, c: _Collector, where: str | None, param: str,
-                  key: str = "content") -> str | None:
-    """A string, or the joined texts of OpenAI text parts; None (after recording why) otherwise."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        texts = []
-        for j, part in enumerate(value):
-            pwhere = f"{where}, content part {j + 1}" if where else f"content part {j + 1}"
-            if isinstance(part, str):
-                texts.append(part)
-                continue
-            if not isinstance(part, dict):
-                c.add(f"must be an object, got {json_type(part)}", pwhere, f"{param}[{j}]")
-                return None
-            # Parquet gives every part every field of the column's struct, null where a part lacks it.
-            ptype = part.get("type") or "text"
-            if ptype != "text":
-                c.add(f"unsupported type '{ptype}' (only text parts are supported)", pwhere,
-                      f"{param}[{j}].type")
-                return None
-            if not isinstance(part.get("text"), str):
-                c.add(f"'text' must be a string, got {json_type(part.get('text'))}", pwhere,
-                      f"{param}[{j}].text")
-                return None
-            texts.append(part["text"])
-        # Parts are pieces of one text: they are joined as they are, with nothing in between.
-        return "".join(texts)
-    c.add(f"'{key}' must be a string or a list of text parts, got {json_type(value)}", where, param)
-    return None
-
-
-IMAGE_TAG = "<image>"
-# Content part types that carry an image: OpenAI's image_url, Llama Stack's (and the internal form's) image.
-IMAGE_PART_TYPES = ("image_url", "image")
-# Row keys of media other than images (ms-swift, LLaMA-Factory): refused rather than trained on as if absent.
-_OTHER_MEDIA = ("videos", "audios", "video", "audio")
-
-
-def _image_ref(part: dict, ptype: str) -> tuple[str | None, str | None]:
-    """(REF, None) of an OpenAI ``image_url`` part or a Llama Stack / internal ``image`` part; (None, why) else."""
-    if ptype == "image_url":
-        value = part.get("image_url")
-        url = value.get("url") if isinstance(value, dict) else value
-        if isinstance(url, str) and url.strip():
-            return url.strip(), None
-        return None, "'image_url.url' must be a non-empty string (an https:// URL or a data:image/...;base64, URI)"
-    value = part.get("image")
-    if isinstance(value, str) and value.strip():
-        return value.strip(), None
-    if isinstance(value, dict):
-        url = value.get("url")
-        url = url.get("uri") if isinstance(url, dict) else url
-        if isinstance(url, str) and url.strip():
-            return url.strip(), None
-        data = value.get("data")
-        if isinstance(data, str) and data.strip():
-            # Llama Stack gives the bare base64: the image's bytes, not a declared type, say what it is.
-            return "data:;base64," + data.strip(), None
-    return None, "'image' must be a path or URL, {'url': {'uri': ...}} or {'data': base64}"
-
-
-def _content(value: Any, c: _Collector, where: str, param: str, key: str, role: str) -> str | list[dict] | None:
-    """A message's content: a string (text-only, as today) or, when it holds an image, a list of parts."""
-    if isinstance(value, dict) and value.get("type") is not None:
-        # Llama Stack's content may be a single part object.
-        value = [value]
-    if not (isinstance(value, list) and any(isinstance(p, dict) and p.get("type") in IMAGE_PART_TYPES
-                                            for p in value)):
-        return _text_content(value, c, where, param, key)
-    parts: list[dict] = []
-    ok = True
-    for j, part in enumerate(value):
-        pwhere, pparam = f"{where}, content part {j + 1}", f"{param}[{j}]"
-        if isinstance(part, str):
-            parts.append({"type": "text", "text": part})
-            continue
-        if not isinstance(part, dict):
-            c.add(f"must be an object, got {json_type(part)}", pwhere, pparam)
-            ok = False
-            continue
-        ptype = part.get("type") or "text"
-        if ptype == "text":
-            if not isinstance(part.get("text"), str):
-                c.add(f"'text' must be a string, got {json_type(part.get('text'))}", pwhere, f"{pparam}.text")
-                ok = False
-            elif part["text"]:
-                parts.append({"type": "text", "text": part["text"]})
-            continue
-        if ptype not in IMAGE_PART_TYPES:
-            c.add(f"unsupported type '{ptype}' (text, image_url and image parts are supported)", pwhere,
-                  f"{pparam}.type")
-            ok = False
-            continue
-        if role == "assistant":
-            c.add("an image in an assistant message: images go in user or system messages (the models trained "
-                  "here read images, they do not write them)", pwhere, pparam)
-            ok = False
-            continue
-        detail = part.get("image_url", {}).get("detail") if isinstance(part.get("image_url"), dict) else None
-        if detail not in (None, "auto"):
-            # Honouring it would need a pixel budget per image; the job-wide one is vision.max_pixels.
-            c.add(f"'detail' '{detail}' is not supported (only 'auto'); set the job's vision max_pixels to bound "
-                  "image sizes", pwhere, f"{pparam}.image_url.detail")
-            ok = False
-            continue
-        ref, why = _image_ref(part, ptype)
-        if ref is None:
-            c.add(why or "not an image", pwhere, pparam)
-            ok = False
-            continue
-        parts.append({"type": "image", "image": ref})
-        c.sites.append(ImageSite(ref, pwhere, pparam))
-    return parts if ok else None
-
-
-def has_images(row: dict) -> bool:
-    """Whether an internal-form row holds an image part (an *image row*)."""
-    return any(isinstance(m.get("content"), list) for key in ("messages", "prompt", "chosen", "rejected")
-               for m in row.get(key) or ())
-
-
-def image_refs(row: dict) -> list[str]:
-    """The REFs of an internal-form row's image parts, in order."""
-    return [p["image"] for key in ("messages", "prompt", "chosen", "rejected") for m in row.get(key) or ()
-            if isinstance(m.get("content"), list) for p in m["content"] if p.get("type") == "image"]
-
-
-def _listed_image(item: Any) -> str | None:
-    """One entry of an ``images`` list: a path/URL string, ``{"path"|"url": ...}`` or ``{"bytes": ...}`` (the
-    Hugging Face Image feature, as Parquet holds it)."""
-    if isinstance(item, str) and item.strip():
-        return item.strip()
-    if isinstance(item, dict):
-        raw = item.get("bytes")
-        if isinstance(raw, bytes | bytearray) and raw:
-            import base64
-
-            return "data:;base64," + base64.b64encode(raw).decode("ascii")
-        for k in ("path", "url", "image"):
-            if isinstance(item.get(k), str) and item[k].strip():
-                return item[k].strip()
-    return None
-
-
-def _place_images(row: dict, out: dict, c: _Collector) -> None:
-    """Put an ``images`` list (ms-swift, LLaMA-Factory, ShareGPT) where the ``<image>`` tags of the messages are."""
-    for key in _OTHER_MEDIA:
-        if row.get(key):
-            c.add(f"'{key}' are not supported: tuneyard trains on text and images only", None, key)
-    images = row.get("images")
-    if images is None:
-        c.raise_if_any()
-        return
-    if isinstance(images, str | dict):
-        # One image given bare (a CSV cell holding a path, say).
-        images = [images]
-    if not isinstance(images, list):
-        c.add(f"'images' must be a list of image paths, URLs or data URIs, got {json_type(images)}", None, "images")
-        c.raise_if_any()
-    refs = []
-    for k, item in enumerate(images):
-        ref = _listed_image(item)
-        if ref is None:
-            c.add("must be a path, a URL, a data URI, or an object with 'path' or 'bytes'", f"images[{k}]",
-                  f"images[{k}]")
-        refs.append(ref)
-    groups = [out.get(key) or [] for key in ("messages", "prompt", "chosen", "rejected")]
-    if not any(groups) and refs:
-        c.add("'images' needs a conversation to place them in; this row has none", None, "images")
-    tags = 0
-    for group in groups:
-        for i, m in enumerate(group):
-            n = m["content"].count(IMAGE_TAG) if isinstance(m.get("content"), str) else 0
-            if n and m["role"] == "assistant":
-                c.add(f"an '{IMAGE_TAG}' tag in an assistant message: images go in user or system messages",
-                      f"message {i + 1}", None)
-            tags += n
-    if tags != len(refs):
-        c.add(f"the row has {tags} '{IMAGE_TAG}' tag(s) but {len(refs)} image(s) in 'images'; each image needs "
-              "one tag where it goes in the conversation", None, "images")
-    c.raise_if_any()
-    k = 0
-    for group in groups:
-        for m in group:
-            if not (isinstance(m.get("content"), str) and IMAGE_TAG in m["content"]):
-                continue
-            pieces = m["content"].split(IMAGE_TAG)
-            parts: list[dict] = []
-            for idx, piece in enumerate(pieces):
-                if piece:
-                    parts.append({"type": "text", "text": piece})
-                if idx < len(pieces) - 1:
-                    parts.append({"type": "image", "image": refs[k]})
-                    c.sites.append(ImageSite(refs[k], f"images[{k}]", f"images[{k}]"))
-                    k += 1
-            m["content"] = parts
-
-
-def _string_field(row: dict, key: str, c: _Collector, *, required: bool, allow_empty: bool = False,
+def _string_field(row: dict, key: str, c: Collector, *, required: bool, allow_empty: bool = False,
                   where: str | None = None, param: str | None = None) -> str | None:
     param = param or key
     if key not in row or row[key] is None:
         if required:
             c.add(f"'{key}' is missing", where, param)
         return None
-    value = _text_content(row[key], c, where, param, key) if isinstance(row[key], list) else row[key]
+    value = text_content(row[key], c, where, param, key) if isinstance(row[key], list) else row[key]
     if value is None:
         return None
     if not isinstance(value, str):
@@ -557,7 +310,7 @@ def _arguments(args: Any) -> tuple[str | None, str | None]:
     return args, None
 
 
-def _tool_calls(value: Any, c: _Collector, where: str, param: str) -> list[dict] | None:
+def _tool_calls(value: Any, c: Collector, where: str, param: str) -> list[dict] | None:
     if not isinstance(value, list):
         c.add(f"'tool_calls' must be a list, got {json_type(value)}", where, param)
         return None
@@ -587,7 +340,7 @@ def _tool_calls(value: Any, c: _Collector, where: str, param: str) -> list[dict]
     return calls
 
 
-def _tools(value: Any, c: _Collector, param: str = "tools") -> list[dict] | None:
+def _tools(value: Any, c: Collector, param: str = "tools") -> list[dict] | None:
     # Some ShareGPT exports store the tool list as a JSON string.
     if isinstance(value, str):
         if not value.strip():
@@ -616,7 +369,7 @@ def _tools(value: Any, c: _Collector, param: str = "tools") -> list[dict] | None
 REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
 
 
-def _message(raw: Any, idx: int, c: _Collector, *, param: str, role_map: dict[str, str] | None = None,
+def _message(raw: Any, idx: int, c: Collector, *, param: str, role_map: dict[str, str] | None = None,
              role_key: str = "role", content_key: str = "content", label: str = "message") -> dict | None:
     """Check and normalise one message (``idx`` is 0-based; messages are named 1-based)."""
     where = f"{label} {idx + 1}"
@@ -675,7 +428,7 @@ def _message(raw: Any, idx: int, c: _Collector, *, param: str, role_map: dict[st
             c.add(f"'{content_key}' is missing", where, f"{param}.{content_key}")
             content = None
     else:
-        content = _content(content_raw, c, where, f"{param}.{content_key}", content_key, mapped)
+        content = message_content(content_raw, c, where, f"{param}.{content_key}", content_key, mapped)
         if isinstance(content, str) and not content.strip() and not tool_calls:
             c.add(f"'{content_key}' is empty", where, f"{param}.{content_key}")
     msg["content"] = content
@@ -713,7 +466,7 @@ def _message(raw: Any, idx: int, c: _Collector, *, param: str, role_map: dict[st
     return msg if len(c.problems) == n_before else None
 
 
-def _messages(value: Any, c: _Collector, *, key: str, role_map: dict[str, str] | None = None,
+def _messages(value: Any, c: Collector, *, key: str, role_map: dict[str, str] | None = None,
               role_key: str = "role", content_key: str = "content", label: str = "message") -> list[dict]:
     if value is None:
         c.add(f"'{key}' is missing", None, key)
@@ -733,7 +486,7 @@ def _messages(value: Any, c: _Collector, *, key: str, role_map: dict[str, str] |
     return out
 
 
-def _history(value: Any, c: _Collector, key: str = "history") -> list[dict]:
+def _history(value: Any, c: Collector, key: str = "history") -> list[dict]:
     """``[[query, response], ...]`` (or ``{query, response}`` objects) as user/assistant messages."""
     if value is None:
         return []
@@ -755,7 +508,7 @@ def _history(value: Any, c: _Collector, key: str = "history") -> list[dict]:
     return out
 
 
-def _finish(messages: list[dict], c: _Collector, tools: list[dict] | None = None) -> dict:
+def _finish(messages: list[dict], c: Collector, tools: list[dict] | None = None) -> dict:
     c.raise_if_any()
     if not any(m["role"] == "assistant" and m.get("weight", 1) != 0 for m in messages):
         c.add("no assistant message to train on (at least one assistant message without 'weight': 0 "
@@ -773,7 +526,7 @@ def _with_system(system: str | None, messages: list[dict]) -> list[dict]:
     return messages
 
 
-def _maybe_json_list(value: Any, key: str, c: _Collector) -> Any:
+def _maybe_json_list(value: Any, key: str, c: Collector) -> Any:
     # Llama Stack stores message lists as JSON strings in its dataset rows.
     if isinstance(value, str) and value.lstrip().startswith("["):
         try:
@@ -788,13 +541,13 @@ def _maybe_json_list(value: Any, key: str, c: _Collector) -> Any:
 # Converters, one per format
 
 
-def _from_openai(row: dict, c: _Collector) -> dict:
+def _from_openai(row: dict, c: Collector) -> dict:
     messages = _messages(row.get("messages"), c, key="messages")
     tools = _tools(row.get("tools"), c)
     return _finish(messages, c, tools)
 
 
-def _from_sharegpt(row: dict, c: _Collector) -> dict:
+def _from_sharegpt(row: dict, c: Collector) -> dict:
     system = _string_field(row, "system", c, required=False)
     tools = _tools(row.get("tools"), c)
     if "conversations" in row:
@@ -813,7 +566,7 @@ def _from_sharegpt(row: dict, c: _Collector) -> dict:
     return _finish(_with_system(system, messages), c, tools)
 
 
-def _pairs(value: Any, c: _Collector) -> list[dict]:
+def _pairs(value: Any, c: Collector) -> list[dict]:
     """ShareGPT pair style: ``[{"human": q, "assistant": a}, ...]``."""
     if not isinstance(value, list):
         c.add(f"'conversation' must be a list, got {json_type(value)}", None, "conversation")
@@ -839,7 +592,7 @@ def _pairs(value: Any, c: _Collector) -> list[dict]:
     return out
 
 
-def _from_alpaca(row: dict, c: _Collector) -> dict:
+def _from_alpaca(row: dict, c: Collector) -> dict:
     instruction = _string_field(row, "instruction", c, required=True, allow_empty=True)
     extra = _string_field(row, "input", c, required=False)
     if instruction is not None and not instruction.strip() and not extra:
@@ -853,13 +606,13 @@ def _from_alpaca(row: dict, c: _Collector) -> dict:
     return _finish(_with_system(system, messages), c)
 
 
-def _from_prompt_completion(row: dict, c: _Collector) -> dict:
+def _from_prompt_completion(row: dict, c: Collector) -> dict:
     prompt = _string_field(row, "prompt", c, required=True)
     completion = _string_field(row, "completion", c, required=True)
     return _finish([{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}], c)
 
 
-def _from_query_response(row: dict, c: _Collector) -> dict:
+def _from_query_response(row: dict, c: Collector) -> dict:
     q_key, r_key = next(((q, r) for q, r in QUERY_RESPONSE_KEYS if q in row and r in row),
                         ("query", "response"))
     query = _string_field(row, q_key, c, required=True)
@@ -870,13 +623,13 @@ def _from_query_response(row: dict, c: _Collector) -> dict:
     return _finish(_with_system(system, messages), c)
 
 
-def _from_text(row: dict, c: _Collector) -> dict:
+def _from_text(row: dict, c: Collector) -> dict:
     text = _string_field(row, "text", c, required=True)
     c.raise_if_any()
     return {"text": text}
 
 
-def _from_instruct(row: dict, c: _Collector) -> dict:
+def _from_instruct(row: dict, c: Collector) -> dict:
     value = _maybe_json_list(row.get("chat_completion_input"), "chat_completion_input", c)
     if value is None and not c.problems:
         c.add("'chat_completion_input' is missing", None, "chat_completion_input")
@@ -892,7 +645,7 @@ def _from_instruct(row: dict, c: _Collector) -> dict:
     return _finish([*messages, {"role": "assistant", "content": answer}], c)
 
 
-def _from_dialog(row: dict, c: _Collector) -> dict:
+def _from_dialog(row: dict, c: Collector) -> dict:
     value = _maybe_json_list(row.get("dialog"), "dialog", c)
     messages = _messages(value, c, key="dialog") if not c.problems else []
     return _finish(messages, c)
@@ -902,7 +655,7 @@ def _from_dialog(row: dict, c: _Collector) -> dict:
 # Preference rows
 
 
-def _answers(row: dict, key: str, c: _Collector) -> list[dict] | None:
+def _answers(row: dict, key: str, c: Collector) -> list[dict] | None:
     """A preference answer: a string (one assistant message), one message, or a list of messages."""
     value = _maybe_json_list(row.get(key), key, c)
     if value is None:
@@ -921,7 +674,7 @@ def _answers(row: dict, key: str, c: _Collector) -> list[dict] | None:
     return messages if len(c.problems) == n_before else None
 
 
-def _prompt(row: dict, key: str, c: _Collector) -> list[dict] | None:
+def _prompt(row: dict, key: str, c: Collector) -> list[dict] | None:
     value = _maybe_json_list(row.get(key), key, c)
     if isinstance(value, str):
         if not value.strip():
@@ -933,7 +686,7 @@ def _prompt(row: dict, key: str, c: _Collector) -> list[dict] | None:
     return messages if len(c.problems) == n_before else None
 
 
-def _finish_preference(prompt: list[dict], chosen: list[dict], rejected: list[dict], c: _Collector,
+def _finish_preference(prompt: list[dict], chosen: list[dict], rejected: list[dict], c: Collector,
                        tools: list[dict] | None, *, names: tuple[str, str], prompt_param: str,
                        offsets: tuple[int, int] = (0, 0)) -> dict:
     c.raise_if_any()
@@ -966,7 +719,7 @@ def _finish_preference(prompt: list[dict], chosen: list[dict], rejected: list[di
     return out
 
 
-def _from_dpo(row: dict, c: _Collector) -> dict:
+def _from_dpo(row: dict, c: Collector) -> dict:
     if "rejected_response" in row:
         return _from_messages_rejected(row, c)
     if "preferred_output" in row or "non_preferred_output" in row:
@@ -974,7 +727,7 @@ def _from_dpo(row: dict, c: _Collector) -> dict:
     return _from_chosen_rejected(row, c)
 
 
-def _from_openai_dpo(row: dict, c: _Collector) -> dict:
+def _from_openai_dpo(row: dict, c: Collector) -> dict:
     """OpenAI: ``{"input": {"messages", "tools"?}, "preferred_output": [...], "non_preferred_output": [...]}``."""
     inp = row.get("input")
     prompt: list[dict] = []
@@ -992,7 +745,7 @@ def _from_openai_dpo(row: dict, c: _Collector) -> dict:
                               prompt_param="input.messages")
 
 
-def _from_messages_rejected(row: dict, c: _Collector) -> dict:
+def _from_messages_rejected(row: dict, c: Collector) -> dict:
     """Simplismart: ``messages`` ending with the preferred answer, ``rejected_response`` the other one."""
     tools = _tools(row.get("tools"), c)
     messages = _messages(row.get("messages"), c, key="messages")
@@ -1007,7 +760,7 @@ def _from_messages_rejected(row: dict, c: _Collector) -> dict:
                               offsets=(len(messages) - 1, 0))
 
 
-def _from_chosen_rejected(row: dict, c: _Collector) -> dict:
+def _from_chosen_rejected(row: dict, c: Collector) -> dict:
     """``prompt`` + ``chosen`` + ``rejected``; answers that repeat the conversation have it taken out as the prompt."""
     tools = _tools(row.get("tools"), c)
     prompt = _prompt(row, "prompt", c) if row.get("prompt") is not None else None
