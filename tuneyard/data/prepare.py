@@ -663,11 +663,9 @@ def standby() -> int:
     """Import what a prepare step needs, then wait for the worker to name a job; prepare it as ``run`` does.
 
     The worker keeps one such process ready (``scheduler/local.py``), so a job's prepare step starts
-    without the seconds of importing transformers. The order comes as one JSON line on stdin:
-    ``{"root": JOBDIR, "log": LOGFILE, "env": {...}}``; end of input (the worker is gone) ends the process.
+    without the seconds of importing transformers. The order comes on stdin (``tuneyard.standby``); end of
+    input (the worker is gone) ends the process.
     """
-    import os
-
     # What a prepare step loads on its way (loading a model's config alone pulls in torch through transformers'
     # activations), so that the step itself imports next to nothing.
     import datasets  # noqa: F401
@@ -678,20 +676,10 @@ def standby() -> int:
     import tuneyard.data.cache  # noqa: F401
     import tuneyard.data.sources  # noqa: F401
     import tuneyard.data.splits  # noqa: F401
+    from tuneyard.standby import take_order
 
-    line = sys.stdin.readline()
-    if not line.strip():
-        return 0
-    order = json.loads(line)
-    # The job's own environment (its sources' credentials among them): set before any of it is read.
-    os.environ.update(order["env"])
-    fd = os.open(order["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
-    # The job directory as working directory is how the worker recognises this process as the job's.
-    os.chdir(order["root"])
-    return run(order["root"])
+    root = take_order()
+    return 0 if root is None else run(root)
 
 
 def main(argv: list[str] | None = None) -> int:

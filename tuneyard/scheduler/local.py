@@ -25,6 +25,7 @@ from tuneyard.scheduler.capacity import Capacity, bitsandbytes_available, deepsp
 from tuneyard.scheduler.joblogs import rotate_logs  # noqa: F401  (re-exported: its old home)
 from tuneyard.scheduler.launcher import LaunchError, Placement
 from tuneyard.settings import Settings, get_settings
+from tuneyard.standby import order_line
 
 log = logging.getLogger("tuneyard.launcher")
 
@@ -149,6 +150,13 @@ def _waiting(proc: subprocess.Popen | None) -> bool:
     return proc is not None and proc.poll() is None
 
 
+def _died(proc: subprocess.Popen | None, what: str) -> bool:
+    if proc is None or proc.poll() is None:
+        return False
+    log.warning("the standby %s process exited (%s) before it was given a job: no longer kept", what, proc.returncode)
+    return True
+
+
 def _logs_to_wandb(jd: JobDir) -> bool:
     # The trainer's standby imported transformers with W&B hidden (trainer/__main__.py standby).
     try:
@@ -231,13 +239,10 @@ class LocalLauncher:
         """Start the standby prepare (and trainer) process where standby is on and none is waiting."""
         # One that died before it was given a job cannot import what it needs: starting it again every tick
         # would only burn a core, and jobs start as well without it.
-        for name in ("standby", "trainer_standby"):
-            proc = getattr(self, f"_{name}")
-            if proc is not None and proc.poll() is not None:
-                log.warning("the %s process exited (%s) before it was given a job: no longer kept",
-                            name.replace("_", " "), proc.returncode)
-                setattr(self, name, False)
-                setattr(self, f"_{name}", None)
+        if _died(self._standby, "prepare"):
+            self.standby, self._standby = False, None
+        if _died(self._trainer_standby, "trainer"):
+            self.trainer_standby, self._trainer_standby = False, None
         if self.standby and not _waiting(self._standby):
             self._standby = self._start_standby(PREPARE_MODULE)
         # The trainer's only while no trainer started here runs: its imports would take cores from one.
@@ -273,10 +278,9 @@ class LocalLauncher:
         if proc is None or proc.poll() is not None or proc.stdin is None:
             return None
         jd.logs.mkdir(parents=True, exist_ok=True)
-        order = {"root": str(jd.root), "log": str(jd.logs / f"{phase}-{attempt}.log"),
-                 "env": {"TUNEYARD_JOB_ID": job_id, **env}}
+        order = order_line(str(jd.root), str(jd.logs / f"{phase}-{attempt}.log"), {"TUNEYARD_JOB_ID": job_id, **env})
         try:
-            proc.stdin.write((json.dumps(order) + "\n").encode())
+            proc.stdin.write(order)
             proc.stdin.close()
         except OSError:  # it died meanwhile
             proc.kill()

@@ -72,8 +72,8 @@ def standby() -> int:
     """Import what a trainer needs, then wait for the worker to name a job; train it as ``main`` does.
 
     The local launcher keeps one such process ready for one-process CPU jobs, so their trainer starts without
-    the seconds of importing transformers, TRL and PEFT. The order comes as one JSON line on stdin:
-    ``{"root": JOBDIR, "log": LOGFILE, "env": {...}}``; end of input (the worker is gone) ends the process.
+    the seconds of importing transformers, TRL and PEFT. The order comes on stdin (``tuneyard.standby``); end
+    of input (the worker is gone) ends the process.
     """
     # W&B stays hidden (see hide_unused_trackers): the launcher starts a job that logs to it afresh.
     sys.modules.setdefault("wandb", None)  # type: ignore[arg-type]
@@ -86,22 +86,15 @@ def standby() -> int:
     for module in recipes.RECIPES.values():
         importlib.import_module(module)
 
-    line = sys.stdin.readline()
-    if not line.strip():
+    from tuneyard.standby import take_order
+
+    root = take_order()
+    if root is None:
         return 0
-    order = json.loads(line)
-    # The job's own environment (credentials, its thread count): set before any of it is read.
-    os.environ.update(order["env"])
     if threads := os.environ.get("OMP_NUM_THREADS"):
         # torch sized its thread pool at import, before the job's count was known.
         torch.set_num_threads(max(1, int(threads)))
-    fd = os.open(order["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
-    # The job directory as working directory is how the worker recognises this process as the job's.
-    os.chdir(order["root"])
-    return main([order["root"]])
+    return main([root])
 
 
 def main(argv: list[str] | None = None) -> int:
