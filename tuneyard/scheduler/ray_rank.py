@@ -112,8 +112,17 @@ class RankActor:
         ckpts = self.jd.checkpoints
         local = {d.name for d in ckpts.glob("checkpoint-*") if (d / CHECKPOINT_MARKER).is_file()} \
             if ckpts.is_dir() else set()
-        for name in sorted(local - self._uploaded, key=lambda n: int(n.removeprefix("checkpoint-"))):
-            put_dir(self.storage, ckpts / name, f"{self.job_key}/checkpoints/{name}", last=CHECKPOINT_MARKER)
+        # Newest first: a resume wants the newest, and the older ones are the next the trainer rotates away.
+        for name in sorted(local - self._uploaded, key=lambda n: -int(n.removeprefix("checkpoint-"))):
+            key = f"{self.job_key}/checkpoints/{name}"
+            try:
+                put_dir(self.storage, ckpts / name, key, last=CHECKPOINT_MARKER)
+            except FileNotFoundError:
+                # A complete checkpoint loses files only when the trainer rotates it away (saves can come faster
+                # than uploads): its marker never went up, so the storage holds no complete copy; take the
+                # partial one away too.
+                self.storage.delete_prefix(key)
+                continue
             self._uploaded.add(name)
         # The trainer rotates its checkpoints (save_total_limit): the storage keeps the same ones.
         for name in sorted(self._uploaded - local):
